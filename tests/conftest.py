@@ -1,0 +1,32 @@
+"""Shared test helpers: the nn-zero-to-hero style `cmp` report, seeding, and reference-library skips."""
+import importlib
+
+import pytest
+import torch
+
+
+def cmp(name, ours, ref, atol=1e-4, rtol=0.0, scale=None):
+    """Print exact / allclose / max-diff for one tensor pair and return the max abs diff.
+
+    `scale` (default: max |ref|, at least 1) makes the tolerance relative to the output scale.
+    """
+    ours, ref = ours.detach().float().cpu(), ref.detach().float().cpu()
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    diff = (ours - ref).abs().max().item() if ours.numel() else 0.0
+    if scale is None:
+        scale = max(ref.abs().max().item() if ref.numel() else 1.0, 1.0)
+    exact = torch.equal(ours, ref)
+    close = diff <= atol * scale + rtol
+    print(f"{name:40s} | exact: {str(exact):5s} | allclose: {str(close):5s} | maxdiff: {diff:.3e}")
+    return diff / scale
+
+
+def need(module_name):
+    """Import a test-only reference library, or skip the test cleanly when it is absent."""
+    return pytest.importorskip(module_name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
