@@ -30,3 +30,15 @@ def need(module_name):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def clip_bpe_path():
+    """Path to the real CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz); skips when it cannot be found or fetched."""
+    from clip_vocab import clip_bpe_path as find
+
+    path = find()
+    if path is None:
+        pytest.skip("real CLIP BPE file unavailable: set CLIP_BPE_PATH=.../bpe_simple_vocab_16e6.txt.gz "
+                    "or allow `pip download open-clip-torch` (see tests/clip_vocab.py)")
+    return path
