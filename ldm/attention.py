@@ -51,9 +51,11 @@ class Attention(nn.Module):
 
         record = store is not None and self.is_cross and store.wants(self)
         if record or not self.fused:
-            # Explicit attention in float32 (diffusers' `upcast_attention` / `upcast_softmax` behaviour).
-            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale  # (B, heads, N, L)
-            probs = scores.softmax(dim=-1)
+            # Explicit attention in float32 (diffusers' `upcast_attention` / `upcast_softmax` behaviour); autocast
+            # is switched off here, or it would run the float32 matmul in bf16/fp16 again.
+            with torch.autocast(q.device.type, enabled=False):
+                scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale  # (B, heads, N, L)
+                probs = scores.softmax(dim=-1)
             # ---------------- THE recording point: post-softmax probabilities (B, heads, N, L) ----------------
             if record:
                 store.record(self, probs)

@@ -119,7 +119,9 @@ class UNetConfig:
                     "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
                     "conv_out_kernel": 3, "center_input_sample": False, "act_fn": "silu", "downsample_padding": 1,
                     "mid_block_scale_factor": 1, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-                    "attention_type": "default"}
+                    "attention_type": "default", "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
+                    "time_embedding_dim": None, "timestep_post_act": None, "cross_attention_norm": None,
+                    "reverse_transformer_layers_per_block": None}
         for key, want in defaults.items():
             got = d.get(key, want)
             if got != want and not (isinstance(got, list) and all(g == want for g in got)):
@@ -135,7 +137,7 @@ class UNetConfig:
         if isinstance(cross, list):
             raise ValueError(f"unet config: per-level cross_attention_dim {cross} is not supported")
         return cls(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                   sample_size=d.get("sample_size") or 64, block_out_channels=tuple(d["block_out_channels"]),
+                   sample_size=d.get("sample_size") or 64, block_out_channels=tuple(d.get("block_out_channels", cls.block_out_channels)),
                    layers_per_block=lpb, attention_levels=tuple(levels), num_attention_heads=heads,
                    cross_attention_dim=cross, use_linear_projection=d.get("use_linear_projection", False),
                    norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),

@@ -166,3 +166,25 @@ def test_cross_index_order_and_names_follow_diffusers_execution_order():
     # self-attention layers know their place too, but have no cross_index
     selfs = [m for m in unet.modules() if isinstance(m, Attention) and not m.is_cross]
     assert all(m.cross_index is None and m.name.endswith("attn1") and m.place for m in selfs)
+
+
+def test_recorded_probs_stay_float32_under_bf16_autocast():
+    # The fast path runs the UNet under autocast; the recorded maps must still be float32 softmaxes of the
+    # (bf16) projections, not bf16 scores upcast afterwards.
+    unet = tiny_unet()
+    sample, t, ctx = inputs(unet.config)
+    layer = unet.cross_attention_layers()[1]
+    seen = {}
+    layer.to_q.register_forward_hook(lambda m, a, out: seen.__setitem__("q", out))
+    layer.to_k.register_forward_hook(lambda m, a, out: seen.__setitem__("k", out))
+    store = Store(want={1})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(sample, t, ctx, store=store)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    probs = store.maps[1]
+    assert seen["q"].dtype == torch.bfloat16 and probs.dtype == torch.float32
+    h = layer.heads
+    q = seen["q"].float().unflatten(-1, (h, -1)).transpose(1, 2)
+    k = seen["k"].float().unflatten(-1, (h, -1)).transpose(1, 2)
+    want = (q @ k.transpose(-1, -2) * layer.scale).softmax(-1)
+    assert cmp("probs under bf16 autocast", probs, want, atol=1e-6) <= 1e-6
