@@ -1,0 +1,131 @@
+"""AttentionStore: keeps the cross-attention probabilities of chosen layers and steps, and nothing else.
+
+In the spirit of prompt-to-prompt / Attend-and-Excite's AttentionStore, but passed explicitly to the UNet
+(no monkey-patching): `ldm/attention.py` asks `store.wants(layer)` and, if so, computes the float32
+probabilities (B, heads, N, 77) and calls `store.record(layer, probs)` right after the softmax.
+
+What is kept (paper Sec. 3.2, A = T x L x D x S): for each (step, layer) one tensor (B, N, S) holding
+only the prompt's token columns (S = its non-special tokens), averaged over heads. Memory is therefore
+selected steps x selected layers x pixels x prompt tokens, not x 77 x all steps x all layers.
+Detached unless keep_grad=True (prompt tuning puts the loss on them).
+
+The store records whatever forward it is given: pass it to the CONDITIONAL pass only (the unconditional
+pass of a guided or inverted trajectory gets store=None).
+"""
+import torch
+
+
+class AttentionStore:
+    def __init__(self, layers=None, token_positions=None, keep_grad=False, average_heads=True, steps=None):
+        """layers: cross_index values to record (None = every cross-attention layer).
+        token_positions: the prompt's token columns to keep: one list for the whole batch, a list of lists
+            (one per batch item; shorter ones are padded and masked, see `token_mask`), or None = all 77
+            columns (what a loss over every token, special ones included, would need).
+        steps: optional set of step keys to record (None = whatever step is set while recording is on).
+        """
+        self.layers = None if layers is None else sorted({int(i) for i in layers})
+        self.steps = None if steps is None else {int(s) for s in steps}
+        self.keep_grad = keep_grad
+        self.average_heads = average_heads
+        self.recording = True
+        self.step = 0
+        self._set_positions(token_positions)
+        self.reset()
+
+    # ---- configuration ----------------------------------------------------------------------------
+
+    def _set_positions(self, token_positions):
+        self.token_positions = token_positions
+        self._index = self._mask = None
+        if token_positions is None:
+            return
+        per_item = token_positions if len(token_positions) and isinstance(token_positions[0], (list, tuple)) \
+            else [token_positions]
+        if any(len(p) == 0 for p in per_item):
+            raise ValueError(f"AttentionStore: a prompt has no token positions: {token_positions!r}")
+        S = max(len(p) for p in per_item)
+        # (B', S) gather index, padded with column 0 and masked out; B' = 1 broadcasts over the batch
+        self._index = torch.tensor([list(p) + [0] * (S - len(p)) for p in per_item], dtype=torch.long)
+        self._mask = torch.tensor([[True] * len(p) + [False] * (S - len(p)) for p in per_item])
+
+    def set_step(self, step):
+        """The caller's step key (a step index or the timestep value); maps are stored under it."""
+        self.step = int(step)
+
+    def reset(self):
+        """Drop every stored map (call between images / optimisation steps)."""
+        self.store = {}
+
+    def pause(self):
+        self.recording = False
+
+    def resume(self):
+        self.recording = True
+
+    # ---- the protocol ldm/attention.py calls ------------------------------------------------------
+
+    def wants(self, layer):
+        """True for a chosen cross-attention layer while recording is on at a chosen step."""
+        if not self.recording or not layer.is_cross:
+            return False
+        if self.steps is not None and self.step not in self.steps:
+            return False
+        return self.layers is None or layer.cross_index in self.layers
+
+    def record(self, layer, probs):
+        """probs (B, heads, N, L) post-softmax, float32 -> keep (B, N, S) (or (B, heads, N, S))."""
+        if probs.dim() != 4:
+            raise ValueError(f"AttentionStore.record: probs must be (B, heads, N, L), got {tuple(probs.shape)}")
+        B, L = probs.shape[0], probs.shape[-1]
+        if self._index is not None:
+            if self._index.shape[0] not in (1, B):
+                raise ValueError(f"AttentionStore: token_positions has {self._index.shape[0]} lists but the "
+                                 f"batch has {B} items")
+            if int(self._index.max()) >= L:
+                raise ValueError(f"AttentionStore: token position {int(self._index.max())} >= context length {L}")
+            # select the columns BEFORE any other work, so only the prompt's columns survive
+            idx = self._index.to(probs.device).expand(B, -1)[:, None, None, :]      # (B, 1, 1, S)
+            probs = probs.gather(-1, idx.expand(-1, probs.shape[1], probs.shape[2], -1))
+        if self.average_heads:
+            probs = probs.mean(dim=1)                                               # (B, N, S)
+        if not self.keep_grad:
+            probs = probs.detach()
+        key = (self.step, layer.cross_index)
+        if key in self.store:
+            raise RuntimeError(f"AttentionStore: step {self.step} layer {layer.cross_index} recorded twice; "
+                               "call set_step() before each forward or reset()")
+        self.store[key] = probs
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def keys(self):
+        """Sorted (step, layer) pairs that hold a map."""
+        return sorted(self.store)
+
+    def token_mask(self, batch_size=None):
+        """(B, S) bool, True = a real prompt token (False = padding of a shorter prompt)."""
+        if self._mask is None:
+            raise ValueError("AttentionStore: recorded all columns, there is no token mask")
+        return self._mask if batch_size is None else self._mask.expand(batch_size, -1)
+
+    def maps(self, steps=None, layers=None):
+        """Stack to (T, L, B, N, S) (or (T, L, B, heads, N, S)), steps and layers in ascending order.
+
+        All chosen layers must share one resolution (N); every (step, layer) must have been recorded.
+        """
+        if not self.store:
+            raise ValueError("AttentionStore.maps: nothing recorded (wrong layers/steps, or recording paused?)")
+        steps = sorted({s for s, _ in self.store}) if steps is None else list(steps)
+        layers = sorted({l for _, l in self.store}) if layers is None else list(layers)
+        missing = [(s, l) for s in steps for l in layers if (s, l) not in self.store]
+        if missing:
+            raise ValueError(f"AttentionStore.maps: {len(missing)} (step, layer) maps missing, e.g. {missing[:4]}")
+        sizes = {self.store[(steps[0], l)].shape[-2] for l in layers}
+        if len(sizes) > 1:
+            raise ValueError(f"AttentionStore.maps: layers {layers} have different resolutions N={sorted(sizes)}; "
+                             "choose layers of one resolution or read them one by one with keys()")
+        return torch.stack([torch.stack([self.store[(s, l)] for l in layers]) for s in steps])
+
+    def numel(self):
+        """How many numbers are held (memory check)."""
+        return sum(t.numel() for t in self.store.values())

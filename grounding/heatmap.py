@@ -1,0 +1,293 @@
+"""Phrase-grounding heatmaps from cross-attention during DDIM inversion, and training-time noisy latents.
+
+Mirrors the predecessor's extraction (Vilouras et al., "Zero-Shot Medical Phrase Grounding with
+Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (../shared/PAPER.md section 6):
+  1. z0 = VAE mean x scale factor;
+  2. DDIM inversion over 100 "trailing" steps, guidance 0: the trajectory follows the UNCONDITIONAL ("")
+     prediction while the prompt branch's cross-attention probabilities are recorded;
+  3. keep the steps in the window and the chosen layers;
+  4. per layer and step: mean over the prompt's tokens (BOS/EOS excluded), min-max, resize to the image;
+     then the mean over layers and steps;
+  5. Gaussian filter (sigma 2.5 px at 512, scaled with the image size), min-max, optional Otsu mask, min-max.
+(Step 6, back to the original image with NaN padding, is grounding/preprocess.py `to_original`.)
+
+Step index direction (PAPER.md section 5): the paper counts steps along the reverse process (index 0 =
+noisiest). With 100 trailing steps (t = 999, 989, ..., 9), indices [40, 60) are t = 599 .. 409 and the
+training indices [30, 60) are t = 699 .. 409. Windows are therefore given in TIMESTEP units, half-open
+[lo, hi): test (400, 600), training (400, 700). The inversion-order reading of [30, 60) would be (300, 600).
+
+Fast path (fast=True): the conditional pass runs only at recorded steps, stops right after the last
+recorded layer (UNet stop_after), and the inversion stops at the last recorded step; it gives the same
+maps as the straightforward procedure (fast=False: full inversion, conditional + unconditional passes
+every step, every cross-attention layer recorded, selection afterwards).
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from grounding.attention_store import AttentionStore
+
+TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
+TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
+
+# Layer presets (cross_index). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid, 5-10 up) and the
+# phantom UNet (same layout): tuned = mid + first three decoder layers {4,5,6,7}; frozen baseline {3,4,6,7}
+# + Otsu (the predecessor's choice). All at latent/4 = 16x16 for MONAI.
+# SD1/RoentGen and SD2 (16 layers: 0,1 @64; 2,3 @32; 4,5 @16; 6 mid @8; 7,8,9 @16; 10-12 @32; 13-15 @64):
+# the SD mid layer is 8x8, so the equivalent 16x16 choice is OUR pick, not the paper's:
+#   tuned    (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
+#   baseline (4, 5, 8, 9): the two 16x16 encoder layers + the 2nd and 3rd decoder layers (as {3,(4),6,7}).
+LAYER_PRESETS = {
+    ("monai_cxr", True): (4, 5, 6, 7), ("monai_cxr", False): (3, 4, 6, 7),
+    ("phantom", True): (4, 5, 6, 7), ("phantom", False): (3, 4, 6, 7),
+    ("sd1", True): (5, 7, 8, 9), ("sd1", False): (4, 5, 8, 9),
+    ("sd2", True): (5, 7, 8, 9), ("sd2", False): (4, 5, 8, 9),
+}
+
+
+@dataclass
+class HeatmapConfig:
+    num_steps: int = 100                 # DDIM inversion steps (predecessor)
+    spacing: str = "trailing"            # timestep spacing used for the inversion (predecessor code)
+    window: tuple = TEST_WINDOW          # recorded timesteps, half-open [lo, hi)
+    family: str = "monai_cxr"            # picks the layer preset
+    tuned: bool = True                   # tuned model preset (no Otsu) vs frozen baseline (Otsu)
+    layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, tuned)]
+    otsu: Optional[bool] = None          # None = preset: Otsu mask for the frozen baseline only
+    sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
+    sigma_ref_size: int = 512            # ... scaled linearly with the image size
+    resize_mode: str = "bilinear"        # map -> image resize (per-map, after min-max)
+
+    def resolved_layers(self):
+        if self.layers is not None:
+            return tuple(int(i) for i in self.layers)
+        if (self.family, self.tuned) not in LAYER_PRESETS:
+            raise ValueError(f"HeatmapConfig: no layer preset for family {self.family!r}; set layers=(...) "
+                             f"(presets: {sorted({f for f, _ in LAYER_PRESETS})})")
+        return LAYER_PRESETS[(self.family, self.tuned)]
+
+    def resolved_otsu(self):
+        return (not self.tuned) if self.otsu is None else bool(self.otsu)
+
+    @classmethod
+    def tiny(cls, layers=(1, 2, 3)):
+        """For tests with UNetConfig.tiny(): 10 steps, window t in [400, 700), three layers at latent/2."""
+        return cls(num_steps=10, window=(400, 700), layers=layers, otsu=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedule
+
+
+def inversion_scheduler(scheduler, cfg):
+    """A copy of the pipeline's DDIM scheduler with the heatmap's spacing, set to cfg.num_steps."""
+    sched = type(scheduler)(dataclasses.replace(scheduler.config, timestep_spacing=cfg.spacing))
+    sched.set_timesteps(cfg.num_steps)
+    return sched
+
+
+def window_timesteps(scheduler, lo, hi):
+    """The schedule's timesteps t with lo <= t < hi, in the schedule's (descending) order."""
+    ts = scheduler.timesteps
+    sel = ts[(ts >= lo) & (ts < hi)]
+    if sel.numel() == 0:
+        raise ValueError(f"no timestep of the schedule {ts.tolist()[:5]}... lies in [{lo}, {hi})")
+    return sel
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inversion with recording
+
+
+def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
+    """DDIM-invert z0 (scaled latents, (B, C, h, w)) following the unconditional prediction (guidance 0),
+    recording the conditional branch's maps of store.layers at the window's timesteps into `store`
+    (keys: (timestep, cross_index)). Returns the last latent reached.
+    """
+    sched = inversion_scheduler(pipe.scheduler, cfg)
+    window = set(window_timesteps(sched, *cfg.window).tolist())
+    n_cross = len(pipe.unet.cross_attention_layers())
+    layers = store.layers if store.layers is not None else list(range(n_cross))
+    uncond = uncond.expand(z0.shape[0], -1, -1)
+    z = z0
+    grad = torch.enable_grad() if store.keep_grad else torch.no_grad()
+    with grad:
+        if fast:
+            t_last = max(window)
+            for t in sched.inversion_timesteps.tolist():         # ascending: clean -> noisy
+                if t in window:
+                    store.set_step(t)
+                    # the prompt branch only needs to reach the last recorded layer
+                    pipe.unet(z, t, cond, store=store, stop_after=max(layers))
+                if t == t_last:
+                    break                                          # later steps are never recorded
+                z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
+            return z
+        # straightforward procedure: everything, every step; then keep what was asked for
+        full = AttentionStore(None, store.token_positions, keep_grad=store.keep_grad,
+                              average_heads=store.average_heads)
+        for t in sched.inversion_timesteps.tolist():
+            full.set_step(t)
+            pipe.unet(z, t, cond, store=full)
+            z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
+        for (t, layer), m in full.store.items():
+            if t in window and layer in layers and (store.steps is None or t in store.steps):
+                store.store[(t, layer)] = m
+        return z
+
+
+def training_latents(pipe, z0, timesteps, mode="inversion", generator=None, uncond=None, cfg=None):
+    """Noisy latents (T, B, C, h, w) at `timesteps` (order kept) for prompt tuning (PAPER.md section 5).
+
+    mode "inversion" (default; the paper does not say, and the test-time procedure inverts): DDIM inversion
+        following the "" prompt; the latent returned for t is the one the test-time procedure feeds to the
+        UNet at t (the inversion state just before its step to t).
+    mode "noise": forward noising q(z_t | z0) with fresh Gaussian noise from `generator`.
+    """
+    timesteps = [int(t) for t in timesteps]
+    if mode == "noise":
+        noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+        return torch.stack([pipe.scheduler.add_noise(z0, noise, t) for t in timesteps])
+    if mode != "inversion":
+        raise ValueError(f"training_latents: mode must be 'inversion' or 'noise', got {mode!r}")
+    cfg = cfg or HeatmapConfig()
+    sched = inversion_scheduler(pipe.scheduler, cfg)
+    schedule = sched.inversion_timesteps.tolist()
+    missing = sorted(set(timesteps) - set(schedule))
+    if missing:
+        raise ValueError(f"training_latents: timesteps {missing[:5]} are not on the {cfg.num_steps}-step "
+                         f"{cfg.spacing} schedule; pick them with window_timesteps")
+    if uncond is None:
+        uncond = pipe.text_encoder(pipe.tokenizer([""]))
+    uncond = uncond.expand(z0.shape[0], -1, -1)
+    wanted, out, z = set(timesteps), {}, z0
+    with torch.no_grad():
+        for t in schedule:
+            if t in wanted:
+                out[t] = z
+            if t == max(wanted):
+                break
+            z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
+    return torch.stack([out[t] for t in timesteps])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# maps -> heatmap
+
+
+def minmax(x, dims=(-2, -1)):
+    """(x - min) / (max - min) over `dims`; a constant map becomes 0."""
+    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _reflect_index(n, r):
+    """Indices -r .. n+r-1 folded back into [0, n) the way scipy.ndimage's mode "reflect" does
+    (d c b a | a b c d | d c b a: the edge pixel is repeated), for any radius."""
+    i = torch.arange(-r, n + r) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+def gaussian_filter(x, sigma, truncate=4.0):
+    """Separable Gaussian blur of (B, H, W), like scipy.ndimage.gaussian_filter (mode reflect, 4 sigma)."""
+    if sigma <= 0:
+        return x
+    r = int(truncate * sigma + 0.5)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()
+    B, H, W = x.shape
+    x = x[:, :, _reflect_index(W, r).to(x.device)]                     # pad columns
+    x = F.conv1d(x.reshape(B * H, 1, -1), k.view(1, 1, -1)).reshape(B, H, W)
+    x = x.transpose(1, 2)[:, :, _reflect_index(H, r).to(x.device)]     # pad rows (as columns)
+    x = F.conv1d(x.reshape(B * W, 1, -1), k.view(1, 1, -1)).reshape(B, W, H)
+    return x.transpose(1, 2)
+
+
+def otsu_threshold(x, nbins=256):
+    """Otsu's threshold of one map: 256 bins over [min, max], the split that maximises the between-class
+    variance (as skimage.filters.threshold_otsu), returned as the upper EDGE of the last lower-class bin
+    (skimage returns that bin's centre, which cuts the bin in two and can put part of it above)."""
+    x = x.flatten().double()
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return lo.item()
+    hist = torch.histc(x, bins=nbins, min=lo.item(), max=hi.item())
+    width = (hi - lo) / nbins
+    centres = lo + width * (torch.arange(nbins, dtype=torch.float64) + 0.5)
+    w1 = hist.cumsum(0)                                   # pixels at or below each bin
+    w2 = hist.flip(0).cumsum(0).flip(0)                   # pixels at or above each bin
+    m1 = (hist * centres).cumsum(0) / w1.clamp_min(1e-12)
+    m2 = ((hist * centres).flip(0).cumsum(0) / w2.flip(0).clamp_min(1e-12)).flip(0)
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+    return (lo + width * (int(between.argmax()) + 1)).item()
+
+
+def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
+    """Recorded maps -> (B, H, W) heatmaps in [0, 1] (steps 4-5 of the procedure).
+
+    maps: an AttentionStore (every stored (step, layer) is used) or a tensor (T, L, B, N, S).
+    token_mask (B, S): the real prompt tokens (taken from the store when it has one).
+    """
+    cfg = cfg or HeatmapConfig()
+    if isinstance(maps, AttentionStore):
+        if token_mask is None and maps.token_positions is not None:
+            token_mask = maps.token_mask()
+        items = [maps.store[k] for k in maps.keys()]
+    else:
+        items = list(maps.flatten(0, 1))
+    if not items:
+        raise ValueError("heatmap_from_maps: no maps (nothing recorded?)")
+    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+    acc = None
+    for m in items:                                           # m: (B, N, S)
+        if m.dim() != 3:
+            raise ValueError(f"heatmap_from_maps: expected (B, N, S) maps (heads averaged), got {tuple(m.shape)}")
+        mask = torch.ones(m.shape[0], m.shape[-1]) if token_mask is None else token_mask.expand(m.shape[0], -1)
+        mask = mask.to(m)
+        a = (m * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True)  # mean over the prompt's tokens, (B, N)
+        side = math.isqrt(a.shape[-1])
+        a = minmax(a.reshape(-1, 1, side, side).float())
+        kw = {"align_corners": False} if cfg.resize_mode in ("bilinear", "bicubic") else {}
+        a = F.interpolate(a, size=(H, W), mode=cfg.resize_mode, **kw)[:, 0]
+        acc = a if acc is None else acc + a
+    hm = minmax(gaussian_filter(acc / len(items), cfg.sigma * H / cfg.sigma_ref_size))
+    if cfg.resolved_otsu():
+        mask = torch.stack([h > otsu_threshold(h) for h in hm]).to(hm)
+        hm = minmax(hm * mask)
+    return hm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def prompt_context(pipe, prompt, prompts=None):
+    """(context (1, 77, D), non-special token positions) from LearnablePrompts or the plain text encoder."""
+    if prompts is not None:
+        return prompts.encode([prompt]), prompts.token_positions(prompt)
+    ids = pipe.tokenizer([prompt])
+    n = len(pipe.tokenizer.encode(prompt))
+    if n == 0 or n + 2 > ids.shape[1]:
+        raise ValueError(f"prompt {prompt!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
+    return pipe.text_encoder(ids), list(range(1, n + 1))    # positions after BOS, before EOS
+
+
+def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
+    """image (C, H, W) or (1, C, H, W), already preprocessed to the model frame and the family's range;
+    prompt a string; prompts a LearnablePrompts (tuned model) or None (plain text encoder).
+    Returns the (H, W) heatmap in [0, 1] in the model frame."""
+    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
+    x = image[None] if image.dim() == 3 else image
+    if x.shape[0] != 1:
+        raise ValueError(f"extract_heatmap: one image at a time, got a batch of {x.shape[0]}")
+    with torch.no_grad():
+        z0 = pipe.vae.encode(x) * pipe.scale_factor
+        cond, positions = prompt_context(pipe, prompt, prompts)
+        uncond = pipe.text_encoder(pipe.tokenizer([""]))
+    store = AttentionStore(cfg.resolved_layers(), positions)
+    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
+    return heatmap_from_maps(store, tuple(x.shape[-2:]), cfg)[0]
