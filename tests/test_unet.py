@@ -3,6 +3,7 @@
 Parity: random weights (every reference parameter perturbed, so zero-initialised convs and unit norms count too),
 fp32, CPU, loaded with load_state_dict(strict=True); outputs within 1e-4 relative to the output scale.
 """
+import pathlib
 import json
 import os
 
@@ -12,7 +13,7 @@ import torch
 from conftest import cmp, need
 from ldm.unet import UNet2DConditionModel, UNetConfig
 
-KEYS = "/work/shared/reference/keys"  # key/shape lists generated from the real libraries (not in the repo)
+KEYS = str(pathlib.Path(__file__).resolve().parents[2] / "shared/reference/keys")  # ../shared beside the checkout (not in the repo)
 
 
 class Store:

@@ -4,6 +4,7 @@ Parity: weights are copied from the reference model (diffusers: load_state_dict(
 ldm.convert.monai_vae_to_ours), then encode mean / logvar, decode and the sampled forward are compared with `cmp`.
 Full sizes are only counted, on the meta device.
 """
+import pathlib
 import dataclasses
 
 import torch
@@ -11,6 +12,8 @@ from conftest import cmp, need
 
 import pytest
 from ldm.vae import AutoencoderKL, VAEConfig
+
+KEYS = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/keys"  # ../shared beside the checkout
 
 TOL = 1e-4  # max abs diff relative to the output scale (conftest.cmp)
 
@@ -91,7 +94,7 @@ def test_sd_full_size_on_meta():
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_ours == sum(p.numel() for p in ref.parameters()) == 83_653_863
     # every key and shape equals the real SD 1.5 VAE's list
-    expected = weights_from_file("/work/shared/reference/keys/vae_sd15.txt")
+    expected = weights_from_file(str(KEYS / "vae_sd15.txt"))
     assert {k: list(v.shape) for k, v in ours.state_dict().items()} == expected
 
 
@@ -164,7 +167,7 @@ def test_monai_cxr_full_size_on_meta():
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == 4_607_848
     # the checkpoint's key list (GenerativeModels names, as the released autoencoder.pth) maps onto our keys
     for keys in ("gen_aekl.txt", "monai14_aekl.txt"):
-        expected = weights_from_file(f"/work/shared/reference/keys/{keys}")
+        expected = weights_from_file(str(KEYS / keys))
         renamed = monai_vae_to_ours({k: torch.empty(shape, device="meta") for k, shape in expected.items()})
         assert {k: list(v.shape) for k, v in renamed.items()} == {k: list(v.shape) for k, v in ours.state_dict().items()}
 
