@@ -1,0 +1,221 @@
+"""The anatomy vocabulary of the paper and its location -> Gaussian look-up table (LUT).
+
+Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (PAPER.md section 3):
+- 27 locations: {left, right, bilateral} x {"", apical, upper, middle, lower, costophrenic, pleural, base}
+  ("bilateral base" is called "bibasilar"), plus "lingular", "cardiomegaly" (the heart) and "pulmonary"
+  (both lungs, used for edema);
+- the 8 MS-CXR pathologies;
+- the Chest ImaGenome region names each location stands for (base and pleural -> lower lung zone,
+  lingular -> left mid lung zone, bilateral -> both sides);
+- the LUT: every gold ImaGenome box rescaled to the 512x512 model frame, mu = box centre, sigma = side / 6
+  (the +-3 sigma rule), averaged per region name;
+- Gaussian rendering (the L_loc target G), +-5% jitter, and the nearest-Gaussian match (squared
+  2-Wasserstein) used to synthesise VinDr-CXR prompts (PAPER.md section 8).
+"""
+import json
+import os
+
+import torch
+
+from grounding.preprocess import box_to_model
+
+FRAME = 512  # the LUT lives in the paper's 512x512 model frame
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabulary
+
+SIDES = ("left", "right", "bilateral")
+ZONES = ("", "apical", "upper", "middle", "lower", "costophrenic", "pleural", "base")
+
+
+def location_name(side, zone):
+    """(side, zone) -> one of the 27 names; "bilateral base" is the paper's "bibasilar"."""
+    if side == "bilateral" and zone == "base":
+        return "bibasilar"
+    return f"{side} {zone}".strip()
+
+
+LOCATIONS = tuple(location_name(s, z) for s in SIDES for z in ZONES) + ("lingular", "cardiomegaly", "pulmonary")
+assert len(LOCATIONS) == 27
+
+# MS-CXR category names, in the order FORMATS.md lists them.
+PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
+               "Pneumonia", "Pneumothorax")
+# The word(s) a standardised prompt uses for each pathology: the category name in lower case.
+PATHOLOGY_WORDS = {p: p.lower() for p in PATHOLOGIES}
+
+# Report wording of each pathology (regex alternatives, matched as whole words on lower-cased text).
+# Plurals and the common radiology synonyms; "Lung Opacity" is the generic finding and is only counted
+# when no more specific pathology is named in the same clause (see reports.find_pathologies).
+PATHOLOGY_SYNONYMS = {
+    "Atelectasis": [r"atelecta(?:sis|ses|tic)", r"collapse[d]?", r"volume loss"],
+    "Cardiomegaly": [r"cardiomegaly", r"enlarged (?:heart|cardiac silhouette)",
+                     r"(?:heart|heart size|cardiac silhouette) (?:is |remains |appears )?(?:mildly |moderately |severely |markedly )?enlarged",
+                     r"enlargement of the (?:heart|cardiac silhouette)"],
+    "Consolidation": [r"consolidations?", r"consolidative", r"airspace disease"],
+    "Edema": [r"o?edema", r"edematous", r"interstitial fluid"],
+    "Lung Opacity": [r"opacit(?:y|ies)", r"opacification", r"opacified", r"densit(?:y|ies)", r"haziness"],
+    "Pleural Effusion": [r"effusions?", r"pleural fluid", r"hydrothorax"],
+    "Pneumonia": [r"pneumonias?", r"bronchopneumonia", r"infectious process", r"pneumonic"],
+    "Pneumothorax": [r"pneumothora(?:x|ces|xes)", r"ptx"],
+}
+
+# ImaGenome region names (bbox_name) that the LUT averages.
+REGIONS = ("right lung", "left lung", "right apical zone", "left apical zone", "right upper lung zone",
+           "left upper lung zone", "right mid lung zone", "left mid lung zone", "right lower lung zone",
+           "left lower lung zone", "right costophrenic angle", "left costophrenic angle", "cardiac silhouette")
+
+# Zone -> region suffix; base and pleural have no ImaGenome region of their own (paper: lower lung zone).
+_ZONE_REGION = {"": "lung", "apical": "apical zone", "upper": "upper lung zone", "middle": "mid lung zone",
+                "lower": "lower lung zone", "costophrenic": "costophrenic angle", "pleural": "lower lung zone",
+                "base": "lower lung zone"}
+
+
+def regions_for(location):
+    """The ImaGenome region names a location stands for (two for a bilateral location)."""
+    if location == "lingular":
+        return ["left mid lung zone"]
+    if location == "cardiomegaly":
+        return ["cardiac silhouette"]
+    if location == "pulmonary":
+        return ["right lung", "left lung"]
+    if location == "bibasilar":
+        side, zone = "bilateral", "base"
+    else:
+        side, _, zone = location.partition(" ")
+    if location not in LOCATIONS:
+        raise ValueError(f"unknown location {location!r}; the 27 locations are {list(LOCATIONS)}")
+    sides = ["right", "left"] if side == "bilateral" else [side]
+    return [f"{s} {_ZONE_REGION[zone]}" for s in sides]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LUT: {location: [[mu_x, mu_y, sigma_x, sigma_y], ...]} in 512x512 pixels
+
+def box_gaussian(box_xyxy):
+    """A box (x1, y1, x2, y2) -> (mu_x, mu_y, sigma_x, sigma_y): centre and side / 6 (+-3 sigma rule)."""
+    x1, y1, x2, y2 = box_xyxy
+    return ((x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 6, (y2 - y1) / 6)
+
+
+def build_lut(scene_graphs, frame=FRAME, mode="crop"):
+    """Average Gaussians per ImaGenome region over gold scene graphs, then map the 27 locations onto them.
+
+    scene_graphs: records from datasets.read_scene_graph (keys `boxes` {bbox_name: (x1, y1, x2, y2)} in
+    original pixels, `image_width`, `image_height`).
+    mode: how a box is "rescaled to 512x512" (the paper does not say). "crop" (default) applies the model's
+    own preprocessing (shortest side -> 512, centre crop) so G lands where the attention maps see the organ;
+    "stretch" scales x and y independently to 512.
+    Returns (lut, counts) where counts[region] is how many boxes were averaged.
+    """
+    sums = {r: [0.0, 0.0, 0.0, 0.0] for r in REGIONS}
+    counts = {r: 0 for r in REGIONS}
+    for sg in scene_graphs:
+        w, h = sg["image_width"], sg["image_height"]
+        for name, (x1, y1, x2, y2) in sg["boxes"].items():
+            if name not in sums or x2 <= x1 or y2 <= y1:
+                continue
+            if mode == "crop":
+                bx, by, bw, bh = box_to_model((x1, y1, x2 - x1, y2 - y1), w, h, frame, clip=False)
+            elif mode == "stretch":
+                bx, by, bw, bh = x1 * frame / w, y1 * frame / h, (x2 - x1) * frame / w, (y2 - y1) * frame / h
+            else:
+                raise ValueError(f"build_lut: mode must be 'crop' or 'stretch', got {mode!r}")
+            for i, v in enumerate(box_gaussian((bx, by, bx + bw, by + bh))):
+                sums[name][i] += v
+            counts[name] += 1
+    missing = [r for r in REGIONS if counts[r] == 0]
+    if missing:
+        raise ValueError(f"build_lut: no gold boxes for regions {missing}; check the scene graphs' bbox_name values")
+    region_g = {r: [s / counts[r] for s in sums[r]] for r in REGIONS}
+    lut = {loc: [list(region_g[r]) for r in regions_for(loc)] for loc in LOCATIONS}
+    return lut, counts
+
+
+def save_lut(lut, path):
+    """Write the LUT as JSON (ARCHITECTURE.md: {location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}, 512 frame)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"frame": FRAME, "lut": lut}, f, indent=1)
+
+
+def load_lut(path):
+    """Read a LUT written by save_lut (or a bare {location: [...]} dict) and check every entry."""
+    with open(path) as f:
+        data = json.load(f)
+    lut = data.get("lut", data) if isinstance(data, dict) else None
+    if not isinstance(lut, dict):
+        raise ValueError(f"{path}: expected a JSON object {{location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}}")
+    for loc, gs in lut.items():
+        if not isinstance(gs, list) or not gs or any(len(g) != 4 or g[2] <= 0 or g[3] <= 0 for g in gs):
+            raise ValueError(f"{path}: entry {loc!r} must be a non-empty list of [mu_x, mu_y, sigma_x>0, sigma_y>0]")
+    missing = [loc for loc in LOCATIONS if loc not in lut]
+    if missing:
+        raise ValueError(f"{path}: LUT lacks locations {missing}; rebuild it with anatomy.build_lut")
+    return {loc: [[float(v) for v in g] for g in gs] for loc, gs in lut.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussians: lookup, jitter, rendering, nearest match
+
+def gaussians_for(lut, locations):
+    """All Gaussians named by a prompt's locations (a bilateral location contributes two)."""
+    out = []
+    for loc in locations:
+        if loc not in lut:
+            raise KeyError(f"location {loc!r} is not in the LUT (known: {sorted(lut)})")
+        out.extend(tuple(g) for g in lut[loc])
+    return out
+
+
+def jitter(gaussians, frac=0.05, generator=None, frame=FRAME):
+    """Shift each mu and sigma by U(-frac, frac) x image size (paper: +-5%, i.e. +-25 px at 512)."""
+    out = []
+    for g in gaussians:
+        d = (torch.rand(4, generator=generator) * 2 - 1) * frac * frame
+        mx, my, sx, sy = (float(v) for v in torch.tensor(g, dtype=torch.float32) + d)
+        out.append((mx, my, max(sx, 1.0), max(sy, 1.0)))  # a sigma must stay positive
+    return out
+
+
+def render_gaussians(gaussians, size, frame=FRAME, merge="max"):
+    """Render Gaussians given in `frame` pixels on a (size, size) grid; each has peak 1.
+
+    merge: the paper does not say how several Gaussians (e.g. "bibasilar") form one target. "max" (default)
+    keeps every region at full height; "sum" adds them and rescales the peak to 1.
+    """
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * (frame / size)  # pixel centres in the frame
+    out = torch.zeros(size, size)
+    for mx, my, sx, sy in gaussians:
+        gx = torch.exp(-0.5 * ((coords - mx) / sx) ** 2)
+        gy = torch.exp(-0.5 * ((coords - my) / sy) ** 2)
+        g = gy[:, None] * gx[None, :]  # (size, size), rows = y
+        g = g / g.max().clamp_min(1e-12)  # peak exactly 1 even when mu falls between pixel centres
+        if merge == "max":
+            out = torch.maximum(out, g)
+        elif merge == "sum":
+            out = out + g
+        else:
+            raise ValueError(f"render_gaussians: merge must be 'max' or 'sum', got {merge!r}")
+    return out / out.max().clamp_min(1e-12) if merge == "sum" else out
+
+
+# Locations a single box can be matched to: one Gaussian each, and only the canonical name of each region
+# (base/pleural duplicate "lower", lingular duplicates "left middle"; bilateral ones have two Gaussians).
+SINGLE_BOX_LOCATIONS = tuple(location_name(s, z) for s in ("left", "right")
+                             for z in ("", "apical", "upper", "middle", "lower", "costophrenic"))
+
+
+def nearest_location(box_gaussian_, lut, candidates=SINGLE_BOX_LOCATIONS):
+    """The candidate location whose Gaussian is nearest a box's (mu_x, mu_y, sigma_x, sigma_y).
+
+    Distance: squared 2-Wasserstein between axis-aligned Gaussians = squared Euclidean distance over the
+    4 numbers (PAPER.md section 8). Ties go to the earlier candidate.
+    """
+    best, best_d = None, float("inf")
+    for loc in candidates:
+        for g in lut[loc]:
+            d = sum((a - b) ** 2 for a, b in zip(box_gaussian_, g))
+            if d < best_d:
+                best, best_d = loc, d
+    return best
