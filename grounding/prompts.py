@@ -1,0 +1,229 @@
+"""LearnablePrompts: the codebook of token embeddings the prompts use, with only the ANATOMY rows trainable.
+
+Mirrors Vilouras et al., MIDL 2026, Sec. 3.2 (../shared/PAPER.md section 4): a codebook of the token
+embeddings of the location sub-tokens, the pathology sub-tokens and the special tokens (BOS, EOS, pad,
+"and"), initialised from the frozen text encoder's input embedding table. Only the location rows are
+trained; everything else (pathology and special rows, text encoder, UNet, VAE) stays frozen. The tuned
+vectors replace rows of the token lookup and go through the frozen text transformer:
+    context = text_encoder(embeds=text_encoder.embed(token_embeds=...)).
+As in CoOp / textual inversion: ONE trainable parameter holds the learned vectors (`anatomy`), and
+`nearest_tokens` reports the closest real tokens of each.
+
+Paper gaps (PAPER.md section 10), as options:
+- shared_tokens: with the real CLIP vocabulary 6 sub-tokens (ple, ural</w>, cardi, ome, gal, y</w>) are both
+  location and pathology sub-tokens ("pleural", "cardiomegaly").
+  "frozen" (default): pathology wins, shared rows stay frozen (the paper's 46 rows minus the ambiguity);
+  "trainable": shared rows are trainable wherever they occur, pathology words included;
+  "positional": location OCCURRENCES get their own trainable rows, substituted by position in the prompt,
+  so "pleural" in "left pleural" and in "pleural effusion" are different vectors.
+- n_ctx: CoOp-style learnable context tokens inserted after BOS (0 = off, the paper's setting).
+"""
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from grounding.anatomy import LOCATIONS, PATHOLOGIES
+except ImportError:  # pragma: no cover - anatomy.py is a sibling part; the lists are the paper's
+    LOCATIONS = tuple(f"{s} {z}".strip() for s in ("left", "right", "bilateral")
+                      for z in ("", "apical", "upper", "middle", "lower", "costophrenic", "pleural", "base")
+                      if (s, z) != ("bilateral", "base")) + ("bibasilar", "lingular", "cardiomegaly", "pulmonary")
+    PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
+                   "Pneumonia", "Pneumothorax")
+
+SHARED_MODES = ("frozen", "trainable", "positional")
+# prompts say the pathology in lower case; "opacity" alone is how "lung opacity" is often written
+PATHOLOGY_PHRASES = tuple(p.lower() for p in PATHOLOGIES) + ("opacity",)
+JOIN_WORDS = ("and",)   # several locations are joined with "and" (PAPER.md section 3)
+
+
+class LearnablePrompts(nn.Module):
+    def __init__(self, tokenizer, text_encoder, locations=LOCATIONS, pathologies=PATHOLOGY_PHRASES,
+                 shared_tokens="frozen", n_ctx=0, ctx_init_std=0.02):
+        super().__init__()
+        if shared_tokens not in SHARED_MODES:
+            raise ValueError(f"shared_tokens={shared_tokens!r}: choose one of {SHARED_MODES}")
+        self.tokenizer, self.shared_tokens, self.n_ctx = tokenizer, shared_tokens, int(n_ctx)
+        # the frozen text encoder is used, not owned: keep it out of parameters() and state_dict()
+        self.__dict__["text_encoder"] = text_encoder
+        text_encoder.requires_grad_(False)
+        table = text_encoder.token_embedding.weight.detach()                # (V, D) frozen input table
+
+        # phrase -> sub-token ids (no BOS/EOS); order of first appearance defines the codebook order
+        self.location_phrases = {p: tokenizer.encode(p) for p in locations}
+        self.pathology_phrases = {p: tokenizer.encode(p) for p in pathologies}
+        loc_ids = _unique(i for ids in self.location_phrases.values() for i in ids)
+        path_ids = _unique(i for ids in self.pathology_phrases.values() for i in ids)
+        shared = set(loc_ids) & set(path_ids)
+        special = _unique([tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id]
+                          + [i for w in JOIN_WORDS for i in tokenizer.encode(w)])
+        # the trainable (anatomy) rows: location sub-tokens, minus the shared ones unless they are trainable
+        self.anatomy_ids = [i for i in loc_ids if i not in shared or shared_tokens != "frozen"]
+        self.shared_ids = sorted(shared)
+        if not self.anatomy_ids:
+            raise ValueError(f"no trainable location sub-token with shared_tokens={shared_tokens!r}: every location "
+                             "sub-token is also a pathology sub-token in this vocabulary; try 'positional'")
+        # the codebook (for the table): trainable anatomy rows, then the frozen rows. A shared id has a
+        # frozen row too unless it is trainable everywhere ("positional": a frozen pathology row beside
+        # its trainable location row).
+        role = {i: "shared" if i in shared else "location" for i in loc_ids}
+        role.update({i: "shared" if i in shared else "pathology" for i in path_ids})
+        rows = [(i, role[i], True) for i in self.anatomy_ids]
+        rows += [(i, role[i], False) for i in path_ids if not (i in shared and shared_tokens == "trainable")]
+        rows += [(i, "special", False) for i in special if i not in role]
+        self.codebook = rows
+
+        # ONE trainable parameter: the anatomy rows, initialised from the frozen table
+        self.anatomy = nn.Parameter(table[self.anatomy_ids].clone())        # (K, D)
+        # vocabulary id -> anatomy row (-1 = not trainable), a lookup for `encode`
+        row_of = torch.full((table.shape[0],), -1, dtype=torch.long)
+        row_of[torch.tensor(self.anatomy_ids, dtype=torch.long)] = torch.arange(len(self.anatomy_ids))
+        self.register_buffer("row_of_id", row_of, persistent=False)
+        if self.n_ctx:   # CoOp extension: a second parameter, only when asked for
+            self.ctx = nn.Parameter(torch.randn(self.n_ctx, table.shape[1]) * ctx_init_std)
+        else:
+            self.ctx = None
+
+    # ---- token bookkeeping ----------------------------------------------------------------------
+
+    def token_strings(self, ids):
+        return [self.tokenizer.decoder[int(i)] for i in ids]
+
+    def location_mask(self, prompt):
+        """Bool list over the prompt's sub-tokens (no BOS/EOS): True inside a location phrase.
+
+        Greedy left to right, longest location phrase first, whole words only. A word that the prompt
+        standardiser wrote once for both roles ("left pleural" + "pleural effusion" -> "left pleural
+        effusion"; "cardiomegaly" + "cardiomegaly" -> "cardiomegaly") counts as a location occurrence.
+        """
+        ids = self.tokenizer.encode(prompt)
+        toks = self.token_strings(ids)
+        word_start = [k == 0 or toks[k - 1].endswith("</w>") for k in range(len(ids))] + [True]
+        phrases = sorted(self.location_phrases.values(), key=len, reverse=True)
+        mask, k = [False] * len(ids), 0
+        while k < len(ids):
+            hit = next((p for p in phrases if word_start[k] and ids[k:k + len(p)] == p
+                        and word_start[k + len(p)]), None)
+            if hit:
+                mask[k:k + len(hit)] = [True] * len(hit)
+            k += len(hit) if hit else 1
+        return mask
+
+    def token_positions(self, prompt):
+        """Framed positions (0 = BOS) of the prompt's non-special tokens, CoOp context tokens excluded."""
+        n = len(self.tokenizer.encode(prompt))
+        if n == 0:
+            raise ValueError(f"prompt {prompt!r} has no tokens")
+        if 1 + self.n_ctx + n + 1 > self.tokenizer.max_length:
+            raise ValueError(f"prompt {prompt!r} has {n} tokens: with BOS, EOS and n_ctx={self.n_ctx} it exceeds "
+                             f"{self.tokenizer.max_length}")
+        return list(range(1 + self.n_ctx, 1 + self.n_ctx + n))
+
+    # ---- prompts -> context ---------------------------------------------------------------------
+
+    def token_embeds(self, prompts):
+        """(B, 77, D) token embeddings (no positions) with the anatomy rows (and CoOp context) substituted."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        for p in prompts:
+            self.token_positions(p)                                           # length check, clear error
+        te = self.text_encoder
+        ids = self.tokenizer(list(prompts)).to(self.anatomy.device)           # (B, 77)
+        base = te.token_embedding(ids).detach()                               # frozen rows
+        row = self.row_of_id[ids]                                             # (B, 77), -1 = frozen
+        if self.shared_tokens == "positional":
+            # shared ids are trainable only inside a location phrase (position in the prompt decides)
+            for b, p in enumerate(prompts):
+                loc = torch.tensor([False] + self.location_mask(p), device=ids.device)
+                n = loc.numel()
+                shared = torch.isin(ids[b, :n], torch.tensor(self.shared_ids, device=ids.device, dtype=ids.dtype))
+                row[b, :n] = torch.where(shared & ~loc, torch.full_like(row[b, :n], -1), row[b, :n])
+        use = (row >= 0)[..., None]
+        x = torch.where(use, self.anatomy[row.clamp(min=0)], base)            # grads reach `anatomy` only
+        if self.n_ctx:
+            # CoOp: [BOS, ctx_1..ctx_n, prompt..., EOS, pad...] cut back to 77 (only padding is dropped)
+            ctx = self.ctx.to(x.dtype)[None].expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], ctx, x[:, 1:x.shape[1] - self.n_ctx]], dim=1)
+        return x
+
+    def encode(self, prompts):
+        """prompts (str or list) -> UNet context (B, 77, D) through the frozen text encoder."""
+        te = self.text_encoder
+        return te(embeds=te.embed(token_embeds=self.token_embeds(prompts)))
+
+    # ---- reports ------------------------------------------------------------------------------
+
+    def codebook_table(self):
+        """[(token string, role, trainable)] for every codebook row (printed at the start of training)."""
+        return [(self.tokenizer.decoder[i], role, trainable) for i, role, trainable in self.codebook]
+
+    def format_codebook(self):
+        rows = self.codebook_table()
+        n_train = sum(t for _, _, t in rows)
+        lines = [f"codebook: {len(rows)} rows, {n_train} trainable (shared_tokens={self.shared_tokens!r}, "
+                 f"n_ctx={self.n_ctx})"]
+        lines += [f"  {tok:<20s} {role:<10s} {'trainable' if t else 'frozen'}" for tok, role, t in rows]
+        return "\n".join(lines)
+
+    @torch.no_grad()
+    def nearest_tokens(self, k=5):
+        """{anatomy token: [(nearest real token, cosine), ...]} against the frozen input table."""
+        # only rows that have a token string (a text encoder may carry more rows than the vocabulary)
+        table = self.text_encoder.token_embedding.weight[:self.tokenizer.vocab_size]
+        table = F.normalize(table.float(), dim=-1)
+        sims = F.normalize(self.anatomy.float(), dim=-1) @ table.T            # (K, V)
+        top = sims.topk(k, dim=-1)
+        out = {}
+        for r, i in enumerate(self.anatomy_ids):
+            out[self.tokenizer.decoder[i]] = [(self.tokenizer.decoder[int(j)], float(s))
+                                              for s, j in zip(top.values[r], top.indices[r])]
+        return out
+
+    def drift(self):
+        """Per anatomy row: ||learned - initial|| / ||initial|| (how far tuning moved each vector)."""
+        init = self.text_encoder.token_embedding.weight[self.anatomy_ids].detach()
+        return (self.anatomy.detach() - init).norm(dim=-1) / init.norm(dim=-1)
+
+    # ---- save / load of the learned rows alone ------------------------------------------------
+
+    def save(self, path):
+        from ldm.safetensors import save_file
+        tensors = {"anatomy": self.anatomy.detach().cpu().contiguous()}
+        if self.n_ctx:
+            tensors["ctx"] = self.ctx.detach().cpu().contiguous()
+        meta = {"tokens": json.dumps(self.token_strings(self.anatomy_ids)), "ids": json.dumps(self.anatomy_ids),
+                "shared_tokens": self.shared_tokens, "n_ctx": str(self.n_ctx),
+                "format": "anatomy-prompts/1"}
+        save_file(tensors, path, metadata=meta)
+
+    def load(self, path):
+        """Load learned rows written by `save`; the token strings must match this codebook exactly."""
+        from ldm.safetensors import load_file, read_header
+        meta = read_header(path).get("__metadata__") or {}
+        if "tokens" not in meta:
+            raise ValueError(f"{path}: no 'tokens' in __metadata__; not a file written by LearnablePrompts.save")
+        tokens, mine = json.loads(meta["tokens"]), self.token_strings(self.anatomy_ids)
+        if tokens != mine:
+            diff = sorted(set(tokens) ^ set(mine))
+            raise ValueError(f"{path}: its {len(tokens)} learned rows are for tokens that differ from this "
+                             f"codebook's {len(mine)} (e.g. {diff[:6]}); same tokenizer and shared_tokens="
+                             f"{meta.get('shared_tokens')!r}?")
+        if int(meta.get("n_ctx", 0)) != self.n_ctx:
+            raise ValueError(f"{path}: saved with n_ctx={meta.get('n_ctx')}, this model has n_ctx={self.n_ctx}")
+        tensors = load_file(path)
+        if tuple(tensors["anatomy"].shape) != tuple(self.anatomy.shape):
+            raise ValueError(f"{path}: anatomy shape {tuple(tensors['anatomy'].shape)} != {tuple(self.anatomy.shape)}")
+        with torch.no_grad():
+            self.anatomy.copy_(tensors["anatomy"])
+            if self.n_ctx:
+                self.ctx.copy_(tensors["ctx"])
+        return self
+
+
+def _unique(ids):
+    seen = {}
+    for i in ids:
+        seen.setdefault(int(i), None)
+    return list(seen)
