@@ -1,0 +1,457 @@
+"""Readers for MIMIC-CXR-JPG (+ reports), MS-CXR, Chest ImaGenome and VinDr-CXR; curation; MS-CXR-loc; VinDr prompts.
+
+Formats: FORMATS.md "Datasets". Method: PAPER.md sections 3 (weak supervision) and 8 (evaluation sets).
+Records are plain dicts (ARCHITECTURE.md "Grounding data records"):
+- grounding pair: pair_id, dicom_id, image_path, category, phrase, prompt, locations, boxes [(x, y, w, h)
+  in ORIGINAL pixels], image_width, image_height, split, source;
+- tuning sample: dicom_id, subject_id, study_id, image_path, pathology, locations, prompt, sentence.
+Every reader returns (records, DataReport): nothing is dropped or changed without being counted there.
+The phantom world (grounding/phantom.py) writes these same formats, so these readers are what reads it.
+"""
+import collections
+import csv
+import glob
+import json
+import os
+import re
+
+from grounding import reports as rp
+from grounding.anatomy import PATHOLOGIES, box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
+from grounding.preprocess import box_to_model, image_size
+
+
+class DataReport:
+    """Counts of everything a reader skipped or changed, with a few examples of each."""
+
+    def __init__(self, name):
+        self.name, self.kept = name, 0
+        self.counts = collections.Counter()
+        self.examples = collections.defaultdict(list)
+
+    def add(self, reason, example=None, n=1):
+        self.counts[reason] += n
+        if example is not None and len(self.examples[reason]) < 3:
+            self.examples[reason].append(str(example))
+
+    def __getitem__(self, reason):
+        return self.counts[reason]
+
+    def __str__(self):
+        lines = [f"{self.name}: kept {self.kept}"]
+        for reason, n in sorted(self.counts.items()):
+            ex = "; e.g. " + ", ".join(self.examples[reason]) if self.examples[reason] else ""
+            lines.append(f"  {reason}: {n}{ex}")
+        return "\n".join(lines)
+
+
+def _read_csv(path, required):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CSV file not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = set(rows[0]) if rows else set()
+    missing = [c for c in required if c not in cols]
+    if rows and missing:
+        raise ValueError(f"{path}: missing columns {missing} (has {sorted(cols)})")
+    return rows
+
+
+def _check_image(path, on_missing, report, key):
+    """True if the image exists; else raise (on_missing="error") or count a skip (on_missing="skip")."""
+    if os.path.exists(path):
+        return True
+    if on_missing == "error":
+        raise FileNotFoundError(f"{key}: image file not found: {path} (pass on_missing='skip' to count and skip)")
+    report.add("missing image file", path)
+    return False
+
+
+def _clip_box(x, y, w, h, W, H, report, key):
+    """Clip (x, y, w, h) to the W x H image; count clipped and empty boxes. Returns the box or None."""
+    x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        report.add("box clipped to the image", key)
+    if x2 <= x1 or y2 <= y1:
+        report.add("box empty after clipping (dropped)", key)
+        return None
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MIMIC-CXR-JPG (+ MIMIC-CXR reports)
+
+def mimic_image_path(root, subject_id, study_id, dicom_id):
+    """files/p1X/p<subject>/s<study>/<dicom_id>.jpg (p1X = first two digits of the subject id)."""
+    s = str(subject_id)
+    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}", f"{dicom_id}.jpg")
+
+
+def mimic_report_path(root, subject_id, study_id):
+    s = str(subject_id)
+    return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}.txt")
+
+
+def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="error"):
+    """MIMIC-CXR-JPG images joined with metadata, split and report paths.
+
+    root holds files/ and mimic-cxr-2.0.0-metadata.csv / -split.csv (.csv or .csv.gz is NOT read: unzip first).
+    reports_root: where files/pXX/p<subject>/s<study>.txt live (default: root).
+    splits / views: keep only these (e.g. ("train",), ("PA", "AP")); every other row is counted.
+    Returns (records with dicom_id, subject_id, study_id, split, view, image_width, image_height, image_path,
+    report_path), DataReport).
+    """
+    report = DataReport(f"MIMIC-CXR-JPG {root}")
+    meta = _read_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+                     ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"])
+    split_rows = _read_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "split"])
+    split_of = {r["dicom_id"]: r["split"] for r in split_rows}
+    reports_root = reports_root or root
+    out = []
+    for r in meta:
+        d = r["dicom_id"]
+        split = split_of.get(d)
+        if split is None:
+            report.add("not in split CSV", d)
+            continue
+        if splits and split not in splits:
+            report.add(f"split {split} not requested")
+            continue
+        if views and r["ViewPosition"] not in views:
+            report.add(f"view {r['ViewPosition'] or '(empty)'} not requested")
+            continue
+        path = mimic_image_path(root, r["subject_id"], r["study_id"], d)
+        if not _check_image(path, on_missing, report, f"metadata row {d}"):
+            continue
+        out.append(dict(dicom_id=d, subject_id=r["subject_id"], study_id=r["study_id"], split=split,
+                        view=r["ViewPosition"], image_width=int(float(r["Columns"])),
+                        image_height=int(float(r["Rows"])), image_path=path,
+                        report_path=mimic_report_path(reports_root, r["subject_id"], r["study_id"])))
+    report.kept = len(out)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# MS-CXR (CSV v0.1 / v1.1.0 and the COCO JSON twin)
+
+_PATH_IDS = re.compile(r"p(\d+)[/\\]s(\d+)")
+
+
+def _ids_from_path(path):
+    m = _PATH_IDS.search(path)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def _group_pairs(rows, image_root, on_missing, report, source):
+    """rows: dicts with dicom_id, category, phrase, rel_path, box, W, H, split -> grounding pairs."""
+    groups = collections.OrderedDict()
+    for r in rows:
+        groups.setdefault((r["dicom_id"], r["category"], r["phrase"]), []).append(r)
+    n_per_image = collections.Counter()
+    out = []
+    for (dicom_id, category, phrase), rs in groups.items():
+        first = rs[0]
+        key = f"{dicom_id} / {category} / {phrase!r}"
+        if category not in PATHOLOGIES:
+            report.add(f"category {category!r} not one of the 8", key)
+            continue
+        if not phrase.strip():
+            report.add("empty phrase", key)
+            continue
+        path = os.path.join(image_root, first["rel_path"]) if image_root else first["rel_path"]
+        if not _check_image(path, on_missing, report, key):
+            continue
+        boxes = [b for b in (_clip_box(*r["box"], first["W"], first["H"], report, key) for r in rs) if b]
+        if not boxes:
+            report.add("pair with no box left (dropped)", key)
+            continue
+        if len(rs) > 1:
+            report.add("pairs with several boxes (kept, grouped)")
+        subject_id, study_id = _ids_from_path(first["rel_path"])
+        out.append(dict(pair_id=f"{dicom_id}_{n_per_image[dicom_id]:02d}", dicom_id=dicom_id, image_path=path,
+                        category=category, phrase=phrase, prompt=phrase, locations=[], boxes=boxes,
+                        image_width=first["W"], image_height=first["H"], split=first["split"], source=source,
+                        subject_id=subject_id, study_id=study_id))
+        n_per_image[dicom_id] += 1
+    report.kept = len(out)
+    return out
+
+
+def read_mscxr(csv_path, image_root=None, splits=None, on_missing="error", source="mimic"):
+    """MS-CXR CSV (v0.1 without `split`, v1.1.0 with it) -> grounding pairs, one per (image, category, phrase).
+
+    image_root: the MIMIC-CXR-JPG root that the CSV's `path` column is relative to.
+    splits: keep only these splits; asking for splits from a v0.1 file (no `split` column) is an error.
+    """
+    report = DataReport(f"MS-CXR {csv_path}")
+    raw = _read_csv(csv_path, ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
+                               "image_width", "image_height"])
+    has_split = bool(raw) and "split" in raw[0]
+    if splits and not has_split:
+        raise ValueError(f"{csv_path}: no `split` column (MS-CXR v0.1); drop the split filter or use v1.1.0")
+    rows = []
+    for r in raw:
+        if splits and r["split"] not in splits:
+            report.add(f"split {r['split']} not requested")
+            continue
+        rows.append(dict(dicom_id=r["dicom_id"], category=r["category_name"], phrase=r["label_text"],
+                         rel_path=r["path"], box=tuple(float(r[k]) for k in "xywh"),
+                         W=int(float(r["image_width"])), H=int(float(r["image_height"])),
+                         split=r["split"] if has_split else None))
+    return _group_pairs(rows, image_root, on_missing, report, source), report
+
+
+def read_mscxr_json(json_path, image_root=None, on_missing="error", source="mimic"):
+    """The COCO-style twin: images [{id, file_name | path, width, height}], annotations [{image_id,
+    category_id, bbox [x, y, w, h], label_text}], categories [{id, name}]."""
+    report = DataReport(f"MS-CXR JSON {json_path}")
+    with open(json_path) as f:
+        data = json.load(f)
+    try:
+        images = {im["id"]: im for im in data["images"]}
+        cats = {c["id"]: c["name"] for c in data["categories"]}
+        anns = data["annotations"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{json_path}: not a COCO-style file with images/annotations/categories ({e})") from e
+    rows = []
+    for a in anns:
+        im = images.get(a["image_id"])
+        if im is None:
+            report.add("annotation for an unknown image id", a.get("id"))
+            continue
+        rel = im.get("path") or im.get("file_name")
+        dicom_id = im.get("dicom_id") or os.path.splitext(os.path.basename(rel))[0]
+        rows.append(dict(dicom_id=dicom_id, category=cats[a["category_id"]], phrase=a.get("label_text", ""),
+                         rel_path=rel, box=tuple(float(v) for v in a["bbox"]), W=int(im["width"]),
+                         H=int(im["height"]), split=im.get("split")))
+    return _group_pairs(rows, image_root, on_missing, report, source), report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chest ImaGenome scene graphs
+
+def read_scene_graph(path, image_width=None, image_height=None, report=None):
+    """One <dicom_id>_SceneGraph.json -> {dicom_id, boxes {bbox_name: (x1, y1, x2, y2)}, image_width, image_height}.
+
+    Uses the original_x1..original_y2 coordinates (original pixels), clipped to the image when its size is
+    given (MIMIC metadata Columns/Rows), else only at 0; every clip is counted in `report`.
+    """
+    report = report if report is not None else DataReport(f"ImaGenome {path}")
+    with open(path) as f:
+        sg = json.load(f)
+    dicom_id = sg.get("image_id") or os.path.basename(path).split("_SceneGraph")[0]
+    W, H = image_width or float("inf"), image_height or float("inf")
+    boxes = {}
+    for o in sg.get("objects", []):
+        try:
+            x1, y1, x2, y2 = (float(o[f"original_{k}"]) for k in ("x1", "y1", "x2", "y2"))
+        except KeyError:
+            report.add("object without original_x1..y2 (skipped)", f"{dicom_id}/{o.get('bbox_name')}")
+            continue
+        c = (max(0.0, x1), max(0.0, y1), min(W, x2), min(H, y2))
+        if c != (x1, y1, x2, y2):
+            report.add("anatomy box clipped to the image", f"{dicom_id}/{o['bbox_name']}")
+        boxes[o["bbox_name"]] = c
+    if image_width is None:  # no metadata: the furthest box edge is the best size we know
+        image_width = max((b[2] for b in boxes.values()), default=0)
+        image_height = max((b[3] for b in boxes.values()), default=0)
+    return dict(dicom_id=dicom_id, boxes=boxes, image_width=image_width, image_height=image_height)
+
+
+def read_imagenome(scene_graph_dir, sizes=None, gold_ids=None):
+    """All scene graphs in a folder (optionally only the gold subset's dicom ids).
+
+    sizes: {dicom_id: (width, height)}, e.g. from read_mimic records; images without a size are counted.
+    """
+    report = DataReport(f"Chest ImaGenome {scene_graph_dir}")
+    paths = sorted(glob.glob(os.path.join(scene_graph_dir, "*_SceneGraph.json")))
+    if not paths:
+        raise FileNotFoundError(f"no *_SceneGraph.json files in {scene_graph_dir}")
+    out = []
+    for p in paths:
+        dicom_id = os.path.basename(p).split("_SceneGraph")[0]
+        if gold_ids is not None and dicom_id not in gold_ids:
+            report.add("not in the gold subset")
+            continue
+        wh = (sizes or {}).get(dicom_id)
+        if wh is None:
+            report.add("no image size known (clipped at 0 only)", dicom_id)
+        out.append(read_scene_graph(p, *(wh or (None, None)), report=report))
+    report.kept = len(out)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# VinDr-CXR
+
+# VinDr class spelling -> MS-CXR category (matched case-insensitively; "Pleural effusion" in VinDr).
+VINDR_TO_MSCXR = {p.lower(): p for p in PATHOLOGIES}
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dicom", ".dcm")
+
+
+def _find_image(image_dir, image_id):
+    for ext in _IMAGE_EXTS:
+        p = os.path.join(image_dir, image_id + ext)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vindr"):
+    """VinDr-CXR annotations_{train,test}.csv -> grounding pairs, one per (image, class) with all its boxes.
+
+    Handles: missing rad_id (test file), "No finding" / global-label rows with empty boxes (counted), classes
+    outside the 8 (counted, e.g. "Other diseases" / "Other disease"), images as PNG/JPG (<image_id>.png ...),
+    DICOM only through pydicom. Boxes are x_min, y_min, x_max, y_max floats -> (x, y, w, h), clipped.
+    """
+    report = DataReport(f"VinDr-CXR {csv_path}")
+    rows = _read_csv(csv_path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
+    split = split or ("test" if "test" in os.path.basename(csv_path) else "train")
+    groups = collections.OrderedDict()
+    for r in rows:
+        cls = VINDR_TO_MSCXR.get(r["class_name"].strip().lower())
+        if cls is None:
+            report.add(f"class {r['class_name']!r} not one of the 8")
+            continue
+        if any(not r[k].strip() for k in ("x_min", "y_min", "x_max", "y_max")):
+            report.add("row without a box (skipped)", f"{r['image_id']}/{r['class_name']}")
+            continue
+        x1, y1, x2, y2 = (float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        box = (x1, y1, x2 - x1, y2 - y1)
+        g = groups.setdefault((r["image_id"], cls), [])
+        if box in g:
+            report.add("duplicate box (merged)")
+        else:
+            g.append(box)
+    out, sizes = [], {}
+    for (image_id, cls), boxes in groups.items():
+        key = f"{image_id}/{cls}"
+        path = _find_image(image_dir, image_id)
+        if path is None:
+            if on_missing == "error":
+                raise FileNotFoundError(f"{key}: no image {image_id}{{{','.join(_IMAGE_EXTS)}}} in {image_dir} "
+                                        "(pass on_missing='skip' to count and skip)")
+            report.add("missing image file", key)
+            continue
+        if image_id not in sizes:
+            if path.endswith((".dicom", ".dcm")):
+                from grounding.preprocess import load_image
+                h, w = load_image(path).shape
+                sizes[image_id] = (w, h)
+            else:
+                sizes[image_id] = image_size(path)
+        W, H = sizes[image_id]
+        boxes = [b for b in (_clip_box(*b, W, H, report, key) for b in boxes) if b]
+        if not boxes:
+            report.add("pair with no box left (dropped)", key)
+            continue
+        out.append(dict(pair_id=f"{image_id}_{cls.lower().replace(' ', '_')}", dicom_id=image_id, image_path=path,
+                        category=cls, phrase="", prompt="", locations=[], boxes=boxes, image_width=W,
+                        image_height=H, split=split, source=source))
+    report.kept = len(out)
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weak supervision: the curated tuning set, MS-CXR-loc, VinDr prompts
+
+def read_report(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def positive_sentences(text, scope="clause"):
+    """[(sentence, [pathologies it asserts])] for the FINDINGS + IMPRESSION sentences of one report."""
+    return [(s, rp.find_pathologies(s, scope)) for s in rp.split_sentences(rp.report_body(text))]
+
+
+def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
+    """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
+
+    mimic_records: from read_mimic (filter splits/views there, e.g. splits=("train",), views=("PA", "AP")).
+    exclude_subjects: subject ids to leave out (MS-CXR patients: {p["subject_id"] for p in mscxr_pairs}).
+    One frontal image per study (PA preferred); one sample per distinct prompt of the study's positive
+    sentences. Returns (samples, DataReport) with every dropped study counted by reason.
+    """
+    report = DataReport("curated tuning set")
+    excluded = {str(s) for s in exclude_subjects}
+    studies = collections.OrderedDict()
+    for r in mimic_records:
+        studies.setdefault((r["subject_id"], r["study_id"]), []).append(r)
+    out = []
+    for (subject_id, study_id), imgs in studies.items():
+        if str(subject_id) in excluded:
+            report.add("study of an excluded (MS-CXR) patient")
+            continue
+        img = sorted(imgs, key=lambda r: (r.get("view") != "PA", r["dicom_id"]))[0]
+        if not os.path.exists(img["report_path"]):
+            report.add("report file missing", img["report_path"])
+            continue
+        sents = positive_sentences(read_report(img["report_path"]), scope)
+        found = {p for _, ps in sents for p in ps}
+        if len(found) != 1:
+            report.add("no pathology" if not found else "several pathologies")
+            continue
+        (pathology,) = found
+        prompts = []
+        for sentence, ps in sents:
+            if pathology not in ps:
+                continue
+            locs = rp.sentence_locations(sentence, pathology)
+            if not locs:
+                report.add(f"sentence without location ({pathology})", sentence)
+                continue
+            prompt = rp.standardise_prompt(locs, pathology)
+            if prompt in prompts:
+                continue
+            prompts.append(prompt)
+            out.append(dict(dicom_id=img["dicom_id"], subject_id=subject_id, study_id=study_id,
+                            image_path=img["image_path"], pathology=pathology, locations=locs, prompt=prompt,
+                            sentence=sentence))
+        if not prompts:
+            report.add("study without any located sentence")
+    report.kept = len(out)
+    return out, report
+
+
+def mscxr_loc(pairs):
+    """MS-CXR -> MS-CXR-loc (PAPER.md section 8): keep pairs whose phrase names a location, prompt rewritten
+    to "{location} {pathology}". Dropped pairs are counted per class."""
+    report = DataReport("MS-CXR-loc")
+    out = []
+    for p in pairs:
+        locs = rp.sentence_locations(p["phrase"], p["category"])
+        if not locs:
+            report.add(f"no location: {p['category']}", p["phrase"])
+            continue
+        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
+    report.kept = len(out)
+    return out, report
+
+
+def vindr_prompts(pairs, lut, frame=512, mode="crop", merge=True):
+    """Synthesise VinDr prompts (PAPER.md section 8): each box -> its Gaussian in the 512 frame -> nearest
+    LUT location (squared 2-Wasserstein) -> "{location} {class}", boxes joined with "and".
+
+    Cardiomegaly boxes get "cardiomegaly"; other classes match single-region locations only (not the heart).
+    merge: fold "left X and right X" into "bilateral X" (the vocabulary the prompts were tuned on).
+    mode must match the LUT's (anatomy.build_lut): "crop" = model preprocessing, "stretch" = x/y scaled.
+    """
+    out = []
+    for p in pairs:
+        W, H = p["image_width"], p["image_height"]
+        locs = []
+        for b in p["boxes"]:
+            if p["category"] == "Cardiomegaly":
+                loc = "cardiomegaly"
+            else:
+                if mode == "crop":
+                    x, y, w, h = box_to_model(b, W, H, frame)
+                else:
+                    x, y, w, h = b[0] * frame / W, b[1] * frame / H, b[2] * frame / W, b[3] * frame / H
+                loc = nearest_location(box_gaussian((x, y, x + w, y + h)), lut, SINGLE_BOX_LOCATIONS)
+            if loc not in locs:
+                locs.append(loc)
+        if merge:
+            locs = rp.merge_symmetric([rp.split_location(n) for n in locs])
+        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
+    return out

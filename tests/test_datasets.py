@@ -1,0 +1,196 @@
+"""Readers on small files in the real formats, incl. the awkward cases; curation, MS-CXR-loc, VinDr prompts."""
+import csv
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from grounding import anatomy as an
+from grounding import datasets as ds
+
+MSCXR_COLS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
+
+
+def _csv(path, header, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _img(path, w=40, h=30):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("L", (w, h), 128).save(path)
+
+
+REPORTS = {  # subject, study -> report text
+    ("10000001", "50000001"): "FINDINGS:\n Left lower lobe atelectasis. No pneumothorax.\n IMPRESSION:\n Bibasilar atelectasis.\n",
+    ("10000002", "50000002"): "FINDINGS:\n Right pleural effusion. Patchy right lower lobe pneumonia.\n",
+    ("10000003", "50000003"): "IMPRESSION:\n No acute cardiopulmonary process.\n",
+    ("10000004", "50000004"): "IMPRESSION:\n Small left apical pneumothorax.\n",  # an MS-CXR patient
+    ("10000005", "50000005"): "FINDINGS:\n Mild edema.\n",  # pathology without a location word
+}
+
+
+@pytest.fixture
+def mimic(tmp_path):
+    root = str(tmp_path / "mimic")
+    meta, split = [], []
+    for i, (subject, study) in enumerate(REPORTS):
+        d = f"dcm{i}"
+        meta.append([d, subject, study, "PA", 30, 40])
+        split.append([d, study, subject, "train"])
+        if i != 2:  # the third image is missing on disk
+            _img(ds.mimic_image_path(root, subject, study, d))
+        os.makedirs(os.path.dirname(ds.mimic_report_path(root, subject, study)), exist_ok=True)
+        with open(ds.mimic_report_path(root, subject, study), "w") as f:
+            f.write(REPORTS[(subject, study)])
+    meta.append(["lat0", "10000001", "50000001", "LATERAL", 30, 40])
+    split.append(["lat0", "50000001", "10000001", "train"])
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    return root
+
+
+def test_read_mimic_missing_image_error_or_counted_skip(mimic):
+    with pytest.raises(FileNotFoundError, match="dcm2.jpg"):
+        ds.read_mimic(mimic, views=("PA", "AP"))
+    recs, rep = ds.read_mimic(mimic, views=("PA", "AP"), on_missing="skip")
+    print(rep)
+    assert [r["dicom_id"] for r in recs] == ["dcm0", "dcm1", "dcm3", "dcm4"]
+    assert rep["missing image file"] == 1 and rep["view LATERAL not requested"] == 1
+    assert recs[0]["image_width"] == 40 and recs[0]["image_height"] == 30
+    assert recs[0]["image_path"].endswith(os.path.join("files", "p10", "p10000001", "s50000001", "dcm0.jpg"))
+
+
+def test_curated_tuning_set(mimic):
+    recs, _ = ds.read_mimic(mimic, views=("PA", "AP"), on_missing="skip")
+    samples, rep = ds.curate_tuning_set(recs, exclude_subjects={"10000004"})
+    print(rep)
+    assert [(s["dicom_id"], s["prompt"]) for s in samples] == [("dcm0", "left lower atelectasis"),
+                                                              ("dcm0", "bibasilar atelectasis")]
+    assert samples[0]["sentence"] == "Left lower lobe atelectasis" and samples[0]["pathology"] == "Atelectasis"
+    assert rep["several pathologies"] == 1 and rep["study of an excluded (MS-CXR) patient"] == 1
+    assert rep["sentence without location (Edema)"] == 1 and rep["study without any located sentence"] == 1
+
+
+def _mscxr_rows(root):
+    p = "files/p10/p10000001/s50000001/"
+    rows = [["a", "Pleural Effusion", "bilateral pleural effusions", p + "a.jpg", 2, 20, 10, 8, 40, 30],
+            ["a", "Pleural Effusion", "bilateral pleural effusions", p + "a.jpg", 28, 20, 15, 12, 40, 30],  # w beyond 40
+            ["a", "Cardiomegaly", "enlarged heart", p + "a.jpg", 10, 10, 20, 15, 40, 30],
+            ["b", "Pneumothorax", "pneumothorax", p + "b.jpg", -5, 0, 10, 10, 40, 30],  # x < 0
+            ["c", "Atelectasis", "left lower lobe atelectasis", p + "c.jpg", 1, 1, 5, 5, 40, 30]]  # c.jpg missing
+    for d in ("a", "b"):
+        _img(os.path.join(root, p, d + ".jpg"))
+    return rows
+
+
+def test_read_mscxr_v01_and_v110(tmp_path):
+    root = str(tmp_path)
+    rows = _mscxr_rows(root)
+    _csv(str(tmp_path / "v01.csv"), MSCXR_COLS, rows)
+    _csv(str(tmp_path / "v11.csv"), MSCXR_COLS + ["split"], [r + [s] for r, s in zip(rows, ["test", "test", "val", "test", "test"])])
+    with pytest.raises(FileNotFoundError, match="c.jpg"):
+        ds.read_mscxr(str(tmp_path / "v01.csv"), root)
+    pairs, rep = ds.read_mscxr(str(tmp_path / "v01.csv"), root, on_missing="skip")
+    print(rep)
+    assert len(pairs) == 3 and rep["missing image file"] == 1
+    eff = pairs[0]
+    assert eff["boxes"] == [(2, 20, 10, 8), (28, 20, 12, 10)]  # several boxes grouped; the second clipped to 40x30
+    assert eff["split"] is None and eff["subject_id"] == "10000001" and eff["image_width"] == 40
+    assert pairs[2]["boxes"] == [(0, 0, 5, 10)]
+    assert rep["box clipped to the image"] == 2 and rep["pairs with several boxes (kept, grouped)"] == 1
+    with pytest.raises(ValueError, match="no `split` column"):
+        ds.read_mscxr(str(tmp_path / "v01.csv"), root, splits=("test",))
+    test, _ = ds.read_mscxr(str(tmp_path / "v11.csv"), root, splits=("test",), on_missing="skip")
+    assert [p["category"] for p in test] == ["Pleural Effusion", "Pneumothorax"] and test[0]["split"] == "test"
+
+
+def test_read_mscxr_json_twin_matches_csv(tmp_path):
+    root = str(tmp_path)
+    rows = _mscxr_rows(root)[:4]
+    _csv(str(tmp_path / "v01.csv"), MSCXR_COLS, rows)
+    cats = {n: i for i, n in enumerate(an.PATHOLOGIES)}
+    images = [{"id": i, "file_name": rows[k][3], "width": 40, "height": 30} for i, k in enumerate((0, 3))]
+    anns = [{"id": j, "image_id": 0 if r[0] == "a" else 1, "category_id": cats[r[1]], "bbox": r[4:8],
+             "label_text": r[2]} for j, r in enumerate(rows)]
+    (tmp_path / "ms.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                  "categories": [{"id": i, "name": n} for n, i in cats.items()]}))
+    a, _ = ds.read_mscxr(str(tmp_path / "v01.csv"), root)
+    b, rep = ds.read_mscxr_json(str(tmp_path / "ms.json"), root)
+    key = lambda p: (p["dicom_id"], p["category"], p["phrase"], p["boxes"], p["image_width"])  # noqa: E731
+    assert [key(p) for p in a] == [key(p) for p in b]
+    assert rep["box clipped to the image"] == 2
+
+
+def test_mscxr_loc_drops_and_counts_per_class(tmp_path):
+    pairs, _ = ds.read_mscxr(str(_write(tmp_path)), str(tmp_path), on_missing="skip")
+    loc, rep = ds.mscxr_loc(pairs)
+    assert [p["prompt"] for p in loc] == ["bilateral pleural effusion", "cardiomegaly"]
+    assert loc[1]["locations"] == ["cardiomegaly"]
+    assert rep["no location: Pneumothorax"] == 1 and rep.kept == 2
+
+
+def _write(tmp_path):
+    _csv(str(tmp_path / "v01.csv"), MSCXR_COLS, _mscxr_rows(str(tmp_path)))
+    return tmp_path / "v01.csv"
+
+
+def test_read_scene_graph_clips_outside_coordinates(tmp_path):
+    objs = [{"bbox_name": "right lung", "original_x1": -12, "original_y1": 5, "original_x2": 50, "original_y2": 90,
+             "x1": 0, "y1": 1, "x2": 10, "y2": 20},
+            {"bbox_name": "left lung", "original_x1": 60, "original_y1": 5, "original_x2": 130, "original_y2": 95},
+            {"bbox_name": "trachea", "x1": 1, "y1": 1, "x2": 2, "y2": 2}]
+    (tmp_path / "d1_SceneGraph.json").write_text(json.dumps({"image_id": "d1", "objects": objs}))
+    (tmp_path / "d2_SceneGraph.json").write_text(json.dumps({"image_id": "d2", "objects": objs[:1]}))
+    sgs, rep = ds.read_imagenome(str(tmp_path), sizes={"d1": (120, 100)}, gold_ids={"d1"})
+    print(rep)
+    assert len(sgs) == 1 and rep["not in the gold subset"] == 1
+    assert sgs[0]["boxes"]["right lung"] == (0.0, 5.0, 50.0, 90.0)
+    assert sgs[0]["boxes"]["left lung"] == (60.0, 5.0, 120.0, 95.0)
+    assert rep["anatomy box clipped to the image"] == 2 and rep["object without original_x1..y2 (skipped)"] == 1
+    with pytest.raises(FileNotFoundError, match="SceneGraph"):
+        ds.read_imagenome(str(tmp_path / "empty"))
+
+
+def test_read_vindr_spellings_no_finding_and_formats(tmp_path):
+    img = tmp_path / "test"
+    _img(str(img / "i1.png"), 100, 80)
+    _img(str(img / "i2.jpg"), 100, 80)
+    train = [["i1", "R8", "Pleural effusion", 10, 20, 30, 40], ["i1", "R9", "Pleural effusion", 10, 20, 30, 40],
+             ["i1", "R9", "Pleural effusion", 60.5, 20, 120, 50], ["i1", "R8", "Other diseases", "", "", "", ""],
+             ["i2", "R8", "No finding", "", "", "", ""], ["i2", "R9", "Aortic enlargement", 1, 1, 5, 5]]
+    _csv(str(tmp_path / "annotations_train.csv"), ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max",
+                                                   "y_max"], train)
+    pairs, rep = ds.read_vindr(str(tmp_path / "annotations_train.csv"), str(img))
+    print(rep)
+    assert len(pairs) == 1 and pairs[0]["category"] == "Pleural Effusion" and pairs[0]["split"] == "train"
+    assert pairs[0]["boxes"] == [(10, 20, 20, 20), (60.5, 20, 39.5, 30)]  # duplicate merged, second clipped to 100
+    assert rep["duplicate box (merged)"] == 1 and rep["class 'Other diseases' not one of the 8"] == 1
+    assert rep["class 'No finding' not one of the 8"] == 1 and rep["box clipped to the image"] == 1
+    test = [["i2", "Cardiomegaly", 20, 30, 70, 60], ["i3", "Lung Opacity", 1, 1, 9, 9], ["i2", "Other disease", "", "", "", ""]]
+    _csv(str(tmp_path / "annotations_test.csv"), ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"], test)
+    with pytest.raises(FileNotFoundError, match="i3"):
+        ds.read_vindr(str(tmp_path / "annotations_test.csv"), str(img))
+    pairs, rep = ds.read_vindr(str(tmp_path / "annotations_test.csv"), str(img), on_missing="skip")
+    assert [p["image_path"].endswith("i2.jpg") for p in pairs] == [True] and pairs[0]["split"] == "test"
+    assert rep["missing image file"] == 1 and rep["class 'Other disease' not one of the 8"] == 1
+
+
+def test_vindr_prompts_nearest_gaussian():
+    boxes = {r: (40 * k, 30 * k, 40 * k + 60, 30 * k + 90) for k, r in enumerate(an.REGIONS)}
+    lut, _ = an.build_lut([dict(boxes=boxes, image_width=512, image_height=512)])
+    def box(region):
+        x1, y1, x2, y2 = boxes[region]
+        return (x1 + 2, y1 - 3, x2 - x1, y2 - y1 + 4)
+    pairs = [dict(category="Atelectasis", boxes=[box("left lower lung zone"), box("right lower lung zone")],
+                  image_width=512, image_height=512),
+             dict(category="Pneumothorax", boxes=[box("right apical zone")], image_width=512, image_height=512),
+             dict(category="Cardiomegaly", boxes=[box("cardiac silhouette")], image_width=512, image_height=512)]
+    out = ds.vindr_prompts(pairs, lut)
+    assert [p["prompt"] for p in out] == ["bilateral lower atelectasis", "right apical pneumothorax", "cardiomegaly"]
+    assert ds.vindr_prompts(pairs[:1], lut, merge=False)[0]["prompt"] == "left lower and right lower atelectasis"
