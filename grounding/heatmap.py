@@ -211,7 +211,7 @@ def otsu_threshold(x, nbins=256):
     """Otsu's threshold of one map: 256 bins over [min, max], the split that maximises the between-class
     variance (as skimage.filters.threshold_otsu), returned as the upper EDGE of the last lower-class bin
     (skimage returns that bin's centre, which cuts the bin in two and can put part of it above)."""
-    x = x.flatten().double()
+    x = x.detach().flatten().double().cpu()          # a 256-bin histogram: cheap anywhere
     lo, hi = x.min(), x.max()
     if hi <= lo:
         return lo.item()
