@@ -141,7 +141,8 @@ class LearnablePrompts(nn.Module):
                 shared = torch.isin(ids[b, :n], torch.tensor(self.shared_ids, device=ids.device, dtype=ids.dtype))
                 row[b, :n] = torch.where(shared & ~loc, torch.full_like(row[b, :n], -1), row[b, :n])
         use = (row >= 0)[..., None]
-        x = torch.where(use, self.anatomy[row.clamp(min=0)], base)            # grads reach `anatomy` only
+        # grads reach `anatomy` only; the learned fp32 rows follow the text encoder's dtype (fp16/bf16 runs)
+        x = torch.where(use, self.anatomy[row.clamp(min=0)].to(base.dtype), base)
         if self.n_ctx:
             # CoOp: [BOS, ctx_1..ctx_n, prompt..., EOS, pad...] cut back to 77 (only padding is dropped)
             ctx = self.ctx.to(x.dtype)[None].expand(x.shape[0], -1, -1)
