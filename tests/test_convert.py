@@ -121,7 +121,7 @@ def unet_to_compvis(sd, L=1, levels=2, attn_levels=(True, False)):
                 "mid_block.resnets.1.": "middle_block.2."}
     for i in range(levels):
         for j in range(L):
-            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{3 * 0 + i * (L + 1) + j + 1}.0."
+            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{i * (L + 1) + j + 1}.0."
             prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{i * (L + 1) + j + 1}.1."
         prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (L + 1)}.0.op."
         for j in range(L + 1):
