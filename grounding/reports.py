@@ -53,9 +53,12 @@ def split_sentences(text):
 # Pathologies, negation, resolution
 
 NEGATION_CUES = [r"no", r"not", r"without", r"negative for", r"free of", r"absence of", r"absent", r"no evidence of",
-                 r"rule[sd]? out", r"ruled out", r"resolved", r"resolving", r"resolution", r"cleared", r"clearing",
-                 r"no longer", r"removed", r"normal", r"unremarkable", r"clear"]
-_NEG = re.compile(r"\b(?:" + "|".join(NEGATION_CUES) + r")\b")
+                 r"rule[sd]? out", r"ruled out", r"no longer", r"removed"]
+# Resolution words refer back to the sentence's subject ("Previously seen opacity consistent with pneumonia
+# has resolved"), so they cancel the whole sentence, not just their clause.
+RESOLUTION_CUES = [r"resolved", r"resolving", r"resolution", r"cleared", r"clearing"]
+_NEG = re.compile(r"\b(?:" + "|".join(NEGATION_CUES + RESOLUTION_CUES) + r")\b")
+_RESOLVED = re.compile(r"\b(?:" + "|".join(RESOLUTION_CUES) + r")\b")
 _PATHO = {p: re.compile(r"\b(?:" + "|".join(PATHOLOGY_SYNONYMS[p]) + r")\b") for p in PATHOLOGIES}
 _CLAUSE = re.compile(r",|;|:|\bbut\b|\bhowever\b|\bwhile\b|\bwith\b|\balthough\b")
 _SPECIFIC = ("Atelectasis", "Consolidation", "Edema", "Pneumonia", "Pleural Effusion", "Pneumothorax")
@@ -83,7 +86,7 @@ def find_pathologies(sentence, scope="clause"):
     word ("opacity concerning for pneumonia"): it only counts where no specific pathology is named.
     """
     units = clauses(sentence) if scope == "clause" else [sentence.lower()]
-    if scope == "sentence" and is_negated(units[0]):
+    if _RESOLVED.search(sentence.lower()) or (scope == "sentence" and is_negated(units[0])):
         return []
     found = []
     for u in units:
@@ -143,7 +146,10 @@ def _groups(text):
         if side and zone:  # compound words: bibasilar, retrocardiac, ...
             groups.append({"side": side, "zone": zone, "plural": plural, "pending": False})
         elif side:
-            if g and g["side"] is None and g["zone"]:
+            # a side directly followed by its own zone word ("... effusion at the left costophrenic angle")
+            # starts a new group instead of filling an earlier side-less zone ("pleural" of "pleural effusion")
+            own_zone = any(_LEXICON.get(n, ("x",))[0] is None for n in words[i + 1:i + 3])
+            if g and g["side"] is None and g["zone"] and not own_zone:
                 g["side"] = side
             elif g and g["side"] and g["zone"] is None and not g["pending"] and words[i - 1] in _JOINERS:
                 g["pending"] = True  # "left and right ...": left waits for right's zone

@@ -98,7 +98,7 @@ def test_every_location_is_covered_by_the_cases():
 @pytest.mark.parametrize("sentence", [
     "No pneumothorax.", "There is no focal consolidation.", "Without evidence of pneumonia.",
     "Negative for pleural effusion.", "Lungs are free of edema.", "Previously seen left lower lobe pneumonia has resolved.",
-    "The right effusion has resolved.", "Pulmonary edema has cleared.", "No evidence of cardiomegaly.",
+    "The right effusion has resolved.", "Previously seen opacity consistent with pneumonia has resolved.", "Pulmonary edema has cleared.", "No evidence of cardiomegaly.",
 ])
 def test_negated_or_resolved_sentences_assert_nothing(sentence):
     assert rp.find_pathologies(sentence) == []

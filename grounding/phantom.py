@@ -1,0 +1,549 @@
+"""The phantom chest X-ray world: a seeded, SYNTHETIC stand-in for MIMIC-CXR, MS-CXR, Chest ImaGenome and VinDr-CXR.
+
+DESIGN.md "The embedded default"; lessons from notes/phantom-feasibility.md (the text must be needed to
+denoise: findings vary in kind AND place, and the report names both). A procedural generator draws a
+frontal chest radiograph per case (body, two lungs with ribs and vascular markings, mediastinum, heart,
+domed diaphragm with sharp costophrenic angles, clavicles; per-patient size, position, rotation and
+contrast), adds the 8 MS-CXR findings with distinct looks at anatomical locations, and writes the REAL
+formats (FORMATS.md) so that grounding/datasets.py reads it exactly like the credentialed data:
+
+  root/world.json                          says SYNTHETIC; counts, paths, config
+  root/mimic-cxr-jpg/files/p1X/p<subject>/s<study>/<dicom_id>.jpg + mimic-cxr-2.0.0-{metadata,split}.csv
+  root/mimic-cxr-reports/files/p1X/p<subject>/s<study>.txt      FINDINGS / IMPRESSION free text
+  root/ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv                  test pairs (images live in the MIMIC tree)
+  root/chest-imagenome/silver_dataset/scene_graph/<dicom_id>_SceneGraph.json   gold subset anatomy boxes
+  root/vindr-cxr/annotations_test.csv + test/<image_id>.png      out-of-distribution "scanner"
+
+Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
+"""
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import textwrap
+import time
+
+import numpy as np
+from PIL import Image
+
+SYNTHETIC_NOTICE = "SYNTHETIC phantom chest X-ray world (procedurally generated; no real patient data)"
+
+
+@dataclasses.dataclass
+class PhantomConfig:
+    seed: int = 0
+    n_train: int = 3000          # MIMIC-style training studies (one frontal image each)
+    n_validate: int = 60
+    n_test: int = 300            # MS-CXR-format test studies (one pair each, a few with two)
+    n_vindr: int = 200           # VinDr-style out-of-distribution images
+    n_gold: int = 200            # training images that also get an ImaGenome scene graph
+    size: int = 256              # short image side in pixels; some images are taller or wider
+    nonsquare_frac: float = 0.3
+    normal_frac: float = 0.15    # studies without any finding
+    multi_frac: float = 0.1      # studies with two findings (the curation drops them)
+    unlocated_frac: float = 0.08  # MS-CXR phrases without location words (MS-CXR-loc drops them)
+    workers: int = 2
+
+    @classmethod
+    def tiny(cls, **kw):
+        return cls(**{**dict(n_train=16, n_validate=2, n_test=10, n_vindr=6, n_gold=6, size=96, workers=1), **kw})
+
+
+PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
+               "Pneumonia", "Pneumothorax")
+
+# Where each finding may sit: location names of the 27 (+ "retrocardiac", written as the word, = left lower).
+LOCATION_MENU = {
+    "Atelectasis": ["left lower", "right lower", "bibasilar", "right middle", "lingular", "left base", "right base",
+                    "retrocardiac", "bilateral lower", "left upper", "right upper"],
+    "Consolidation": ["left lower", "right lower", "right middle", "left upper", "right upper", "lingular",
+                      "left middle", "left base", "right base"],
+    "Pneumonia": ["left lower", "right lower", "right middle", "left upper", "right upper", "lingular", "bibasilar",
+                  "left base", "right base", "left middle", "bilateral lower"],
+    "Lung Opacity": ["left lower", "right lower", "left middle", "right middle", "left upper", "right upper",
+                     "left apical", "right apical", "bibasilar", "left base", "right base"],
+    "Pleural Effusion": ["left", "right", "left pleural", "right pleural", "bilateral pleural", "left base",
+                         "right base", "bibasilar", "left costophrenic", "right costophrenic", "bilateral"],
+    "Pneumothorax": ["left apical", "right apical", "left", "right", "left upper", "right upper"],
+    "Edema": ["pulmonary", "bilateral"],
+    "Cardiomegaly": ["cardiomegaly"],
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Report wording
+
+_PRE = {"lower": ["{s} lower lobe", "{s} lower lung", "{s} lower zone"], "base": ["{s} basilar", "{s} basal"],
+        "upper": ["{s} upper lobe", "{s} upper lung"], "middle": ["{s} mid lung", "{s} mid zone"],
+        "apical": ["{s} apical"], "pleural": ["{s} pleural"], "": ["{s}", "{s}-sided"]}
+_POST = {"lower": ["in the {s} lower lobe"], "base": ["at the {s} lung base", "at the {s} base"],
+         "upper": ["in the {s} upper lobe"], "middle": ["in the {s} mid lung zone"], "apical": ["at the {s} apex"],
+         "costophrenic": ["at the {s} costophrenic angle"], "": ["on the {s}"]}
+_SPECIAL_PRE = {"bibasilar": ["bibasilar", "bibasal"], "lingular": ["lingular"], "retrocardiac": ["retrocardiac"],
+                "pulmonary": ["pulmonary"], "bilateral": ["bilateral"], "bilateral lower": ["bilateral lower lobe"],
+                "bilateral pleural": ["bilateral pleural"], "right middle": ["right middle lobe", "right mid lung"]}
+_SPECIAL_POST = {"bibasilar": ["at both lung bases", "at the lung bases"], "lingular": ["in the lingula"],
+                 "bilateral lower": ["in both lower lobes", "in the lower lobes"], "bilateral": ["in both lungs"]}
+_WORDS = {"Atelectasis": ["atelectasis", "subsegmental atelectasis", "plate-like atelectasis"],
+          "Consolidation": ["consolidation", "consolidative opacity", "airspace consolidation"],
+          "Pneumonia": ["pneumonia", "opacity concerning for pneumonia", "opacity compatible with pneumonia"],
+          "Lung Opacity": ["opacity", "hazy opacity", "ill-defined opacity", "opacification"],
+          "Pleural Effusion": ["pleural effusion", "effusion"], "Pneumothorax": ["pneumothorax"],
+          "Edema": ["edema"], "Cardiomegaly": ["cardiomegaly"]}
+_SEVERITY = {"Pleural Effusion": ["small", "moderate", "large", ""], "Pneumothorax": ["small", "moderate", ""],
+             "Edema": ["mild", "moderate", ""], "Cardiomegaly": ["mild", "moderate", ""]}
+_NEGATED = {"Pneumothorax": ["No pneumothorax.", "There is no pneumothorax."],
+            "Pleural Effusion": ["No pleural effusion.", "There is no large pleural effusion."],
+            "Consolidation": ["No focal consolidation.", "There is no focal consolidation."],
+            "Pneumonia": ["No evidence of pneumonia."], "Edema": ["No pulmonary edema.", "There is no edema."],
+            "Atelectasis": ["No atelectasis."], "Lung Opacity": ["No focal opacity."], "Cardiomegaly": []}
+_NORMAL = ["Osseous structures are unremarkable.", "Hilar contours are normal.",
+           "The lungs are otherwise clear.", "Visualized upper abdomen is unremarkable."]
+
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def finding_phrase(rng, pathology, location, located=True):
+    """An MS-CXR-like phrase for a finding at a location, e.g. "small left basilar effusion"."""
+    if pathology == "Cardiomegaly":
+        return _pick(rng, ["cardiomegaly", "moderate cardiomegaly", "enlarged heart", "the heart is enlarged"])
+    sev = _pick(rng, _SEVERITY.get(pathology, ["mild", "patchy", ""]))
+    word = _pick(rng, _WORDS[pathology])
+    if pathology == "Edema":
+        word = "interstitial edema" if not located else ("pulmonary edema" if location == "pulmonary" else "edema")
+        location = None if location == "pulmonary" else location
+    if not located or location is None:
+        return " ".join(w for w in (sev, word) if w)
+    if location.startswith("bilateral") or location == "bibasilar":
+        word = word.replace("effusion", "effusions")
+    side, _, zone = location.partition(" ")
+    if side in ("left", "right", "bilateral") and zone in ("pleural", ""):
+        word = word.replace("pleural ", "")  # "left pleural" + "effusion"; "left" + "effusion" (not pleural)
+    if location in _SPECIAL_PRE or location in _SPECIAL_POST:
+        pre, post = _SPECIAL_PRE.get(location, []), _SPECIAL_POST.get(location, [])
+    else:
+        pre = [t.format(s=side) for t in _PRE.get(zone, [])]
+        post = [t.format(s=side) for t in _POST.get(zone, [])]
+    if post and (not pre or rng.random() < 0.35):
+        return " ".join(w for w in (sev, word, _pick(rng, post)) if w)
+    return " ".join(w for w in (sev, _pick(rng, pre), word) if w)
+
+
+def _sentence(rng, phrase):
+    form = _pick(rng, ["{P}.", "There is {p}.", "{P} is noted.", "{P} is again seen."])
+    if phrase.startswith("the heart"):
+        form = "{P}."
+    return form.format(P=phrase[0].upper() + phrase[1:], p=phrase)
+
+
+def write_report(rng, findings, resolved=None):
+    """MIMIC-CXR-style free text: FINDINGS (sometimes absent) and IMPRESSION headers, wrapped lines."""
+    present = {f["pathology"] for f in findings}
+    body = [f["sentence"] for f in findings]
+    absent = [p for p in PATHOLOGIES if p not in present and _NEGATED[p]]
+    body += [_pick(rng, _NEGATED[p]) for p in rng.permutation(absent)[: int(rng.integers(1, 4))]]
+    if "Cardiomegaly" not in present:
+        body.append("The cardiomediastinal silhouette is within normal limits.")
+    body += list(rng.permutation(_NORMAL)[: int(rng.integers(1, 3))])
+    if resolved:
+        body.append(f"Previously seen {resolved} has resolved.")
+    impression = [_sentence(rng, f["phrase"]) for f in findings] or ["No acute cardiopulmonary process."]
+    wrap = lambda s: textwrap.fill(s, 72, initial_indent=" ", subsequent_indent=" ")  # noqa: E731
+    head = (" " * 33 + "FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___ with cough.\n \n"
+            " COMPARISON:  None.\n \n")
+    findings_part = "" if rng.random() < 0.15 else f" FINDINGS:\n \n{wrap(' '.join(body))}\n \n"
+    return head + findings_part + f" IMPRESSION:\n \n{wrap(' '.join(impression))}\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Case sampling (all randomness is drawn here, from a per-case seed, so rendering is a pure function)
+
+_KIND = {"train": 1, "validate": 2, "test": 3, "vindr": 4}
+# zone -> (v0, v1, u0, u1) in lung coordinates: v from apex (0) to costophrenic angle (1), u medial (0) -> lateral (1)
+_BANDS = {"apical": (0.0, 0.2, 0, 1), "upper": (0.12, 0.42, 0, 1), "middle": (0.38, 0.66, 0, 1),
+          "lower": (0.62, 1.0, 0, 1), "costophrenic": (0.8, 1.0, 0.55, 1)}
+
+
+def _render_zones(pathology, location):
+    """Location name -> [(side, zone)] the finding is drawn in (base/pleural -> lower, lingular -> left middle)."""
+    if location in ("pulmonary", "bilateral") or location == "cardiomegaly":
+        zone = "lower" if pathology == "Pleural Effusion" and location == "bilateral" else ""
+        return [("right", zone), ("left", zone)]
+    special = {"bibasilar": ("bilateral", "lower"), "lingular": ("left", "middle"), "retrocardiac": ("left", "lower")}
+    side, zone = special.get(location) or tuple(location.partition(" ")[::2])
+    zone = {"base": "lower", "pleural": "lower"}.get(zone, zone)
+    if zone == "" and pathology == "Pleural Effusion":
+        zone = "lower"
+    sides = ["right", "left"] if side == "bilateral" else [side]
+    return [(s, zone) for s in sides]
+
+
+def _ids(seed, kind, index):
+    h = hashlib.sha1(f"{seed}/{kind}/{index}".encode()).hexdigest()
+    subject = 10000000 + _KIND[kind] * 1000000 + index  # p1X folders, like MIMIC
+    study = 50000000 + _KIND[kind] * 1000000 + index
+    dicom = "-".join(h[i:i + 8] for i in range(0, 40, 8))
+    return str(subject), str(study), dicom if kind != "vindr" else h[:32]
+
+
+def sample_case(cfg, kind, index):
+    """All parameters of one case: ids, size, anatomy, findings (with report text), noise seed."""
+    rng = np.random.default_rng([cfg.seed, _KIND[kind], index])
+    subject, study, dicom = _ids(cfg.seed, kind, index)
+    W = H = cfg.size
+    if rng.random() < cfg.nonsquare_frac:
+        H = int(cfg.size * _pick(rng, [1.125, 1.25]))
+    if kind == "vindr":  # another "scanner": taller detector, harder gamma, more noise, collimation border
+        W, H = int(cfg.size * 1.1), int(cfg.size * 1.25)
+    vindr = kind == "vindr"
+    anat = dict(W=W, H=H, cx=W * (0.5 + rng.uniform(-0.03, 0.03)), top=H * rng.uniform(0.1, 0.15),
+                lung_h=H * 0.6 * rng.uniform(0.92, 1.05), half=W * 0.37 * rng.uniform(0.92, 1.05),
+                gap=W * 0.06 * rng.uniform(0.9, 1.2), rot=np.deg2rad(rng.uniform(-4, 4)),
+                heart_rx=W * 0.14 * rng.uniform(0.9, 1.1), heart_ry=H * 0.11 * rng.uniform(0.9, 1.1),
+                lung_dens=rng.uniform(0.3, 0.4), ribs=rng.uniform(0.025, 0.05),
+                gamma=rng.uniform(1.4, 1.8) if vindr else rng.uniform(0.85, 1.15),
+                contrast=rng.uniform(0.75, 0.9) if vindr else rng.uniform(0.9, 1.1),
+                noise=rng.uniform(0.03, 0.05) if vindr else rng.uniform(0.008, 0.02),
+                border=int(W * rng.uniform(0.02, 0.05)) if vindr else 0, tex_seed=int(rng.integers(2**31)))
+    r = rng.random()
+    n_find = 1 if kind in ("test", "vindr") else (0 if r < cfg.normal_frac else 2 if r > 1 - cfg.multi_frac else 1)
+    if kind == "vindr" and rng.random() < cfg.normal_frac:
+        n_find = 0
+    findings = []
+    choices = [p for p in PATHOLOGIES if not (vindr and p == "Edema")]  # VinDr test has no edema (paper)
+    for p in rng.permutation(choices)[:n_find]:
+        loc = _pick(rng, LOCATION_MENU[p])
+        located = not (kind == "test" and p != "Cardiomegaly" and rng.random() < cfg.unlocated_frac)
+        phrase = finding_phrase(rng, p, loc, located)
+        findings.append(dict(pathology=str(p), location=loc, phrase=phrase, sentence=_sentence(rng, phrase),
+                             zones=_render_zones(p, loc), seed=int(rng.integers(2**31))))
+    resolved = None
+    if rng.random() < 0.1:
+        gone = [p for p in ("Pneumonia", "Atelectasis", "Consolidation") if p not in {f["pathology"] for f in findings}]
+        resolved = finding_phrase(rng, gone[0], _pick(rng, LOCATION_MENU[gone[0]]))
+    return dict(kind=kind, index=index, subject_id=subject, study_id=study, dicom_id=dicom, anat=anat,
+                findings=findings, report=write_report(rng, findings, resolved), noise_seed=int(rng.integers(2**31)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering (attenuation-like map: air ~0, soft tissue ~0.55, bone/heart brighter)
+
+def _smooth_noise(rng, H, W, cells):
+    """Low-frequency noise in [-1, 1]: a random cells x cells grid, bilinearly upsampled (PIL: fast)."""
+    g = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
+    return np.asarray(Image.fromarray(g, mode="F").resize((W, H), Image.BILINEAR))
+
+
+def _blur(img, sigma):
+    """Separable Gaussian blur with edge padding (numpy only)."""
+    r = max(1, int(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)  # float32 throughout: rendering speed is what the world build costs
+    p = np.pad(img, r, mode="edge")
+    p = sum(k[i] * p[:, i:i + img.shape[1]] for i in range(2 * r + 1))
+    return sum(k[i] * p[i:i + img.shape[0], :] for i in range(2 * r + 1))
+
+
+def _geometry(a, heart_scale=(1.0, 1.0)):
+    """Rotated pixel grid, per-lung (u, v, mask) and the heart mask."""
+    W, H = a["W"], a["H"]
+    X, Y = np.meshgrid(np.arange(W, dtype=np.float32) + 0.5, np.arange(H, dtype=np.float32) + 0.5)
+    cy = a["top"] + a["lung_h"] / 2
+    c, s = np.cos(a["rot"]), np.sin(a["rot"])
+    Xr, Yr = a["cx"] + (X - a["cx"]) * c + (Y - cy) * s, cy - (X - a["cx"]) * s + (Y - cy) * c
+    lungs = {}
+    for side, sign in (("right", -1), ("left", 1)):  # patient's right lung = image left
+        width = a["half"] - a["gap"]
+        u = sign * (Xr - (a["cx"] + sign * a["gap"])) / width
+        v = (Yr - a["top"]) / a["lung_h"]
+        # rounded apex, straight walls, domed diaphragm meeting the lateral wall at a sharp costophrenic angle
+        mask = (u >= 0) & (u <= 1) & (v >= 0) & (np.abs(u - 0.5) <= 0.5 * np.sqrt(np.clip(v / 0.3, 0, 1)))
+        mask &= v <= 0.8 + 0.2 * u ** 2
+        lungs[side] = dict(u=u, v=v, mask=mask, width=width)
+    hx, hy = a["cx"] + 0.05 * W, a["top"] + 0.74 * a["lung_h"]
+    heart = ((Xr - hx) / (a["heart_rx"] * heart_scale[0])) ** 2 + ((Yr - hy) / (a["heart_ry"] * heart_scale[1])) ** 2 <= 1
+    return Xr, Yr, lungs, heart
+
+
+def _region(lung, zone):
+    v0, v1, u0, u1 = _BANDS.get(zone, (0.0, 1.0, 0.0, 1.0))
+    return lung["mask"] & (lung["v"] >= v0) & (lung["v"] <= v1) & (lung["u"] >= u0) & (lung["u"] <= u1)
+
+
+def _bbox(mask):
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # cheaper than np.nonzero(mask)
+    return (int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1))
+
+
+def _draw_finding(f, a, Xr, Yr, lungs, add, texture_keep):
+    """Add one finding's density to `add` (in place); returns its ground-truth boxes (x, y, w, h)."""
+    rng = np.random.default_rng(f["seed"])
+    p, boxes = f["pathology"], []
+    for side, zone in f["zones"]:
+        lung, m = lungs[side], np.zeros_like(add)
+        reg = _region(lung, zone)
+        ys, xs = np.nonzero(reg)
+
+        def pick():  # a random point of the zone, in rotated coordinates
+            k = int(rng.integers(len(ys)))
+            return Xr[ys[k], xs[k]], Yr[ys[k], xs[k]]
+        lw, lh = lung["width"], a["lung_h"]
+        if p == "Lung Opacity":  # faint soft blob
+            mx, my = pick()
+            m = 0.18 * np.exp(-0.5 * (((Xr - mx) / (0.22 * lw)) ** 2 + ((Yr - my) / (0.1 * lh)) ** 2))
+        elif p == "Pneumonia":  # patchy: a cluster of small dense blobs
+            cx0, cy0 = pick()
+            for _ in range(int(rng.integers(6, 10))):
+                mx, my = cx0 + rng.normal(0, 0.15 * lw), cy0 + rng.normal(0, 0.06 * lh)
+                r = rng.uniform(0.05, 0.09) * lw
+                m += 0.3 * np.exp(-0.5 * ((Xr - mx) ** 2 + (Yr - my) ** 2) / r ** 2)
+            m = np.minimum(m, 0.42)
+        elif p == "Consolidation":  # dense homogeneous lobar opacity filling most of the zone
+            lat = rng.uniform(0.0, 0.3)
+            m = 0.4 * (reg & (lung["u"] >= lat))
+        elif p == "Atelectasis":  # plate-like band, slightly oblique
+            v0, v1 = _BANDS[zone][:2]  # centred in the zone (kept above the dome), across the lung's middle
+            mx = a["cx"] + (-1 if side == "right" else 1) * (a["gap"] + 0.5 * lw)
+            my = a["top"] + lh * min(rng.uniform(0.3, 0.7) * (v1 - v0) + v0, 0.78)
+            ang = rng.uniform(-0.25, 0.25)
+            along = (Xr - mx) * np.cos(ang) + (Yr - my) * np.sin(ang)
+            across = -(Xr - mx) * np.sin(ang) + (Yr - my) * np.cos(ang)
+            m = 0.45 * ((np.abs(along) < 0.38 * lw) & (np.abs(across) < 0.035 * lh))
+        elif p == "Pleural Effusion":  # basal meniscus: fluid level rising laterally, denser at the bottom
+            level = rng.uniform(0.88, 0.93) if zone == "costophrenic" else rng.uniform(0.66, 0.82)
+            depth = lung["v"] - (level - 0.15 * lung["u"])
+            m = 0.45 * np.clip(depth / 0.05, 0, 1) * lung["mask"]
+        elif p == "Pneumothorax":  # lucent rim without lung markings, thin visceral pleural line
+            gap_u, gap_v = rng.uniform(0.2, 0.3), rng.uniform(0.08, 0.14)
+            vmax = 0.35 if zone == "apical" else 0.62
+            d = np.maximum((lung["u"] - (1 - gap_u)) * lw, (gap_v - lung["v"]) * lh)  # > 0 outside collapsed lung
+            inside = lung["mask"] & (lung["v"] <= vmax)
+            rim, line = inside & (d > 1.0), inside & (np.abs(d) <= 1.0)
+            m = -0.1 * rim + 0.2 * line
+            texture_keep[rim] = 0.0
+            reg = rim | line
+        elif p == "Edema":  # perihilar haze, fading to the periphery
+            mx = a["cx"] + (-1 if side == "right" else 1) * (a["gap"] + 0.3 * lw)
+            my = a["top"] + 0.5 * lh
+            m = 0.26 * np.exp(-0.5 * (((Xr - mx) / (0.45 * lw)) ** 2 + ((Yr - my) / (0.3 * lh)) ** 2)) * lung["mask"]
+        if p != "Pneumothorax":
+            m = m * lung["mask"]
+            reg = m > 0.15 * m.max()
+        add += m
+        boxes.append(_bbox(reg))
+    return boxes
+
+
+def render_case(case, with_findings=True):
+    """Case -> (image float32 (H, W) in [0, 1], info {"boxes": [[(x, y, w, h)] per finding], "anatomy": ...})."""
+    a = case["anat"]
+    cardio = with_findings and any(f["pathology"] == "Cardiomegaly" for f in case["findings"])
+    Xr, Yr, lungs, heart = _geometry(a, (1.45, 1.2) if cardio else (1.0, 1.0))
+    W, H = a["W"], a["H"]
+    rng = np.random.default_rng(a["tex_seed"])
+    body_w = a["half"] * 1.25 * (0.8 + 0.2 * np.clip(Yr / (a["top"] + 0.3 * a["lung_h"]), 0, 1))
+    img = np.where(np.abs(Xr - a["cx"]) <= body_w, 0.52 + 0.08 * Yr / H, 0.03)
+    lung_any = lungs["right"]["mask"] | lungs["left"]["mask"]
+    vessels = 0.05 * _smooth_noise(rng, H, W, 12) * lung_any
+    ribs = np.zeros((H, W), np.float32)
+    for lung in lungs.values():  # posterior ribs: bands curving down laterally
+        phase = (lung["v"] - 0.1 * lung["u"] ** 2) * 9
+        ribs += a["ribs"] * ((phase % 1) < 0.22) * lung["mask"]
+    for sign in (-1, 1):  # clavicles
+        t = (Xr - a["cx"]) * sign
+        yline = a["top"] + 0.06 * a["lung_h"] - 0.12 * t
+        ribs += 0.1 * ((np.abs(Yr - yline) < 0.02 * H) & (t > a["gap"]) & (t < a["half"] * 1.05))
+    spine = 0.08 * (np.abs(Xr - a["cx"]) < 0.035 * W)
+    add, keep = np.zeros((H, W), np.float32), np.ones((H, W), np.float32)
+    info = {"boxes": [], "anatomy": anatomy_boxes(lungs, heart)}
+    for f in case["findings"]:
+        if f["pathology"] == "Cardiomegaly":
+            info["boxes"].append([_bbox(heart)])
+        else:
+            info["boxes"].append(_draw_finding(f, a, Xr, Yr, lungs, add if with_findings else np.zeros_like(add), keep))
+    if not with_findings:
+        keep[:] = 1.0
+    img = img - a["lung_dens"] * lung_any + vessels * keep + ribs + spine
+    img = np.where(heart, np.maximum(img, 0.66), img) + add
+    img = _blur(img, max(0.6, W / 200))
+    img = np.clip(np.clip(img, 0, 1) ** a["gamma"] * a["contrast"], 0, 1)
+    img = img + np.random.default_rng(case["noise_seed"]).normal(0, a["noise"], img.shape)
+    if a["border"]:
+        b = a["border"]
+        img[:, :b], img[:, -b:] = 0.0, 0.0
+    return np.clip(img, 0, 1).astype(np.float32), info
+
+
+def anatomy_boxes(lungs, heart):
+    """ImaGenome-named anatomy boxes (x1, y1, x2, y2) in pixels, measured on the rendered masks."""
+    out = {}
+    for side, lung in lungs.items():
+        for name, zone in (("lung", None), ("apical zone", "apical"), ("upper lung zone", "upper"),
+                           ("mid lung zone", "middle"), ("lower lung zone", "lower"),
+                           ("costophrenic angle", "costophrenic")):
+            x, y, w, h = _bbox(_region(lung, zone) if zone else lung["mask"])
+            out[f"{side} {name}"] = (x, y, x + w, y + h)
+    x, y, w, h = _bbox(heart)
+    out["cardiac silhouette"] = (x, y, x + w, y + h)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the world in the real formats
+
+def _render_job(job):
+    case, path = job
+    img, info = render_case(case)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(np.round(img * 255).astype(np.uint8))
+    im.save(path, quality=95) if path.endswith(".jpg") else im.save(path)
+    return info
+
+
+def _write_csv(path, header, rows):
+    import csv
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _scene_graph(case, anatomy, rng):
+    """An ImaGenome-style scene graph; ~10% of graphs get boxes poking outside the image, as real ones do."""
+    W, H = case["anat"]["W"], case["anat"]["H"]
+    objects, f224 = [], 224 / max(W, H)
+    for name, (x1, y1, x2, y2) in anatomy.items():
+        if rng.random() < 0.1:
+            x1, y2 = x1 - int(rng.integers(1, 6)), y2 + int(rng.integers(1, 6))
+        objects.append(dict(object_id=f"{case['dicom_id']}_{name}", bbox_name=name, name=name.title(), synsets=[],
+                            x1=round(x1 * f224), y1=round(y1 * f224), x2=round(x2 * f224), y2=round(y2 * f224),
+                            width=round((x2 - x1) * f224), height=round((y2 - y1) * f224),
+                            original_x1=x1, original_y1=y1, original_x2=x2, original_y2=y2,
+                            original_width=x2 - x1, original_height=y2 - y1))
+    attributes = [dict(bbox_name="lungs", phrases=[f["sentence"]],
+                       attributes=[[f"anatomicalfinding|yes|{f['pathology'].lower()}"]]) for f in case["findings"]]
+    return dict(image_id=case["dicom_id"], patient_id=case["subject_id"], study_id=case["study_id"],
+                viewpoint="PA", objects=objects, attributes=attributes, relationships=[])
+
+
+def build_world(root, config=None):
+    """Generate the phantom world under `root` in the real dataset formats; returns a summary dict."""
+    cfg = config or PhantomConfig()
+    t0 = time.time()
+    mimic, reps = os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports")
+    cases = [sample_case(cfg, k, i) for k, n in (("train", cfg.n_train), ("validate", cfg.n_validate),
+                                                 ("test", cfg.n_test), ("vindr", cfg.n_vindr)) for i in range(n)]
+    jobs = []
+    for c in cases:
+        s = c["subject_id"]
+        if c["kind"] == "vindr":
+            c["rel_path"] = os.path.join("test", c["dicom_id"] + ".png")
+            jobs.append((c, os.path.join(root, "vindr-cxr", c["rel_path"])))
+        else:
+            c["rel_path"] = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{c['study_id']}", c["dicom_id"] + ".jpg")
+            jobs.append((c, os.path.join(mimic, c["rel_path"])))
+    if cfg.workers > 1:
+        with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+            infos = pool.map(_render_job, jobs, chunksize=32)
+    else:
+        infos = [_render_job(j) for j in jobs]
+
+    meta, split, mscxr, vindr = [], [], [], []
+    rng = np.random.default_rng([cfg.seed, 99])
+    n_gold = 0
+    for c, info in zip(cases, infos):
+        a, s = c["anat"], c["subject_id"]
+        if c["kind"] == "vindr":
+            names = {"Pleural Effusion": "Pleural effusion"}  # VinDr's own spelling
+            for f, boxes in zip(c["findings"], info["boxes"]):
+                vindr += [[c["dicom_id"], names.get(f["pathology"], f["pathology"]), x, y, x + w, y + h]
+                          for x, y, w, h in boxes]
+            if not c["findings"]:
+                vindr.append([c["dicom_id"], "No finding", "", "", "", ""])
+            continue
+        view = "PA" if rng.random() < 0.7 else "AP"
+        meta.append([c["dicom_id"], s, c["study_id"], f"CHEST ({view} AND LAT)", view, a["H"], a["W"], "21800101",
+                     "120000.000", f"CHEST ({view} AND LAT)", "postero-anterior" if view == "PA" else "antero-posterior",
+                     "Erect"])
+        split.append([c["dicom_id"], c["study_id"], s, c["kind"]])
+        rp = os.path.join(reps, "files", f"p{s[:2]}", f"p{s}", f"s{c['study_id']}.txt")
+        os.makedirs(os.path.dirname(rp), exist_ok=True)
+        with open(rp, "w") as fh:
+            fh.write(c["report"])
+        if c["kind"] == "test":
+            sp = "val" if c["index"] % 7 == 0 else "test"
+            for f, boxes in zip(c["findings"], info["boxes"]):
+                mscxr += [[c["dicom_id"], f["pathology"], f["phrase"], c["rel_path"], x, y, w, h, a["W"], a["H"], sp]
+                          for x, y, w, h in boxes]
+        if c["kind"] == "train" and n_gold < cfg.n_gold:
+            sg = os.path.join(root, "chest-imagenome", "silver_dataset", "scene_graph", f"{c['dicom_id']}_SceneGraph.json")
+            os.makedirs(os.path.dirname(sg), exist_ok=True)
+            with open(sg, "w") as fh:
+                json.dump(_scene_graph(c, info["anatomy"], rng), fh)
+            n_gold += 1
+    _write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-metadata.csv"),
+               ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta)
+    _write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_csv(os.path.join(root, "ms-cxr", "MS_CXR_Local_Alignment_v1.1.0.csv"),
+               ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height",
+                "split"], mscxr)
+    _write_csv(os.path.join(root, "vindr-cxr", "annotations_test.csv"),
+               ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"], vindr)
+    summary = dict(synthetic=True, notice=SYNTHETIC_NOTICE, config=dataclasses.asdict(cfg),
+                   paths=dict(mimic="mimic-cxr-jpg", reports="mimic-cxr-reports",
+                              mscxr="ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv",
+                              imagenome="chest-imagenome/silver_dataset/scene_graph",
+                              vindr_csv="vindr-cxr/annotations_test.csv", vindr_images="vindr-cxr/test"),
+                   counts=dict(images=len(cases), mimic_images=len(meta), mscxr_rows=len(mscxr),
+                               vindr_rows=len(vindr), scene_graphs=n_gold),
+                   build_seconds=round(time.time() - t0, 2))
+    with open(os.path.join(root, "world.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
+
+
+def world_notice(root):
+    """The line every consumer prints: what data this is (raises if root is not a phantom world)."""
+    path = os.path.join(root, "world.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: build the world first (grounding.phantom.build_world)")
+    with open(path) as fh:
+        w = json.load(fh)
+    return f"[data] {w['notice']} at {root}, seed {w['config']['seed']}"
+
+
+def training_captions(root, splits=("train",), prompt_frac=0.5, seed=0):
+    """[{dicom_id, image_path, caption}] for pretraining the tiny phantom LDM, read through the real readers.
+
+    Each image's caption is, at random (fraction prompt_frac), its standardised prompt(s) ("left lower
+    atelectasis", several findings joined by ", ") or its positive report sentence(s); normal studies get an
+    impression-style sentence. Both kinds name location and pathology, so the text is needed to denoise.
+    """
+    from grounding import datasets as ds
+    from grounding import reports as rep
+    print(world_notice(root))
+    recs, _ = ds.read_mimic(os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports"),
+                            splits=splits)
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in recs:
+        prompts, sentences = {}, {}
+        for sentence, ps in ds.positive_sentences(ds.read_report(r["report_path"])):
+            for p in ps:
+                if p not in prompts:
+                    prompts[p] = rep.standardise_prompt(rep.sentence_locations(sentence, p), p)
+                    sentences[p] = sentence
+        if not prompts:
+            caption = _pick(rng, ["no acute cardiopulmonary process", "normal chest radiograph",
+                                  "no acute cardiopulmonary abnormality"])
+        elif rng.random() < prompt_frac:
+            caption = ", ".join(prompts.values())
+        else:
+            caption = " ".join(dict.fromkeys(sentences.values()))
+        out.append(dict(dicom_id=r["dicom_id"], image_path=r["image_path"], caption=caption))
+    return out
