@@ -34,16 +34,17 @@ from grounding.attention_store import AttentionStore
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
 
-# Layer presets (cross_index). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid, 5-10 up) and the
-# phantom UNet (same layout): tuned = mid + first three decoder layers {4,5,6,7}; frozen baseline {3,4,6,7}
-# + Otsu (the predecessor's choice). All at latent/4 = 16x16 for MONAI.
+# Layer presets (cross_index). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid, 5-10 up):
+# tuned = mid + first three decoder layers {4,5,6,7}; frozen baseline {3,4,6,7} + Otsu (the predecessor's
+# choice). All at latent/4 = 16x16. The phantom UNet (6 layers, all 16x16: 0-1 down, 2 mid, 3-5 up) takes the
+# same roles: tuned {2,3,4,5}, baseline {1,2,4,5}.
 # SD1/RoentGen and SD2 (16 layers: 0,1 @64; 2,3 @32; 4,5 @16; 6 mid @8; 7,8,9 @16; 10-12 @32; 13-15 @64):
 # the SD mid layer is 8x8, so the equivalent 16x16 choice is OUR pick, not the paper's:
 #   tuned    (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
 #   baseline (4, 5, 8, 9): the two 16x16 encoder layers + the 2nd and 3rd decoder layers (as {3,(4),6,7}).
 LAYER_PRESETS = {
     ("monai_cxr", True): (4, 5, 6, 7), ("monai_cxr", False): (3, 4, 6, 7),
-    ("phantom", True): (4, 5, 6, 7), ("phantom", False): (3, 4, 6, 7),
+    ("phantom", True): (2, 3, 4, 5), ("phantom", False): (1, 2, 4, 5),
     ("sd1", True): (5, 7, 8, 9), ("sd1", False): (4, 5, 8, 9),
     ("sd2", True): (5, 7, 8, 9), ("sd2", False): (4, 5, 8, 9),
 }

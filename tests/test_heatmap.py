@@ -90,7 +90,7 @@ def test_preset_layers_share_one_resolution_on_real_layouts():
             scales = {layers[i].downscale for i in LAYER_PRESETS[(family, tuned)]}
             print(family, tuned, len(layers), scales)
             assert len(scales) == 1, (family, tuned, scales)
-        assert len(layers) == (16 if family == "sd1" else 11)
+        assert len(layers) == {"sd1": 16, "monai_cxr": 11, "phantom": 6}[family]
 
 
 # ---- image processing -----------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Phrase-grounding evaluation with the paper's protocol (PAPER.md sections 6-8).
+
+    python evaluate.py --split mscxr-loc --prompts runs/tune/learned_rows.safetensors --baseline
+    python evaluate.py --split vindr --config configs/mimic_monai.yaml --prompts ...
+    torchrun --nproc_per_node 2 evaluate.py --split phantom ...        # pairs sharded over ranks, one table
+
+Splits: "mscxr" (every MS-CXR pair, its own phrase as the prompt), "mscxr-loc" (pairs with a location, prompts
+standardised to "{location} {pathology}": the paper's MS-CXR-loc), "vindr" (VinDr-CXR test, prompts synthesised from
+the boxes by nearest LUT Gaussian), "phantom" (= mscxr-loc of the embedded synthetic world). Data paths come from
+the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world). Writes, under --out:
+rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes), table_<model>.md/.json (per class, 95% bootstrap
+CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code.
+"""
+import argparse
+import json
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from ldm.pipeline import load_pipeline
+from grounding import sources
+from grounding.config import load_config
+from grounding.evaluation import comparison_markdown, evaluate_pairs, summary_table
+from grounding.heatmap import HeatmapConfig
+from grounding.prompts import LearnablePrompts
+from train import TrainConfig
+
+
+def code_version():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"])
+    p.add_argument("--config", default="tune.yaml", help="train.py config giving the data paths (default tune.yaml)")
+    p.add_argument("--weights", default=None, help="converted model folder (default: the config's weights)")
+    p.add_argument("--prompts", default=None, help="learned anatomy rows (.safetensors from train.py)")
+    p.add_argument("--baseline", action="store_true", help="also (or only) evaluate the frozen model")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval_<split>)")
+    p.add_argument("--batch", type=int, default=16, help="images inverted together")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
+    p.add_argument("--overlays", type=int, default=8, help="heatmap overlay PNGs written per model")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    args = p.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.weights:
+        cfg.weights = args.weights
+    if not args.prompts and not args.baseline:
+        p.error("nothing to evaluate: give --prompts FILE (tuned) and/or --baseline (frozen)")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    out = args.out or f"runs/eval_{args.split}"
+    os.makedirs(out, exist_ok=True)
+
+    pipe = load_pipeline(cfg.weights, device=cfg.device)
+    data = sources.load(cfg, family=pipe.family, need_samples=False)
+    pairs = data.split(args.split)
+    if args.limit:
+        pairs = pairs[:args.limit]
+    header = (f"Data: {data.description}; split {args.split}: {len(pairs)} pairs\n"
+              f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
+              f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
+    if rank == 0:
+        print(header + data.report)
+
+    models = []
+    if args.baseline:
+        models.append(("frozen", None))
+    if args.prompts:
+        prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
+        prompts.load(args.prompts)
+        models.append(("tuned", prompts))
+    summaries = {}
+    for name, prompts in models:
+        hcfg = HeatmapConfig(family=pipe.family, tuned=prompts is not None)
+        rows_path = os.path.join(out, f"rows_{name}.rank{rank}.jsonl" if world > 1 else f"rows_{name}.jsonl")
+        rows = evaluate_pairs(pipe, pairs, hcfg, prompts, rows_path=rows_path, batch_size=args.batch, rank=rank,
+                              world_size=world, overlay_dir=os.path.join(out, "overlays", name),
+                              n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})")
+        if world > 1:  # gather every rank's rows; rank 0 writes the one table
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if rank != 0:
+            continue
+        order = {pair["pair_id"]: i for i, pair in enumerate(pairs)}
+        rows.sort(key=lambda r: order[r["pair_id"]])  # the same order as a single-process run
+        summaries[name], md = summary_table(rows, n_boot=args.bootstrap)
+        with open(os.path.join(out, f"table_{name}.md"), "w") as f:
+            f.write(header + "\n" + md + "\n")
+        with open(os.path.join(out, f"table_{name}.json"), "w") as f:
+            json.dump({"header": header, "summary": summaries[name]}, f, indent=1)
+        print(f"\n{name}:\n{md}")
+    if rank == 0 and len(summaries) > 1:
+        table = comparison_markdown(summaries)
+        with open(os.path.join(out, "comparison.md"), "w") as f:
+            f.write(header + "\n" + table + "\n")
+        print(f"\n{table}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Flat YAML experiment configs with command-line overrides (`key=value`), checked against a dataclass.
+
+nanoGPT's configurator, made strict: a YAML file and `key=value` overrides fill the fields of a dataclass whose
+defaults are the documented settings. Unknown keys and values of the wrong type are errors that name the key, so a
+typo never silently falls back to a default. No exec, no registries.
+"""
+import dataclasses
+import typing
+
+import yaml
+
+
+def _check_type(name, value, annotation):
+    """Return `value` converted to the field's type, or raise a ValueError naming the key."""
+    origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML reads `1` as int; a float field accepts it
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string: accept it for a float field
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ValueError(f"config key {name!r}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {name!r}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(annotation) or (object,)
+        return [_check_type(f"{name}[{i}]", v, inner) if inner is not object else v for i, v in enumerate(value)]
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(name, value, args[0])
+    return value
+
+
+def load_config(cls, path=None, overrides=()):
+    """Build `cls` (a dataclass) from a YAML file and `key=value` strings; later sources win."""
+    values = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw)  # YAML typing: 1e-4 -> float, [4,5] -> list, true -> bool
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} (from {path or 'the command line'}); "
+                         f"known keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def save_config(cfg, path):
+    """Write the resolved config next to a run's outputs."""
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

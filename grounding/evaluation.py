@@ -1,0 +1,144 @@
+"""Phrase-grounding evaluation: heatmaps for (image, prompt, boxes) pairs, per-pair metrics, per-class tables.
+
+The paper's protocol (PAPER.md sections 6-7): the heatmap is extracted in the model frame, mapped back to the
+original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
+(signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC and the
+pointing game. Rows are appended to a JSONL file as they are computed, so an interrupted run resumes without
+redoing finished pairs; under torchrun each rank takes every world_size-th pair and rank 0 gathers.
+"""
+import json
+import os
+
+import torch
+from tqdm import tqdm
+
+from grounding.attention_store import AttentionStore
+from grounding.heatmap import HeatmapConfig, heatmap_from_maps, invert_and_record
+from grounding.metrics import auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
+from grounding.preprocess import preprocess, to_original
+
+METRICS = ("cnr", "miou", "auc", "pointing")
+
+
+def _contexts(pipe, prompts_text, prompts=None):
+    """(B, 77, D) conditional contexts and the per-item non-special token positions."""
+    if prompts is not None:
+        return prompts.encode(prompts_text), [prompts.token_positions(p) for p in prompts_text]
+    ids = pipe.tokenizer(prompts_text).to(pipe.unet.conv_in.weight.device)
+    positions = []
+    for p in prompts_text:
+        n = len(pipe.tokenizer.encode(p))
+        if n == 0 or n + 2 > ids.shape[1]:
+            raise ValueError(f"prompt {p!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
+        positions.append(list(range(1, n + 1)))  # after BOS, before EOS
+    return pipe.text_encoder(ids), positions
+
+
+@torch.no_grad()
+def extract_heatmaps(pipe, images, prompts_text, cfg, prompts=None):
+    """A batch of model-frame images (B, C, S, S) and their prompts -> (B, S, S) heatmaps in [0, 1].
+
+    The same procedure as grounding.heatmap.extract_heatmap, for B images inverted together (one UNet call per
+    step for the whole batch); every per-image operation (min-max, filter, Otsu) stays per image.
+    """
+    device = pipe.unet.conv_in.weight.device
+    images = images.to(device, pipe.unet.conv_in.weight.dtype)
+    z0 = pipe.vae.encode(images) * pipe.scale_factor
+    cond, positions = _contexts(pipe, prompts_text, prompts)
+    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    store = AttentionStore(cfg.resolved_layers(), positions)
+    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True)
+    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
+
+
+def score(heatmap, boxes):
+    """All metrics of one original-frame heatmap against its boxes."""
+    return {"cnr": cnr(heatmap, boxes, signed=True), "miou": miou(heatmap, boxes),
+            "auc": auc_roc(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
+
+
+def read_rows(path):
+    """Rows already written (resume); a torn last line from an interrupted run is ignored."""
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                rows[row["pair_id"]] = row
+    return rows
+
+
+def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16, rank=0, world_size=1,
+                   overlay_dir=None, n_overlays=0, desc="pairs"):
+    """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes."""
+    done = read_rows(rows_path) if rows_path else {}
+    mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
+    todo = [p for p in mine if p["pair_id"] not in done]
+    if done:
+        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} pairs already scored in {rows_path}")
+    out = open(rows_path, "a") if rows_path else None
+    overlays = 0
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo, mininterval=5):
+        chunk = todo[start:start + batch_size]
+        images = torch.stack([preprocess(p["image_path"], pipe.image) for p in chunk])
+        heatmaps = extract_heatmaps(pipe, images, [p["prompt"] for p in chunk], cfg, prompts)
+        for p, hm in zip(chunk, heatmaps):
+            full = to_original(hm, p["image_width"], p["image_height"])
+            row = {"pair_id": p["pair_id"], "category": p["category"], "prompt": p["prompt"], **score(full, p["boxes"])}
+            done[p["pair_id"]] = row
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            if overlay_dir and overlays < n_overlays:
+                save_overlay(p, full, os.path.join(overlay_dir, f"{p['pair_id']}.png"))
+                overlays += 1
+    if out:
+        out.close()
+    return [done[p["pair_id"]] for p in mine]
+
+
+def save_overlay(pair, heatmap, path):
+    """The original image with the heatmap (red) and the ground-truth boxes (green)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from grounding.preprocess import load_image
+
+    grey = (load_image(pair["image_path"]) * 255).astype(np.uint8)
+    hm = torch.nan_to_num(heatmap, nan=0.0).numpy()
+    rgb = np.stack([grey] * 3, -1).astype(np.float32)
+    rgb[..., 0] = np.clip(rgb[..., 0] * 0.6 + 255 * hm * 0.7, 0, 255)
+    rgb[..., 1:] *= 0.6 + 0.4 * (1 - hm[..., None])
+    im = Image.fromarray(rgb.astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for x, y, w, h in pair["boxes"]:
+        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(0, 255, 0))
+    draw.text((3, 3), pair["prompt"], fill=(255, 255, 0))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    im.save(path)
+
+
+def summary_table(rows, n_boot=10000, seed=0):
+    """Per-class means with 95% bootstrap CIs and the class average (paper layout; mIoU in %)."""
+    summary = summarise(rows, list(METRICS), n=n_boot, seed=seed)
+    return summary, summary_markdown(summary, list(METRICS), scale={"miou": 100})
+
+
+def comparison_markdown(summaries, metrics=("cnr", "miou")):
+    """One table with a column pair per model: {"frozen": summary, "tuned": summary} -> Markdown."""
+    names = list(summaries)
+    classes = list(next(iter(summaries.values())))
+    head = "| class | n | " + " | ".join(f"{m} {n}" for n in names for m in metrics) + " |"
+    lines = [head, "|---|---|" + "---|" * (len(names) * len(metrics))]
+    for c in classes:
+        cells = []
+        for n in names:
+            for m in metrics:
+                mean, lo, hi = summaries[n][c][m]
+                k = 100 if m == "miou" else 1
+                cells.append(f"{mean * k:.2f} [{lo * k:.2f}, {hi * k:.2f}]")
+        lines.append(f"| {c} | {summaries[names[0]][c]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Anatomy-grounded weakly supervised prompt tuning (Vilouras et al., MIDL 2026), and pretraining of the tiny phantom LDM.
+
+    python train.py --config tune.yaml [key=value ...]                    # prompt tuning (the paper), default world
+    python train.py --config configs/phantom_pretrain.yaml                # (re)build the tiny phantom base LDM
+    python train.py --config tune.yaml --resume                           # continue from out_dir/ckpt.pt
+
+A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig below with its default and a
+comment; YAML files and key=value overrides fill it (unknown keys and wrong types are errors).
+Mode "tune": the whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from L_div + L_loc on the
+cross-attention maps of 4 layers at T timesteps (PAPER.md section 5). Mode "pretrain": VAE, then text encoder + UNet,
+trained from scratch on the phantom world's training split (DESIGN.md "The embedded default").
+"""
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ldm.pipeline import load_pipeline
+from grounding import sources
+from grounding.anatomy import gaussians_for, jitter, render_gaussians
+from grounding.attention_store import AttentionStore
+from grounding.config import load_config, save_config
+from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
+from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
+from grounding.losses import grounding_loss
+from grounding.prompts import LearnablePrompts
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run -------------------------------------------------------------------------------------------
+    mode: str = "tune"                       # "tune" (the paper's prompt tuning) | "pretrain" (tiny phantom base LDM)
+    out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
+    seed: int = 0                            # the paper does not report a seed (single run)
+    device: str = "cpu"                      # "cpu" | "cuda"
+    autocast: str = "none"                   # "none" | "bf16" | "fp16" (CUDA); attention maps are kept in fp32
+    threads: int = 0                         # torch CPU threads (0 = torch's default)
+    # --- data --------------------------------------------------------------------------------------------------
+    data: str = "phantom"                    # "phantom" (embedded synthetic world, built if missing) | "mimic"
+    phantom_root: str = "data/phantom"       # where the phantom world is written
+    phantom_seed: int = 0                    # the world's seed
+    mimic_root: str = ""                     # MIMIC-CXR-JPG root (files/, metadata and split CSVs)
+    reports_root: str = ""                   # MIMIC-CXR reports root (files/pXX/p<subject>/s<study>.txt)
+    mscxr_csv: str = ""                      # MS-CXR CSV: its patients are excluded from tuning; its split is evaluated
+    imagenome_root: str = ""                 # Chest ImaGenome scene graphs (gold subset) for the Gaussian LUT
+    lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
+    # --- model -------------------------------------------------------------------------------------------------
+    weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
+    # --- prompt tuning (paper defaults, PAPER.md sections 4-5 and 10) -------------------------------------------
+    max_steps: int = 600                     # optimiser steps (paper: epochs not stated; ~3 h on an RTX 3090)
+    batch_size: int = 1                      # images per step (paper: 1)
+    lr: float = 1e-4                         # paper: 1e-4
+    optimizer: str = "adamw"                 # paper: not stated. "adamw" | "adam" | "sgd"
+    weight_decay: float = 0.0                # no decay: the rows should stay near real token embeddings
+    layers: list = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
+                                             # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
+    num_inference_steps: int = 100          # the DDIM schedule the window is taken from
+    train_window: list = field(default_factory=lambda: [400, 700])  # timesteps [lo, hi): steps [30,60) of 100, reverse order
+    timesteps_per_step: int = 0              # 0 = all T window steps per image (paper); k = a random k of them (cheaper)
+    noisy_latents: str = "inversion"         # "inversion" (DDIM inversion, as at test time) | "noise" (forward noising)
+    alpha: float = 0.1                       # weight of G in the target (Eq. 3)
+    eps: float = 1e-5                        # G > eps marks the Gaussian's support (Eq. 3)
+    jitter: float = 0.05                     # +-5% of the image size on every mu and sigma
+    merge: str = "max"                       # how several Gaussians merge into one target: "max" | "sum" (not stated)
+    w_div: float = 1.0                       # weight of L_div (Eq. 2)
+    w_loc: float = 1.0                       # weight of L_loc (Eq. 4)
+    shared_tokens: str = "frozen"            # sub-tokens shared by location and pathology words: "frozen" | "trainable" | "positional"
+    n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
+    max_train_samples: int = 0               # 0 = all curated samples
+    # --- validation, checkpoints ---------------------------------------------------------------------------------
+    val_every: int = 200                     # steps between short validations (CNR, mIoU on a few held-out pairs)
+    val_pairs: int = 24                      # held-out pairs used by the short validation
+    ckpt_every: int = 100                    # steps between atomic checkpoints
+    eval_at_end: bool = True                 # frozen-vs-tuned grounding on the held-out split when done
+    eval_pairs: int = 0                      # 0 = the whole held-out split
+    eval_batch: int = 16                     # images inverted together during evaluation
+    # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
+    vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6                  # KL term of the VAE (SD used 1e-6)
+    unet_steps: int = 3000                   # text encoder + UNet steps
+    unet_lr: float = 5e-4
+    pretrain_batch: int = 32
+    caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
+    vocab_size: int = 600                    # tiny BPE vocabulary learned from the phantom captions
+    log_every: int = 50
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file with TrainConfig keys (tune.yaml, configs/*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    args = p.parse_args(argv)
+    return load_config(TrainConfig, args.config, args.overrides), args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed data parallel (torchrun): each rank takes a slice of every global batch, gradients are summed
+
+
+def init_distributed(cfg):
+    """(rank, world_size); under torchrun the process group is gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def save_checkpoint(path, prompts, opt, step, cfg):
+    """Atomic: write a temporary file, then rename over the old checkpoint (a crash never leaves half a file)."""
+    tmp = path + ".tmp"
+    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"config key 'optimizer': expected adamw | adam | sgd, got {cfg.optimizer!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt tuning
+
+
+def tune(cfg, resume=False):
+    rank, world = init_distributed(cfg)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    device = torch.device(cfg.device)
+    pipe = load_pipeline(cfg.weights, device=cfg.device)
+    data = sources.load(cfg, family=pipe.family)
+    say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
+    say(f"tuning samples: {len(data.samples)}; validation pairs: {len(data.val_pairs)}; test pairs: {len(data.test_pairs)}")
+
+    # the learnable anatomy rows; everything else frozen (PAPER.md section 4)
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        module.eval().requires_grad_(False)
+    prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens,
+                               n_ctx=cfg.n_ctx).to(device)
+    say(prompts.format_codebook())
+    params = [p for p in prompts.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, params)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step0 = 0
+    if resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        prompts.load_state_dict(ckpt["prompts"])
+        opt.load_state_dict(ckpt["opt"])
+        step0 = ckpt["step"]
+        say(f"resumed from {ckpt_path} at step {step0}")
+
+    # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
+    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])
+    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers))
+    sched = inversion_scheduler(pipe.scheduler, hcfg)
+    train_ts = window_timesteps(sched, *cfg.train_window)
+    say(f"training timesteps ({len(train_ts)}): {train_ts.tolist()}; layers {layers}; noisy latents by {cfg.noisy_latents}")
+    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
+
+    def noisy_latents(i, gen):
+        if i in latent_cache:
+            return latent_cache[i]
+        with torch.no_grad():
+            x = data.image(data.samples[i], pipe.image).to(device)[None]
+            z0 = pipe.vae.encode(x) * pipe.scale_factor
+            z = training_latents(pipe, z0, train_ts, mode=cfg.noisy_latents, generator=gen, uncond=uncond, cfg=hcfg)
+        if cfg.noisy_latents == "inversion":
+            latent_cache[i] = z
+        return z
+
+    global_batch = cfg.batch_size * world
+    n = len(data.samples)
+    bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
+    t0, ema = time.time(), None
+    for step in bar:
+        # the data order and every random draw depend only on (seed, step): resuming reproduces the run
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        epoch, pos = divmod(step * global_batch, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
+        batch = [int(order[(pos + k) % n]) for k in range(global_batch)][rank::world]
+        total = 0.0
+        for i in batch:
+            sample = data.samples[i]
+            z = noisy_latents(i, gen)                                      # (T, 1, C, h, w)
+            ts = train_ts
+            if cfg.timesteps_per_step:                                     # a random subset of the T steps
+                keep = torch.randperm(len(ts), generator=gen)[:cfg.timesteps_per_step].sort().values
+                z, ts = z[keep], ts[keep]
+            context = prompts.encode([sample["prompt"]])                   # (1, 77, D), grad to the anatomy rows
+            store = AttentionStore(layers, prompts.token_positions(sample["prompt"]), keep_grad=True)
+            # all T timesteps in ONE batched UNet call, stopped after the last needed layer
+            pipe.unet(z[:, 0], ts.to(device), context.expand(len(ts), -1, -1), store=store, stop_after=max(layers))
+            maps = store.maps().transpose(0, 2)                            # (1, L, T, N, S) -> (T, L, 1, N, S)
+            side = int(math.isqrt(maps.shape[-2]))
+            G = render_gaussians(jitter(gaussians_for(data.lut, sample["locations"]), cfg.jitter, gen),
+                                 side, merge=cfg.merge)[None].to(device)   # (1, side, side) target Gaussian
+            loss, parts = grounding_loss(maps, G, weights=(cfg.w_div, cfg.w_loc), alpha=cfg.alpha, eps=cfg.eps)
+            (loss / global_batch).backward()
+            total += loss.item() / global_batch
+        if world > 1:  # data parallel: sum the per-rank gradients (each already divided by the global batch)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            t = torch.tensor([total])
+            dist.all_reduce(t)
+            total = t.item()
+        if not math.isfinite(total):
+            raise SystemExit(f"step {step}: loss is {total}; stopping. The last good checkpoint is {ckpt_path}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema = total if ema is None else 0.95 * ema + 0.05 * total
+        bar.set_postfix(loss=f"{ema:.4f}", div=f"{parts['div'].item():.3f}", loc=f"{parts['loc'].item():.3f}",
+                        drift=f"{prompts.drift():.3f}")
+        done = step + 1
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.max_steps):
+            save_checkpoint(ckpt_path, prompts, opt, done, cfg)
+        if rank == 0 and cfg.val_every and done % cfg.val_every == 0 and data.val_pairs:
+            rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation")
+            say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
+                f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} held-out pairs")
+    say(f"tuning done: {cfg.max_steps - step0} steps in {time.time() - t0:.0f}s")
+    if rank == 0:
+        prompts.save(os.path.join(cfg.out_dir, "learned_rows.safetensors"))
+        say("nearest real tokens of each learned row:")
+        for token, near in prompts.nearest_tokens(k=3).items():
+            say(f"  {token!r:>14} -> {near}")
+    if cfg.eval_at_end and rank == 0:
+        final_evaluation(cfg, pipe, prompts, data)
+    if world > 1:
+        dist.destroy_process_group()
+    return prompts
+
+
+def final_evaluation(cfg, pipe, prompts, data):
+    """Frozen baseline vs tuned prompts on the held-out split (the paper's table, phantom or real)."""
+    pairs = data.test_pairs[:cfg.eval_pairs] if cfg.eval_pairs else data.test_pairs
+    print(f"\nevaluating on {len(pairs)} held-out pairs ({data.description})")
+    summaries = {}
+    for name, p, tuned in (("frozen", None, False), ("tuned", prompts, True)):
+        hcfg = HeatmapConfig(family=pipe.family, tuned=tuned)
+        rows = evaluate_pairs(pipe, pairs, hcfg, p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
+                              batch_size=cfg.eval_batch, desc=f"eval {name}")
+        summaries[name], md = summary_table(rows)
+        with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
+            f.write(md + "\n")
+    table = comparison_markdown(summaries)
+    with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
+        f.write(f"Data: {data.description}\nWeights: {cfg.weights}\n\n{table}\n")
+    print(table)
+    return summaries
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.mode == "pretrain":
+        from grounding.pretrain import pretrain
+        pretrain(cfg)
+    elif cfg.mode == "tune":
+        tune(cfg, resume=args.resume)
+    else:
+        raise ValueError(f"config key 'mode': expected 'tune' or 'pretrain', got {cfg.mode!r}")
+
+
+if __name__ == "__main__":
+    main()
