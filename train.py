@@ -87,7 +87,7 @@ class TrainConfig:
     unet_lr: float = 5e-4
     pretrain_batch: int = 32
     caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
-    vocab_size: int = 600                    # tiny BPE vocabulary learned from the phantom captions
+    vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
     log_every: int = 50
 
 
