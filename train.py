@@ -72,6 +72,7 @@ class TrainConfig:
     shared_tokens: str = "frozen"            # sub-tokens shared by location and pathology words: "frozen" | "trainable" | "positional"
     n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
     max_train_samples: int = 0               # 0 = all curated samples
+    latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit
     # --- validation, checkpoints ---------------------------------------------------------------------------------
     val_every: int = 200                     # steps between short validations (CNR, mIoU on a few held-out pairs)
     val_pairs: int = 24                      # held-out pairs used by the short validation
@@ -168,29 +169,50 @@ def tune(cfg, resume=False):
     uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
     latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
 
+    def invert(indices):
+        """Noisy latents of several samples, inverted together (one UNet call per step for the whole chunk)."""
+        with torch.no_grad():
+            x = torch.stack([data.image(data.samples[i], pipe.image) for i in indices]).to(device)
+            z0 = pipe.vae.encode(x) * pipe.scale_factor
+            return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)  # (T, B, C, h, w)
+
     def noisy_latents(i, gen):
         if i in latent_cache:
             return latent_cache[i]
-        with torch.no_grad():
-            x = data.image(data.samples[i], pipe.image).to(device)[None]
-            z0 = pipe.vae.encode(x) * pipe.scale_factor
-            z = training_latents(pipe, z0, train_ts, mode=cfg.noisy_latents, generator=gen, uncond=uncond, cfg=hcfg)
-        if cfg.noisy_latents == "inversion":
+        if cfg.noisy_latents == "noise":  # fresh forward noise every time (the paper's other reading)
+            with torch.no_grad():
+                x = data.image(data.samples[i], pipe.image).to(device)[None]
+                z0 = pipe.vae.encode(x) * pipe.scale_factor
+                return training_latents(pipe, z0, train_ts, mode="noise", generator=gen)
+        z = invert([i])
+        if cache_all:
             latent_cache[i] = z
         return z
+
+    # Cache every sample's inversion up front, in chunks, when it fits in cfg.latent_cache_mb (the phantom world);
+    # at MIMIC scale (6,480 x 30 latents of 3x64x64) it does not, and each step inverts its own image.
+    h = pipe.image["size"] // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
+    cache_all = cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb
+    if cache_all:
+        for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images", disable=rank != 0):
+            chunk = list(range(start, min(start + 32, len(data.samples))))
+            for i, z in zip(chunk, invert(chunk).unbind(1)):
+                latent_cache[i] = z[:, None]
 
     global_batch = cfg.batch_size * world
     n = len(data.samples)
     bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
     t0, ema = time.time(), None
     for step in bar:
-        # the data order and every random draw depend only on (seed, step): resuming reproduces the run
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        # the data order and every random draw depend only on (seed, step, place in the global batch): resuming,
+        # or splitting the batch over ranks, reproduces the same run
         epoch, pos = divmod(step * global_batch, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
-        batch = [int(order[(pos + k) % n]) for k in range(global_batch)][rank::world]
         total = 0.0
-        for i in batch:
+        for k in range(rank, global_batch, world):                        # this rank's slice of the global batch
+            i = int(order[(pos + k) % n])
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + k)
             sample = data.samples[i]
             z = noisy_latents(i, gen)                                      # (T, 1, C, h, w)
             ts = train_ts
@@ -222,7 +244,7 @@ def tune(cfg, resume=False):
         opt.zero_grad(set_to_none=True)
         ema = total if ema is None else 0.95 * ema + 0.05 * total
         bar.set_postfix(loss=f"{ema:.4f}", div=f"{parts['div'].item():.3f}", loc=f"{parts['loc'].item():.3f}",
-                        drift=f"{prompts.drift():.3f}")
+                        drift=f"{prompts.drift().mean().item():.3f}")
         done = step + 1
         if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.max_steps):
             save_checkpoint(ckpt_path, prompts, opt, done, cfg)

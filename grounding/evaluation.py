@@ -75,6 +75,11 @@ def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16
                    overlay_dir=None, n_overlays=0, desc="pairs"):
     """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes."""
     done = read_rows(rows_path) if rows_path else {}
+    if done:  # drop a torn last line (an interrupted write) before appending: rewrite the complete rows
+        tmp = rows_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in done.values())
+        os.replace(tmp, rows_path)
     mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
     todo = [p for p in mine if p["pair_id"] not in done]
     if done:
