@@ -2,7 +2,7 @@
 
 Ours (as train.py): the 30 training timesteps in ONE batched UNet call, the store keeps only the chosen layers'
 prompt-token columns with their graph (keep_grad), the forward stops right after the last chosen layer
-(stop_after=7 for the MONAI layout), and the frozen parts (UNet, text encoder) have requires_grad=False, so
+(stop_after=7 for the MONAI layout; the layers are grounding/heatmap.py's tuned preset), and the frozen parts (UNet, text encoder) have requires_grad=False, so
 backward computes no weight gradients. Naive: the same batch through the WHOLE UNet, every cross-attention layer
 recorded with all 77 columns, and the frozen parts still requiring grad (their weight gradients are computed and
 thrown away). Same loss (grounding/losses.py grounding_loss), same inputs; the gradients of the anatomy rows
@@ -27,7 +27,6 @@ from grounding.losses import grounding_loss  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
 
 PROMPT = "left lower atelectasis and right pleural effusion"
-LAYERS = (4, 5, 6, 7)   # the tuned preset of the MONAI / phantom layout; sd15's is (5, 7, 8, 9)
 
 
 def gaussian_target(side, device):
@@ -102,7 +101,7 @@ def main(argv=None):
     pipe = build_pipe(args.size, device)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
-    layers = (5, 7, 8, 9) if args.size == "sd15" else LAYERS
+    layers = HeatmapConfig(family=pipe.family, tuned=True).resolved_layers()   # the tuned preset (MONAI: 4..7)
     step = Step(pipe, args.timesteps, layers, device, lambda: autocast(args))
     print(env_line(device), f"| size {args.size} | dtype {args.dtype} | {len(step.ts)} timesteps batched | "
           f"layers {layers} | stop_after={max(layers)}")
