@@ -270,7 +270,7 @@ def prompt_context(pipe, prompt, prompts=None):
     """(context (1, 77, D), non-special token positions) from LearnablePrompts or the plain text encoder."""
     if prompts is not None:
         return prompts.encode([prompt]), prompts.token_positions(prompt)
-    ids = pipe.tokenizer([prompt])
+    ids = pipe.tokenizer([prompt]).to(pipe.unet.conv_in.weight.device)
     n = len(pipe.tokenizer.encode(prompt))
     if n == 0 or n + 2 > ids.shape[1]:
         raise ValueError(f"prompt {prompt!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
@@ -288,7 +288,7 @@ def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
     with torch.no_grad():
         z0 = pipe.vae.encode(x) * pipe.scale_factor
         cond, positions = prompt_context(pipe, prompt, prompts)
-        uncond = pipe.text_encoder(pipe.tokenizer([""]))
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(x.device))
     store = AttentionStore(cfg.resolved_layers(), positions)
     invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
     return heatmap_from_maps(store, tuple(x.shape[-2:]), cfg)[0]

@@ -338,6 +338,10 @@ class UNet2DConditionModel(nn.Module):
         if context.shape[-1] != self.config.cross_attention_dim:
             raise ValueError(f"UNet: text width {context.shape[-1]} != cross_attention_dim "
                              f"{self.config.cross_attention_dim}")
+        dtype = self.conv_in.weight.dtype
+        if not torch.is_autocast_enabled(sample.device.type) and (sample.dtype != dtype or context.dtype != dtype):
+            raise ValueError(f"UNet: inputs are {sample.dtype} / {context.dtype} but the model is {dtype}; cast the "
+                             f"latents and the text context to {dtype}, or run under torch.autocast")
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(B) if t.ndim == 0 else t
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
