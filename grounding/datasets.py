@@ -1,12 +1,14 @@
-"""Readers for MIMIC-CXR-JPG (+ reports), MS-CXR, Chest ImaGenome and VinDr-CXR; curation; MS-CXR-loc; VinDr prompts.
+"""Readers for MIMIC-CXR-JPG (+ reports), MS-CXR (CSV and JSON), Chest ImaGenome and VinDr-CXR.
 
-Formats: FORMATS.md "Datasets". Method: PAPER.md sections 3 (weak supervision) and 8 (evaluation sets).
+Formats: FORMATS.md "Datasets". Evaluation sets: PAPER.md section 8.
 Records are plain dicts (ARCHITECTURE.md "Grounding data records"):
 - grounding pair: pair_id, dicom_id, image_path, category, phrase, prompt, locations, boxes [(x, y, w, h)
   in ORIGINAL pixels], image_width, image_height, split, source;
-- tuning sample: dicom_id, subject_id, study_id, image_path, pathology, locations, prompt, sentence.
+- MIMIC record: dicom_id, subject_id, study_id, split, view, image_width, image_height, image_path, report_path.
 Every reader returns (records, DataReport): nothing is dropped or changed without being counted there.
-The phantom world (grounding/phantom.py) writes these same formats, so these readers are what reads it.
+The weak supervision built on these records (curated tuning set, MS-CXR-loc, VinDr prompts) is in
+grounding/curation.py. The phantom world (grounding/phantom.py) writes these same formats, so these readers are
+what reads it.
 """
 import collections
 import csv
@@ -15,9 +17,8 @@ import json
 import os
 import re
 
-from grounding import reports as rp
-from grounding.anatomy import PATHOLOGIES, box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
-from grounding.preprocess import box_to_model, image_size
+from grounding.anatomy import PATHOLOGIES
+from grounding.preprocess import image_size
 
 
 class DataReport:
@@ -349,109 +350,3 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
                         image_height=H, split=split, source=source))
     report.kept = len(out)
     return out, report
-
-
-# ---------------------------------------------------------------------------------------------------
-# Weak supervision: the curated tuning set, MS-CXR-loc, VinDr prompts
-
-def read_report(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-def positive_sentences(text, scope="clause"):
-    """[(sentence, [pathologies it asserts])] for the FINDINGS + IMPRESSION sentences of one report."""
-    return [(s, rp.find_pathologies(s, scope)) for s in rp.split_sentences(rp.report_body(text))]
-
-
-def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
-    """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
-
-    mimic_records: from read_mimic (filter splits/views there, e.g. splits=("train",), views=("PA", "AP")).
-    exclude_subjects: subject ids to leave out (MS-CXR patients: {p["subject_id"] for p in mscxr_pairs}).
-    One frontal image per study (PA preferred); one sample per distinct prompt of the study's positive
-    sentences. Returns (samples, DataReport) with every dropped study counted by reason.
-    """
-    report = DataReport("curated tuning set")
-    excluded = {str(s) for s in exclude_subjects}
-    studies = collections.OrderedDict()
-    for r in mimic_records:
-        studies.setdefault((r["subject_id"], r["study_id"]), []).append(r)
-    out = []
-    for (subject_id, study_id), imgs in studies.items():
-        if str(subject_id) in excluded:
-            report.add("study of an excluded (MS-CXR) patient")
-            continue
-        img = sorted(imgs, key=lambda r: (r.get("view") != "PA", r["dicom_id"]))[0]
-        if not os.path.exists(img["report_path"]):
-            report.add("report file missing", img["report_path"])
-            continue
-        sents = positive_sentences(read_report(img["report_path"]), scope)
-        found = {p for _, ps in sents for p in ps}
-        if len(found) != 1:
-            report.add("no pathology" if not found else "several pathologies")
-            continue
-        (pathology,) = found
-        prompts = []
-        for sentence, ps in sents:
-            if pathology not in ps:
-                continue
-            locs = rp.sentence_locations(sentence, pathology)
-            if not locs:
-                report.add(f"sentence without location ({pathology})", sentence)
-                continue
-            prompt = rp.standardise_prompt(locs, pathology)
-            if prompt in prompts:
-                continue
-            prompts.append(prompt)
-            out.append(dict(dicom_id=img["dicom_id"], subject_id=subject_id, study_id=study_id,
-                            image_path=img["image_path"], pathology=pathology, locations=locs, prompt=prompt,
-                            sentence=sentence))
-        if not prompts:
-            report.add("study without any located sentence")
-    report.kept = len(out)
-    return out, report
-
-
-def mscxr_loc(pairs):
-    """MS-CXR -> MS-CXR-loc (PAPER.md section 8): keep pairs whose phrase names a location, prompt rewritten
-    to "{location} {pathology}". Dropped pairs are counted per class."""
-    report = DataReport("MS-CXR-loc")
-    out = []
-    for p in pairs:
-        locs = rp.sentence_locations(p["phrase"], p["category"])
-        if not locs:
-            report.add(f"no location: {p['category']}", p["phrase"])
-            continue
-        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
-    report.kept = len(out)
-    return out, report
-
-
-def vindr_prompts(pairs, lut, frame=512, mode="crop", merge=True):
-    """Synthesise VinDr prompts (PAPER.md section 8): each box -> its Gaussian in the 512 frame -> nearest
-    LUT location (squared 2-Wasserstein) -> "{location} {class}", boxes joined with "and".
-
-    Cardiomegaly boxes get "cardiomegaly"; other classes match single-region locations only (not the heart).
-    merge: fold "left X and right X" into "bilateral X" (the vocabulary the prompts were tuned on).
-    mode must match the LUT's (anatomy.build_lut): "crop" = model preprocessing, "stretch" = x/y scaled.
-    """
-    out = []
-    for p in pairs:
-        W, H = p["image_width"], p["image_height"]
-        locs = []
-        for b in p["boxes"]:
-            if p["category"] == "Cardiomegaly":
-                loc = "cardiomegaly"
-            else:
-                if mode == "crop":
-                    x, y, w, h = box_to_model(b, W, H, frame)
-                else:
-                    x, y, w, h = b[0] * frame / W, b[1] * frame / H, b[2] * frame / W, b[3] * frame / H
-                loc = nearest_location(box_gaussian((x, y, x + w, y + h)), lut, SINGLE_BOX_LOCATIONS)
-            if loc not in locs:
-                locs.append(loc)
-        if merge:
-            locs = rp.merge_symmetric([rp.split_location(n) for n in locs])
-        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
-    return out

@@ -1,15 +1,16 @@
 """Where an experiment's data comes from: the embedded phantom world or the credentialed datasets.
 
 One function, `load(cfg)`, turns a train.py / evaluate.py config into everything both scripts need, read through
-the SAME readers for both sources (grounding/datasets.py): the curated tuning samples (MIMIC-CXR reports,
-MS-CXR patients excluded), the location -> Gaussian LUT (Chest ImaGenome gold boxes), and the grounding splits
-(MS-CXR, MS-CXR-loc, VinDr-CXR with synthesised prompts). Every skipped record is counted in `report`, and
-`description` says which data this is: synthetic data is never passed off as real.
+the SAME readers and curation for both sources (grounding/datasets.py, grounding/curation.py): the curated tuning
+samples (MIMIC-CXR reports, MS-CXR patients excluded), the location -> Gaussian LUT (Chest ImaGenome gold boxes),
+and the grounding splits (MS-CXR, MS-CXR-loc, VinDr-CXR with synthesised prompts). Every skipped record is counted
+in `report`, and `description` says which data this is: synthetic data is never passed off as real.
 """
 import dataclasses
 import json
 import os
 
+from grounding import curation as cu
 from grounding import datasets as ds
 from grounding import phantom
 from grounding.anatomy import build_lut, load_lut, save_lut
@@ -100,20 +101,20 @@ def load(cfg, family=None, need_samples=True):
     samples = []
     if need_samples:  # MS-CXR patients never enter the tuning set
         train = [r for r in records if r["split"] == "train"]
-        samples, rep = ds.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in all_pairs})
+        samples, rep = cu.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in all_pairs})
         lines.append(str(rep))
         if getattr(cfg, "max_train_samples", 0):
             samples = samples[:cfg.max_train_samples]
     has_split = any(p.get("split") for p in all_pairs)
     test = [p for p in all_pairs if not has_split or p["split"] == "test"]
     val = [p for p in all_pairs if has_split and p["split"] == "val"]
-    test_loc, rep = ds.mscxr_loc(test)
+    test_loc, rep = cu.mscxr_loc(test)
     lines.append(str(rep))
-    val_loc, _ = ds.mscxr_loc(val)
+    val_loc, _ = cu.mscxr_loc(val)
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
         vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir)
         lines.append(str(rep))
-        vindr = ds.vindr_prompts(vpairs, lut)
+        vindr = cu.vindr_prompts(vpairs, lut)
     return Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,
                 val_pairs=val_loc, vindr=vindr, report="\n".join(lines))

@@ -12,7 +12,8 @@ is checked first, and all problems of all components come back as ONE error. `sa
 folder beside DST and renames it into place, so DST is either the old folder or the complete new one.
 `convert_checkpoint` reads a diffusers folder, a CompVis single file or the MONAI CXR pair (+ an SD 2.1-base
 folder for its text encoder) and returns a Pipeline (what convert_weights.py saves). The renaming rules live in
-ldm/convert.py, safe file reading in ldm/checkpoint.py and ldm/safetensors.py.
+ldm/convert.py (diffusers family) and ldm/convert_monai.py (MONAI), safe file reading in ldm/checkpoint.py and
+ldm/safetensors.py.
 """
 import json
 import os
@@ -25,8 +26,9 @@ import torch
 import yaml
 
 from .checkpoint import load_state_dict
-from .convert import (legacy_vae_to_ours, monai_unet_to_ours, monai_vae_to_ours, sd1_text_to_ours, split_compvis,
-                      text_config_from_state_dict, unet_config_from_state_dict, vae_config_from_state_dict)
+from .convert import (legacy_vae_to_ours, sd1_text_to_ours, split_compvis, text_config_from_state_dict,
+                      unet_config_from_state_dict, vae_config_from_state_dict)
+from .convert_monai import monai_unet_to_ours, monai_vae_to_ours
 from .safetensors import load_file, save_file
 from .schedulers import DDIMScheduler, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig

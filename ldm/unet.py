@@ -4,7 +4,7 @@ Mirrors diffusers `models/unets/unet_2d_condition.py` (UNet2DConditionModel with
 DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D, ResnetBlock2D, Downsample2D, Upsample2D,
 Timesteps, TimestepEmbedding), with the same module names, so a diffusers checkpoint loads with
 `load_state_dict(strict=True)`. MONAI's `DiffusionModelUNet` (the paper's CXR LDM, Pinaya et al. 2022) is the
-same network; its keys are renamed in ldm/convert.py and its layout differences are config values.
+same network; its keys are renamed in ldm/convert_monai.py and its layout differences are config values.
 
 Every cross-attention layer knows its name, place (down/mid/up), cross_index and map resolution; `forward`
 passes an attention store down explicitly and can stop right after a given cross-attention layer (the heatmap

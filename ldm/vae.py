@@ -14,7 +14,7 @@ which are config flags here:
 | before each conv_out     | GroupNorm, SiLU                      | GroupNorm only (no activation)         |
 
 Parameter names are the diffusers keys, so a diffusers `vae/` folder loads with `load_state_dict(strict=True)`;
-MONAI checkpoints are renamed onto these names in ldm/convert.py.
+MONAI checkpoints are renamed onto these names in ldm/convert_monai.py.
 Latents are UNSCALED here: multiply by `config.scale_factor` before the UNet, divide before `decode`.
 """
 from dataclasses import asdict, dataclass, field, fields

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from grounding import anatomy as an
+from grounding import curation as cu
 from grounding import datasets as ds
 
 MSCXR_COLS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
@@ -68,7 +69,7 @@ def test_read_mimic_missing_image_error_or_counted_skip(mimic):
 
 def test_curated_tuning_set(mimic):
     recs, _ = ds.read_mimic(mimic, views=("PA", "AP"), on_missing="skip")
-    samples, rep = ds.curate_tuning_set(recs, exclude_subjects={"10000004"})
+    samples, rep = cu.curate_tuning_set(recs, exclude_subjects={"10000004"})
     print(rep)
     assert [(s["dicom_id"], s["prompt"]) for s in samples] == [("dcm0", "left lower atelectasis"),
                                                               ("dcm0", "bibasilar atelectasis")]
@@ -129,7 +130,7 @@ def test_read_mscxr_json_twin_matches_csv(tmp_path):
 
 def test_mscxr_loc_drops_and_counts_per_class(tmp_path):
     pairs, _ = ds.read_mscxr(str(_write(tmp_path)), str(tmp_path), on_missing="skip")
-    loc, rep = ds.mscxr_loc(pairs)
+    loc, rep = cu.mscxr_loc(pairs)
     assert [p["prompt"] for p in loc] == ["bilateral pleural effusion", "cardiomegaly"]
     assert loc[1]["locations"] == ["cardiomegaly"]
     assert rep["no location: Pneumothorax"] == 1 and rep.kept == 2
@@ -191,6 +192,6 @@ def test_vindr_prompts_nearest_gaussian():
                   image_width=512, image_height=512),
              dict(category="Pneumothorax", boxes=[box("right apical zone")], image_width=512, image_height=512),
              dict(category="Cardiomegaly", boxes=[box("cardiac silhouette")], image_width=512, image_height=512)]
-    out = ds.vindr_prompts(pairs, lut)
+    out = cu.vindr_prompts(pairs, lut)
     assert [p["prompt"] for p in out] == ["bilateral lower atelectasis", "right apical pneumothorax", "cardiomegaly"]
-    assert ds.vindr_prompts(pairs[:1], lut, merge=False)[0]["prompt"] == "left lower and right lower atelectasis"
+    assert cu.vindr_prompts(pairs[:1], lut, merge=False)[0]["prompt"] == "left lower and right lower atelectasis"

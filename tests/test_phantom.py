@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from grounding import anatomy as an
+from grounding import curation as cu
 from grounding import datasets as ds
 from grounding import phantom as ph
+from grounding import phantom_render as pr
 from grounding import reports as rp
 
 
@@ -49,11 +51,11 @@ def test_readers_read_the_world(world):
     assert len(recs) == 16 + 2 + 10 and rep.kept == 28
     pairs, rep = ds.read_mscxr(os.path.join(root, "ms-cxr", "MS_CXR_Local_Alignment_v1.1.0.csv"), mimic)
     assert len(pairs) == 10 and {p["split"] for p in pairs} <= {"test", "val"}
-    loc, loc_rep = ds.mscxr_loc(pairs)
+    loc, loc_rep = cu.mscxr_loc(pairs)
     print(loc_rep)
     assert len(loc) + sum(n for k, n in loc_rep.counts.items() if k.startswith("no location")) == len(pairs)
     train, _ = ds.read_mimic(mimic, os.path.join(root, "mimic-cxr-reports"), splits=("train",))
-    samples, cur = ds.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in pairs})
+    samples, cur = cu.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in pairs})
     print(cur)
     assert samples and all(s["prompt"] and s["locations"] for s in samples)
     sizes = {r["dicom_id"]: (r["image_width"], r["image_height"]) for r in recs}
@@ -64,7 +66,7 @@ def test_readers_read_the_world(world):
     assert lut["right apical"][0][1] < lut["right upper"][0][1] < lut["right middle"][0][1] < lut["right lower"][0][1]
     vpairs, vrep = ds.read_vindr(os.path.join(root, "vindr-cxr", "annotations_test.csv"),
                                  os.path.join(root, "vindr-cxr", "test"))
-    prompts = ds.vindr_prompts(vpairs, lut)
+    prompts = cu.vindr_prompts(vpairs, lut)
     assert prompts and all(p["prompt"].endswith(p["category"].lower()) for p in prompts)
 
 
@@ -77,8 +79,8 @@ def test_boxes_contain_the_rendered_finding(pathology):
         case = ph.sample_case(cfg, "test", i)
         if case["findings"][0]["pathology"] != pathology:
             continue
-        with_f, info = ph.render_case(case)
-        without, _ = ph.render_case(case, with_findings=False)
+        with_f, info = pr.render_case(case)
+        without, _ = pr.render_case(case, with_findings=False)
         diff = np.abs(with_f.astype(np.float64) - without)
         inside = np.zeros_like(diff, dtype=bool)
         for x, y, w, h in info["boxes"][0]:
@@ -108,7 +110,7 @@ def test_reports_assert_exactly_the_drawn_findings():
     cfg = ph.PhantomConfig()
     for i in range(300):
         case = ph.sample_case(cfg, "train", i)
-        found = {p for _, ps in ds.positive_sentences(case["report"]) for p in ps}
+        found = {p for _, ps in cu.positive_sentences(case["report"]) for p in ps}
         assert found == {f["pathology"] for f in case["findings"]}, case["report"]
 
 

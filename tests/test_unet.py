@@ -85,12 +85,12 @@ def test_keys_match_diffusers_key_lists():
 
 @pytest.mark.parametrize("fname", ["gen_unet.txt", "monai14_unet.txt"])
 def test_monai_cxr_keys_convert_to_ours(fname):
-    convert = pytest.importorskip("ldm.convert")
+    convert_monai = pytest.importorskip("ldm.convert_monai")
     path = os.path.join(KEYS, fname)
     if not os.path.exists(path):
         pytest.skip(f"{path} not available")
     ref = dict(line.split("\t") for line in open(path).read().splitlines() if line.strip())
-    renamed = convert.monai_unet_to_ours(ref)
+    renamed = convert_monai.monai_unet_to_ours(ref)
     with torch.device("meta"):
         ours = {k: str(list(v.shape)) for k, v in UNet2DConditionModel(UNetConfig.monai_cxr()).state_dict().items()}
     assert renamed == ours, f"{sorted(set(renamed) ^ set(ours))[:5]}"
@@ -150,7 +150,7 @@ def test_parity_with_monai(channels, res_blocks):
     need("monai")
     from monai.networks.nets import DiffusionModelUNet
 
-    from ldm.convert import monai_unet_to_ours
+    from ldm.convert_monai import monai_unet_to_ours
 
     ref = perturb(DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, num_res_blocks=res_blocks,
                                      channels=channels, attention_levels=(False, True, True),

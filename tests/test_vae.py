@@ -1,7 +1,7 @@
 """ldm/vae.py against diffusers AutoencoderKL and MONAI AutoencoderKL (random weights, tiny sizes, CPU).
 
 Parity: weights are copied from the reference model (diffusers: load_state_dict(strict=True) as is; MONAI: through
-ldm.convert.monai_vae_to_ours), then encode mean / logvar, decode and the sampled forward are compared with `cmp`.
+ldm.convert_monai.monai_vae_to_ours), then encode mean / logvar, decode and the sampled forward are compared with `cmp`.
 Full sizes are only counted, on the meta device.
 """
 import pathlib
@@ -129,7 +129,7 @@ def our_monai_config(channels, num_res_blocks, norm_num_groups, attn):
 @pytest.mark.parametrize("naming", ["monai>=1.4", "GenerativeModels"])
 @pytest.mark.parametrize("kwargs", MONAI_TINY)
 def test_monai_parity(kwargs, naming):
-    from ldm.convert import monai_vae_to_ours
+    from ldm.convert_monai import monai_vae_to_ours
 
     ref = perturb_norms(monai_model(**kwargs)).eval()
     state = ref.state_dict()
@@ -158,7 +158,7 @@ def test_tiny_is_the_first_monai_config():
 
 
 def test_monai_cxr_full_size_on_meta():
-    from ldm.convert import monai_vae_to_ours
+    from ldm.convert_monai import monai_vae_to_ours
 
     need("monai")
     with torch.device("meta"):

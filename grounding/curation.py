@@ -1,0 +1,117 @@
+"""Weak supervision from the records of grounding/datasets.py: the curated tuning set, MS-CXR-loc, VinDr prompts.
+
+Method: PAPER.md sections 3 (weak supervision: report sentences -> location + pathology prompts) and 8
+(evaluation sets: MS-CXR-loc, VinDr-CXR with synthesised prompts). Records are plain dicts (ARCHITECTURE.md
+"Grounding data records"); a tuning sample is: dicom_id, subject_id, study_id, image_path, pathology,
+locations, prompt, sentence. Every step returns or fills a DataReport: nothing is dropped without being counted.
+"""
+import collections
+import os
+
+from grounding import reports as rp
+from grounding.anatomy import box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
+from grounding.datasets import DataReport
+from grounding.preprocess import box_to_model
+
+
+def read_report(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def positive_sentences(text, scope="clause"):
+    """[(sentence, [pathologies it asserts])] for the FINDINGS + IMPRESSION sentences of one report."""
+    return [(s, rp.find_pathologies(s, scope)) for s in rp.split_sentences(rp.report_body(text))]
+
+
+def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
+    """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
+
+    mimic_records: from read_mimic (filter splits/views there, e.g. splits=("train",), views=("PA", "AP")).
+    exclude_subjects: subject ids to leave out (MS-CXR patients: {p["subject_id"] for p in mscxr_pairs}).
+    One frontal image per study (PA preferred); one sample per distinct prompt of the study's positive
+    sentences. Returns (samples, DataReport) with every dropped study counted by reason.
+    """
+    report = DataReport("curated tuning set")
+    excluded = {str(s) for s in exclude_subjects}
+    studies = collections.OrderedDict()
+    for r in mimic_records:
+        studies.setdefault((r["subject_id"], r["study_id"]), []).append(r)
+    out = []
+    for (subject_id, study_id), imgs in studies.items():
+        if str(subject_id) in excluded:
+            report.add("study of an excluded (MS-CXR) patient")
+            continue
+        img = sorted(imgs, key=lambda r: (r.get("view") != "PA", r["dicom_id"]))[0]
+        if not os.path.exists(img["report_path"]):
+            report.add("report file missing", img["report_path"])
+            continue
+        sents = positive_sentences(read_report(img["report_path"]), scope)
+        found = {p for _, ps in sents for p in ps}
+        if len(found) != 1:
+            report.add("no pathology" if not found else "several pathologies")
+            continue
+        (pathology,) = found
+        prompts = []
+        for sentence, ps in sents:
+            if pathology not in ps:
+                continue
+            locs = rp.sentence_locations(sentence, pathology)
+            if not locs:
+                report.add(f"sentence without location ({pathology})", sentence)
+                continue
+            prompt = rp.standardise_prompt(locs, pathology)
+            if prompt in prompts:
+                continue
+            prompts.append(prompt)
+            out.append(dict(dicom_id=img["dicom_id"], subject_id=subject_id, study_id=study_id,
+                            image_path=img["image_path"], pathology=pathology, locations=locs, prompt=prompt,
+                            sentence=sentence))
+        if not prompts:
+            report.add("study without any located sentence")
+    report.kept = len(out)
+    return out, report
+
+
+def mscxr_loc(pairs):
+    """MS-CXR -> MS-CXR-loc (PAPER.md section 8): keep pairs whose phrase names a location, prompt rewritten
+    to "{location} {pathology}". Dropped pairs are counted per class."""
+    report = DataReport("MS-CXR-loc")
+    out = []
+    for p in pairs:
+        locs = rp.sentence_locations(p["phrase"], p["category"])
+        if not locs:
+            report.add(f"no location: {p['category']}", p["phrase"])
+            continue
+        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
+    report.kept = len(out)
+    return out, report
+
+
+def vindr_prompts(pairs, lut, frame=512, mode="crop", merge=True):
+    """Synthesise VinDr prompts (PAPER.md section 8): each box -> its Gaussian in the 512 frame -> nearest
+    LUT location (squared 2-Wasserstein) -> "{location} {class}", boxes joined with "and".
+
+    Cardiomegaly boxes get "cardiomegaly"; other classes match single-region locations only (not the heart).
+    merge: fold "left X and right X" into "bilateral X" (the vocabulary the prompts were tuned on).
+    mode must match the LUT's (anatomy.build_lut): "crop" = model preprocessing, "stretch" = x/y scaled.
+    """
+    out = []
+    for p in pairs:
+        W, H = p["image_width"], p["image_height"]
+        locs = []
+        for b in p["boxes"]:
+            if p["category"] == "Cardiomegaly":
+                loc = "cardiomegaly"
+            else:
+                if mode == "crop":
+                    x, y, w, h = box_to_model(b, W, H, frame)
+                else:
+                    x, y, w, h = b[0] * frame / W, b[1] * frame / H, b[2] * frame / W, b[3] * frame / H
+                loc = nearest_location(box_gaussian((x, y, x + w, y + h)), lut, SINGLE_BOX_LOCATIONS)
+            if loc not in locs:
+                locs.append(loc)
+        if merge:
+            locs = rp.merge_symmetric([rp.split_location(n) for n in locs])
+        out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
+    return out
