@@ -49,6 +49,8 @@ class TrainConfig:
     mscxr_csv: str = ""                      # MS-CXR CSV: its patients are excluded from tuning; its split is evaluated
     imagenome_root: str = ""                 # Chest ImaGenome scene graphs (gold subset) for the Gaussian LUT
     lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
+    vindr_csv: str = ""                      # VinDr-CXR annotations_test.csv (evaluate.py --split vindr)
+    vindr_images: str = ""                   # folder of VinDr images converted to PNG (<image_id>.png)
     # --- model -------------------------------------------------------------------------------------------------
     weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
     # --- prompt tuning (paper defaults, PAPER.md sections 4-5 and 10) -------------------------------------------

@@ -69,9 +69,8 @@ def _paths(cfg):
         missing = [k for k in ("mimic_root", "reports_root", "mscxr_csv") if not getattr(cfg, k)]
         if missing:
             raise ValueError(f"data: mimic needs the config keys {missing} (see configs/mimic_monai.yaml)")
-        vindr_csv = getattr(cfg, "vindr_csv", "")
-        return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, vindr_csv,
-                getattr(cfg, "vindr_images", ""), f"[data] MIMIC-CXR-JPG {cfg.mimic_root} + MS-CXR {cfg.mscxr_csv} (real)")
+        return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, cfg.vindr_csv, cfg.vindr_images,
+                f"[data] MIMIC-CXR-JPG {cfg.mimic_root} + MS-CXR {cfg.mscxr_csv} (real)")
     raise ValueError(f"config key 'data': expected 'phantom' or 'mimic', got {cfg.data!r}")
 
 
