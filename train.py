@@ -82,6 +82,7 @@ class TrainConfig:
     eval_at_end: bool = True                 # frozen-vs-tuned grounding on the held-out split when done
     eval_pairs: int = 0                      # 0 = the whole held-out split
     eval_batch: int = 16                     # images inverted together during evaluation
+    eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
     # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
     vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
     vae_lr: float = 1e-3
@@ -268,11 +269,16 @@ def tune(cfg, resume=False):
 
 
 def final_evaluation(cfg, pipe, prompts, data):
-    """Frozen baseline vs tuned prompts on the held-out split (the paper's table, phantom or real)."""
+    """Frozen baseline vs tuned prompts on the held-out split (the paper's table, phantom or real).
+
+    "frozen" is the paper's baseline (its own layers + Otsu mask); "untuned" reads the tuned model's layers without
+    Otsu but with the ORIGINAL embeddings, so that tuned - untuned is what the learned rows alone bring.
+    """
     pairs = data.test_pairs[:cfg.eval_pairs] if cfg.eval_pairs else data.test_pairs
     print(f"\nevaluating on {len(pairs)} held-out pairs ({data.description})")
     summaries = {}
-    for name, p, tuned in (("frozen", None, False), ("tuned", prompts, True)):
+    models = [("frozen", None, False)] + [("untuned", None, True)] * cfg.eval_untuned + [("tuned", prompts, True)]
+    for name, p, tuned in models:
         hcfg = HeatmapConfig(family=pipe.family, tuned=tuned)
         rows = evaluate_pairs(pipe, pairs, hcfg, p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
                               batch_size=cfg.eval_batch, desc=f"eval {name}")

@@ -6,23 +6,15 @@ same rows as 1 process x batch 2.
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from ldm.safetensors import load_file
-from tiny_world import REPO, make_tiny_setup
+from tiny_world import REPO, make_tiny_setup, run
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def run(cmd, cwd):
-    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
 
 
 @pytest.fixture(scope="module")

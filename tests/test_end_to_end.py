@@ -15,15 +15,12 @@ import pytest
 import torch
 
 from ldm.safetensors import load_file
-from tiny_world import REPO, make_tiny_setup
+from tiny_world import ENV, REPO, make_tiny_setup
+from tiny_world import run as run_cmd
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
-
-def run(args, cwd, **kw):
-    out = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, **kw)
-    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
+def run(args, cwd):
+    return run_cmd([sys.executable, *args], cwd)
 
 
 @pytest.fixture(scope="module")

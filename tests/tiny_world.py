@@ -6,6 +6,8 @@ seconds: a 16-study world, 32-pixel model inputs, a UNet with the phantom layout
 """
 import dataclasses
 import os
+import subprocess
+import sys
 
 import torch
 import yaml
@@ -21,6 +23,14 @@ from grounding.anatomy import LOCATIONS, PATHOLOGIES
 from grounding.phantom import PhantomConfig, build_world, training_captions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def run(cmd, cwd):
+    """Run a command as a user would (a subprocess in `cwd`); fail the test with its output if it fails."""
+    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
 
 
 def make_tiny_setup(root, seed=0):
