@@ -41,7 +41,8 @@ def main(argv=None):
     p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"])
     p.add_argument("--config", default="tune.yaml", help="train.py config giving the data paths (default tune.yaml)")
     p.add_argument("--weights", default=None, help="converted model folder (default: the config's weights)")
-    p.add_argument("--prompts", default=None, help="learned anatomy rows (.safetensors from train.py)")
+    p.add_argument("--prompts", default=None, help="learned anatomy rows (.safetensors from train.py); default: "
+                   "<config out_dir>/learned_rows.safetensors when neither --prompts nor --baseline is given")
     p.add_argument("--baseline", action="store_true", help="also (or only) evaluate the frozen model")
     p.add_argument("--out", default=None, help="output folder (default runs/eval_<split>)")
     p.add_argument("--batch", type=int, default=16, help="images inverted together")
@@ -53,8 +54,13 @@ def main(argv=None):
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.weights:
         cfg.weights = args.weights
-    if not args.prompts and not args.baseline:
-        p.error("nothing to evaluate: give --prompts FILE (tuned) and/or --baseline (frozen)")
+    if not args.prompts and not args.baseline:  # default: the frozen model, plus the config's tuned rows if present
+        args.baseline = True
+        default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
+        if os.path.exists(default):
+            args.prompts = default
+        print(f"no --prompts/--baseline given: evaluating the frozen model"
+              + (f" and the learned rows {default} (the config's out_dir)" if args.prompts else ""))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
