@@ -4,6 +4,7 @@ Parity: weights are copied from the reference model (diffusers: load_state_dict(
 ldm.convert_monai.monai_vae_to_ours), then encode mean / logvar, decode and the sampled forward are compared with `cmp`.
 Full sizes are only counted, on the meta device.
 """
+import os
 import pathlib
 import dataclasses
 
@@ -28,6 +29,9 @@ def perturb_norms(model):
 
 
 def weights_from_file(path):
+    """{key: shape} from a reference key list in ../shared (skips the test where the checkout has none beside it)."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not available (../shared/reference/keys beside the checkout)")
     rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
     return {k: [int(s) for s in shape.strip("[]").split(",")] for k, shape, *_ in rows}
 
