@@ -4,6 +4,12 @@ cross-attention maps are exposed for phrase grounding. Read ARCHITECTURE.md for 
     from ldm import load_pipeline
     pipe = load_pipeline("weights/roentgen", device="cpu", dtype=torch.float32)
 """
-from ldm.pipeline import Pipeline, load_pipeline, save_pipeline
-
 __all__ = ["Pipeline", "load_pipeline", "save_pipeline"]
+
+
+def __getattr__(name):
+    # imported on first use, so that `python -m ldm.tokenizer` (and friends) run without importing the whole stack
+    if name in __all__:
+        from ldm import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ldm' has no attribute {name!r}")
