@@ -284,7 +284,7 @@ def final_evaluation(cfg, pipe, prompts, data):
                               batch_size=cfg.eval_batch, desc=f"eval {name}")
         summaries[name], md = summary_table(rows)
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
-            f.write(md + "\n")
+            f.write(f"Data: {data.description}\nWeights: {cfg.weights}\n\n{md}\n")
     table = comparison_markdown(summaries)
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
         f.write(f"Data: {data.description}\nWeights: {cfg.weights}\n\n{table}\n")
