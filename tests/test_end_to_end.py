@@ -101,3 +101,23 @@ def test_evaluation_resumes_without_recomputing(setup):
     # the recomputed pairs ran in a smaller batch: equal up to float summation order
     assert {r["pair_id"]: r["cnr"] for r in rows} == pytest.approx({json.loads(l)["pair_id"]: json.loads(l)["cnr"]
                                                                     for l in full}, rel=1e-5, abs=1e-6)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup):
+    import shutil
+
+    from ldm.safetensors import save_file
+    root = setup["root"]
+    bad = os.path.join(root, "model_nan")
+    shutil.copytree(setup["model"], bad)
+    weights = dict(load_file(os.path.join(bad, "unet.safetensors"), copy=True))
+    key = next(k for k in weights if k.endswith("attn2.to_q.weight"))
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = float("nan")                        # one poisoned weight -> a NaN loss at the first step
+    save_file(weights, os.path.join(bad, "unet.safetensors"))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", setup["config"],
+                          f"weights={bad}", "out_dir=run_nan", "eval_at_end=false"],
+                         cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "loss is nan" in (out.stdout + out.stderr) and "last good checkpoint" in (out.stdout + out.stderr)
+    assert not os.path.exists(os.path.join(root, "run_nan", "ckpt.pt"))   # nothing bad was saved
