@@ -1,6 +1,6 @@
 """Phrase-grounding heatmap per image: our fast path vs the straightforward procedure.
 
-Fast path (grounding/evaluation.py extract_heatmaps -> grounding/heatmap.py invert_and_record(fast=True)):
+Fast path (grounding/heatmap.py extract_heatmaps -> grounding/heatmap.py invert_and_record(fast=True)):
 the inversion stops at the last recorded step, the conditional pass runs only at the recorded steps and stops
 right after the last recorded layer, and the store keeps only the prompt's token columns of the chosen layers.
 
@@ -27,7 +27,7 @@ from benchmarks.pipes import PROMPT, build_pipe, random_images  # noqa: E402
 import torch  # noqa: E402
 
 from grounding.attention_store import AttentionStore  # noqa: E402
-from grounding.evaluation import _contexts, extract_heatmaps  # noqa: E402
+from grounding.heatmap import extract_heatmaps, prompt_contexts  # noqa: E402
 from grounding.heatmap import (HeatmapConfig, heatmap_from_maps, inversion_scheduler,  # noqa: E402
                                invert_and_record, window_timesteps)
 
@@ -40,7 +40,7 @@ def straightforward(pipe, images, prompts, cfg):
     device = pipe.unet.conv_in.weight.device
     B = images.shape[0]
     z = pipe.vae.encode(images.to(device)) * pipe.scale_factor
-    cond, positions = _contexts(pipe, prompts)                            # (B, 77, D), per-item token columns
+    cond, positions = prompt_contexts(pipe, prompts)                            # (B, 77, D), per-item token columns
     uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device)).expand(B, -1, -1)
     sched = inversion_scheduler(pipe.scheduler, cfg)
     full = AttentionStore(None, None)                                     # every layer, all 77 columns
@@ -64,7 +64,7 @@ def fast_store_numel(pipe, images, prompts, cfg):
     """Numbers held by the fast path's store for the same inputs (the path extract_heatmaps runs)."""
     device = pipe.unet.conv_in.weight.device
     z0 = pipe.vae.encode(images.to(device)) * pipe.scale_factor
-    cond, positions = _contexts(pipe, prompts)
+    cond, positions = prompt_contexts(pipe, prompts)
     uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
     store = AttentionStore(cfg.resolved_layers(), positions)
     invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True)

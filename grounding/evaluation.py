@@ -12,43 +12,11 @@ import os
 import torch
 from tqdm import tqdm
 
-from grounding.attention_store import AttentionStore
-from grounding.heatmap import HeatmapConfig, heatmap_from_maps, invert_and_record
+from grounding.heatmap import extract_heatmaps
 from grounding.metrics import auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
 from grounding.preprocess import preprocess, to_original
 
 METRICS = ("cnr", "miou", "auc", "pointing")
-
-
-def _contexts(pipe, prompts_text, prompts=None):
-    """(B, 77, D) conditional contexts and the per-item non-special token positions."""
-    if prompts is not None:
-        return prompts.encode(prompts_text), [prompts.token_positions(p) for p in prompts_text]
-    ids = pipe.tokenizer(prompts_text).to(pipe.unet.conv_in.weight.device)
-    positions = []
-    for p in prompts_text:
-        n = len(pipe.tokenizer.encode(p))
-        if n == 0 or n + 2 > ids.shape[1]:
-            raise ValueError(f"prompt {p!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
-        positions.append(list(range(1, n + 1)))  # after BOS, before EOS
-    return pipe.text_encoder(ids), positions
-
-
-@torch.no_grad()
-def extract_heatmaps(pipe, images, prompts_text, cfg, prompts=None):
-    """A batch of model-frame images (B, C, S, S) and their prompts -> (B, S, S) heatmaps in [0, 1].
-
-    The same procedure as grounding.heatmap.extract_heatmap, for B images inverted together (one UNet call per
-    step for the whole batch); every per-image operation (min-max, filter, Otsu) stays per image.
-    """
-    device = pipe.unet.conv_in.weight.device
-    images = images.to(device, pipe.unet.conv_in.weight.dtype)
-    z0 = pipe.vae.encode(images) * pipe.scale_factor
-    cond, positions = _contexts(pipe, prompts_text, prompts)
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-    store = AttentionStore(cfg.resolved_layers(), positions)
-    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True)
-    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
 
 
 def score(heatmap, boxes):

@@ -266,29 +266,46 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
 # end to end
 
 
-def prompt_context(pipe, prompt, prompts=None):
-    """(context (1, 77, D), non-special token positions) from LearnablePrompts or the plain text encoder."""
+def prompt_contexts(pipe, texts, prompts=None):
+    """((B, 77, D) contexts, per-item non-special token positions) from LearnablePrompts or the plain text encoder."""
     if prompts is not None:
-        return prompts.encode([prompt]), prompts.token_positions(prompt)
-    ids = pipe.tokenizer([prompt]).to(pipe.unet.conv_in.weight.device)
-    n = len(pipe.tokenizer.encode(prompt))
-    if n == 0 or n + 2 > ids.shape[1]:
-        raise ValueError(f"prompt {prompt!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
-    return pipe.text_encoder(ids), list(range(1, n + 1))    # positions after BOS, before EOS
+        return prompts.encode(texts), [prompts.token_positions(t) for t in texts]
+    ids = pipe.tokenizer(texts).to(pipe.unet.conv_in.weight.device)
+    positions = []
+    for t in texts:
+        n = len(pipe.tokenizer.encode(t))
+        if n == 0 or n + 2 > ids.shape[1]:
+            raise ValueError(f"prompt {t!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
+        positions.append(list(range(1, n + 1)))               # positions after BOS, before EOS
+    return pipe.text_encoder(ids), positions
+
+
+def prompt_context(pipe, prompt, prompts=None):
+    """(context (1, 77, D), token positions) of one prompt."""
+    cond, positions = prompt_contexts(pipe, [prompt], prompts)
+    return cond, positions[0]
+
+
+@torch.no_grad()
+def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
+    """Model-frame images (B, C, S, S) in the family's range and one prompt each -> (B, S, S) heatmaps in [0, 1]
+    (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
+    per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
+    (plain text encoder)."""
+    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
+    device = pipe.unet.conv_in.weight.device
+    images = images.to(device, pipe.unet.conv_in.weight.dtype)
+    z0 = pipe.vae.encode(images) * pipe.scale_factor
+    cond, positions = prompt_contexts(pipe, list(texts), prompts)
+    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    store = AttentionStore(cfg.resolved_layers(), positions)
+    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
+    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
 
 
 def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
-    """image (C, H, W) or (1, C, H, W), already preprocessed to the model frame and the family's range;
-    prompt a string; prompts a LearnablePrompts (tuned model) or None (plain text encoder).
-    Returns the (H, W) heatmap in [0, 1] in the model frame."""
-    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
+    """One image (C, H, W) or (1, C, H, W) and its prompt -> the (H, W) heatmap (see extract_heatmaps)."""
     x = image[None] if image.dim() == 3 else image
     if x.shape[0] != 1:
         raise ValueError(f"extract_heatmap: one image at a time, got a batch of {x.shape[0]}")
-    with torch.no_grad():
-        z0 = pipe.vae.encode(x) * pipe.scale_factor
-        cond, positions = prompt_context(pipe, prompt, prompts)
-        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(x.device))
-    store = AttentionStore(cfg.resolved_layers(), positions)
-    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
-    return heatmap_from_maps(store, tuple(x.shape[-2:]), cfg)[0]
+    return extract_heatmaps(pipe, x, [prompt], cfg, prompts, fast=fast)[0]

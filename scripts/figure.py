@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm import load_pipeline  # noqa: E402
 from ldm.sampling import sample, to_pil  # noqa: E402
 from grounding import sources  # noqa: E402
-from grounding.evaluation import extract_heatmaps  # noqa: E402
+from grounding.heatmap import extract_heatmaps  # noqa: E402
 from grounding.heatmap import HeatmapConfig  # noqa: E402
 from grounding.preprocess import box_to_model, preprocess  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402

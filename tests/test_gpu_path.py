@@ -201,7 +201,7 @@ def test_cuda_autocast_unet_close_to_fp32_and_probs_float32(dtype):
 
 @on_cuda
 def test_cuda_heatmap_equals_cpu():
-    from grounding.evaluation import extract_heatmaps
+    from grounding.heatmap import extract_heatmaps
     torch.backends.cudnn.allow_tf32 = False                     # TF32 convolutions would differ by ~1e-3
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = HeatmapConfig.tiny()
