@@ -46,6 +46,8 @@ def load_config(cls, path=None, overrides=()):
                 loaded = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not loaded:
+            print(f"config file {path} is empty: running on the built-in defaults (plus any key=value overrides)")
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
@@ -62,6 +64,30 @@ def load_config(cls, path=None, overrides=()):
     hints = typing.get_type_hints(cls)
     checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
     return cls(**checked)
+
+
+def check_values(cfg, positive=(), non_negative=(), choices=None):
+    """Range and choice checks of a loaded config; a ValueError names the key, its value and what it must be."""
+    for key in positive:
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"config key {key!r}: must be > 0, got {getattr(cfg, key)!r}")
+    for key in non_negative:
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"config key {key!r}: must be >= 0, got {getattr(cfg, key)!r}")
+    for key, allowed in (choices or {}).items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r}: expected one of {' | '.join(map(str, allowed))}, "
+                             f"got {getattr(cfg, key)!r}")
+
+
+def check_layers(key, layers, n_layers, what="this model"):
+    """Cross-attention layer indices must exist in the model: 0 <= i < n_layers, no repeats."""
+    bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer index(es) {bad} out of range; {what} has {n_layers} "
+                         f"cross-attention layers (0-{n_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"config key {key!r}: repeated layer index in {list(layers)}")
 
 
 def save_config(cfg, path):
