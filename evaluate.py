@@ -42,7 +42,10 @@ def main(argv=None):
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
+        p.error(str(e))
     if args.weights:
         cfg.weights = args.weights
     if not args.prompts and not args.baseline:  # default: the frozen model, plus the config's tuned rows if present

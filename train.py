@@ -122,7 +122,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start a new run in an out_dir that holds a checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides), args
+    try:
+        return load_config(TrainConfig, args.config, args.overrides), args
+    except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
+        p.error(str(e))
 
 
 # ---------------------------------------------------------------------------------------------------------------
