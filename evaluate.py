@@ -42,6 +42,9 @@ def main(argv=None):
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
+    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
+        if getattr(args, flag) < low:
+            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback

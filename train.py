@@ -3,6 +3,8 @@
     python train.py --config tune.yaml [key=value ...]                    # prompt tuning (the paper), default world
     python train.py --config configs/phantom_pretrain.yaml                # (re)build the tiny phantom base LDM
     python train.py --config tune.yaml --resume                           # continue from out_dir/ckpt.pt
+    python train.py --config tune.yaml --resume --force lr=1e-3           # ... with changed settings (named, kept apart)
+    python train.py --config tune.yaml --overwrite                        # start over in an out_dir with a checkpoint
 
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig below with its default and a
 comment; YAML files and key=value overrides fill it (unknown keys and wrong types are errors).

@@ -76,14 +76,15 @@ def prompts_digest(prompts):
 
 
 def code_version():
-    """The git commit of this checkout (short), with '+dirty' when tracked files differ from it."""
+    """The git commit of this checkout (short), plus '+dirty.<hash of the diff>' when tracked files were edited."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo, timeout=30).stdout
         head = run("rev-parse", "--short", "HEAD").strip()
         if not head:
             return "unknown"
-        return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
+        diff = run("diff", "HEAD")
+        return head + (f"+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -132,6 +132,16 @@ def test_bad_values_are_named_when_the_config_is_loaded(item):
         load_config(TrainConfig, None, [item])
 
 
+def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "phantom", "--batch", "0"])               # was: "range() arg 3 must not be zero"
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["ckpt_every=0"])                                         # was: ZeroDivisionError at step 1
+    assert "config key 'ckpt_every': must be > 0, got 0" in capsys.readouterr().err
+
+
 def test_layer_indices_are_checked_against_the_model():
     from grounding.config import check_layers
     n = len(tiny_pipe().unet.cross_attention_layers())
