@@ -109,7 +109,7 @@ class TrainConfig:
                               "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
                               "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
                               "shared_tokens": SHARED_MODES})
-        check_layers("layers", self.layers, n_layers=10**6, what="a model")  # against the real model once loaded
+        check_layers("layers", self.layers)  # the range is checked against the model once it is loaded
         lo, hi = (self.train_window + [None, None])[:2]
         if len(self.train_window) != 2 or not 0 <= lo < hi:
             raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, "
@@ -310,8 +310,8 @@ def final_evaluation(cfg, pipe, prompts, data):
     summaries = {}
     models = [("frozen", None, False)] + [("untuned", None, True)] * cfg.eval_untuned + [("tuned", prompts, True)]
     hcfgs = {name: provenance.eval_heatmap_config(cfg, pipe.family, tuned) for name, _, tuned in models}
-    heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], " (trained)" if name != "frozen" else " (preset)")
-                         for name in hcfgs)
+    notes = {"frozen": " (baseline preset)", "untuned": " (tuning layers)", "tuned": " (tuning layers)"}
+    heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], notes[name]) for name in hcfgs)
     print(heatmaps)
     for name, p, tuned in models:
         record = provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description)

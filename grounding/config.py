@@ -80,9 +80,12 @@ def check_values(cfg, positive=(), non_negative=(), choices=None):
                              f"got {getattr(cfg, key)!r}")
 
 
-def check_layers(key, layers, n_layers, what="this model"):
-    """Cross-attention layer indices must exist in the model: 0 <= i < n_layers, no repeats."""
-    bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layers]
+def check_layers(key, layers, n_layers=None, what="this model"):
+    """Cross-attention layer indices: ints >= 0, no repeats, and < n_layers once the model is known."""
+    bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer indices are cross-attention layer numbers >= 0, got {bad}")
+    bad = [i for i in layers if n_layers is not None and i >= n_layers]
     if bad:
         raise ValueError(f"config key {key!r}: layer index(es) {bad} out of range; {what} has {n_layers} "
                          f"cross-attention layers (0-{n_layers - 1})")

@@ -159,7 +159,7 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
     split_of = {r["dicom_id"]: r["split"] for r in split_rows}
     reports_root = reports_root or root
     out = []
-    for r in meta:
+    for n, r in enumerate(meta, start=2):  # CSV row n (row 1 is the header)
         d = r["dicom_id"]
         split = split_of.get(d)
         if split is None:
@@ -175,8 +175,8 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
         if not _check_image(path, on_missing, report, f"metadata row {d}"):
             continue
         out.append(dict(dicom_id=d, subject_id=r["subject_id"], study_id=r["study_id"], split=split,
-                        view=r["ViewPosition"], image_width=int(float(r["Columns"])),
-                        image_height=int(float(r["Rows"])), image_path=path,
+                        view=r["ViewPosition"], image_width=int(_number(r["Columns"], f"metadata CSV row {n}", "Columns")),
+                        image_height=int(_number(r["Rows"], f"metadata CSV row {n}", "Rows")), image_path=path,
                         report_path=mimic_report_path(reports_root, r["subject_id"], r["study_id"])))
     report.kept = len(out)
     return out, report

@@ -139,8 +139,8 @@ def test_train_run_dir_rules_and_final_evaluation_settings(setup):
     log = run(train, cwd=root)
     out = os.path.join(root, "run_rules")
     assert "tuning images (headers read): kept" in log                    # the data report is printed
-    assert "tuned: layers (3, 4) (trained), no Otsu, 10 DDIM steps" in log
-    assert "frozen: layers (1, 2, 4, 5) (preset), Otsu mask, 10 DDIM steps" in log
+    assert "tuned: layers (3, 4) (tuning layers), no Otsu, 10 DDIM steps" in log
+    assert "frozen: layers (1, 2, 4, 5) (baseline preset), Otsu mask, 10 DDIM steps" in log
     assert "tuned: layers (3, 4)" in open(os.path.join(out, "eval_frozen_vs_tuned.md")).read()
     record = json.load(open(os.path.join(out, "eval_tuned.jsonl.provenance.json")))
     assert record["heatmap"]["layers"] == [3, 4] and record["heatmap"]["num_steps"] == 10
