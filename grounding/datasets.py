@@ -174,9 +174,10 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
         path = mimic_image_path(root, r["subject_id"], r["study_id"], d)
         if not _check_image(path, on_missing, report, f"metadata row {d}"):
             continue
+        where = f"{root}/mimic-cxr-2.0.0-metadata.csv row {n}"
         out.append(dict(dicom_id=d, subject_id=r["subject_id"], study_id=r["study_id"], split=split,
-                        view=r["ViewPosition"], image_width=int(_number(r["Columns"], f"metadata CSV row {n}", "Columns")),
-                        image_height=int(_number(r["Rows"], f"metadata CSV row {n}", "Rows")), image_path=path,
+                        view=r["ViewPosition"], image_width=int(_number(r["Columns"], where, "Columns")),
+                        image_height=int(_number(r["Rows"], where, "Rows")), image_path=path,
                         report_path=mimic_report_path(reports_root, r["subject_id"], r["study_id"])))
     report.kept = len(out)
     return out, report
