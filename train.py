@@ -27,11 +27,11 @@ from ldm.pipeline import load_pipeline
 from grounding import provenance, sources
 from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
-from grounding.config import check_layers, check_values, load_config
+from grounding.config import check_layers, check_train_config, load_config
 from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
-from grounding.prompts import SHARED_MODES, LearnablePrompts
+from grounding.prompts import LearnablePrompts
 
 
 @dataclass
@@ -99,21 +99,7 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self):  # checked when loaded, so a bad value is named before anything runs
-        check_values(self, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
-                                     "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
-                                     "vocab_size", "log_every"),
-                     non_negative=("threads", "val_every", "eval_pairs", "timesteps_per_step", "n_ctx", "weight_decay",
-                                   "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc",
-                                   "kl_weight", "caption_dropout"),
-                     choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
-                              "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
-                              "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
-                              "shared_tokens": SHARED_MODES})
-        check_layers("layers", self.layers)  # the range is checked against the model once it is loaded
-        lo, hi = (self.train_window + [None, None])[:2]
-        if len(self.train_window) != 2 or not 0 <= lo < hi:
-            raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, "
-                             f"got {self.train_window!r}")
+        check_train_config(self)
 
 
 def parse_args(argv=None):

@@ -93,6 +93,25 @@ def check_layers(key, layers, n_layers=None, what="this model"):
         raise ValueError(f"config key {key!r}: repeated layer index in {list(layers)}")
 
 
+def check_train_config(cfg):
+    """Ranges and choices of train.py's TrainConfig (the layer range waits for the model: `check_layers`)."""
+    from grounding.prompts import SHARED_MODES
+    check_values(cfg, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
+                                "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
+                                "vocab_size", "log_every"),
+                 non_negative=("threads", "val_every", "eval_pairs", "timesteps_per_step", "n_ctx", "weight_decay",
+                               "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc",
+                               "kl_weight", "caption_dropout"),
+                 choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
+                          "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
+                          "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
+                          "shared_tokens": SHARED_MODES})
+    check_layers("layers", cfg.layers)
+    window = list(cfg.train_window)
+    if len(window) != 2 or not 0 <= window[0] < window[1]:
+        raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, got {window!r}")
+
+
 def save_config(cfg, path):
     """Write the resolved config next to a run's outputs."""
     with open(path, "w") as f:
