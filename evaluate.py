@@ -8,8 +8,10 @@ Splits: "mscxr" (every MS-CXR pair, its own phrase as the prompt), "mscxr-loc" (
 standardised to "{location} {pathology}": the paper's MS-CXR-loc), "vindr" (VinDr-CXR test, prompts synthesised from
 the boxes by nearest LUT Gaussian), "phantom" (= mscxr-loc of the embedded synthetic world). Data paths come from
 the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world). Writes, under --out:
-rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes), table_<model>.md/.json (per class, 95% bootstrap
-CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code.
+rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only when its .provenance.json names the same
+weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
+CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code and
+the layers/steps of each model. key=value overrides may go anywhere on the command line.
 """
 import argparse
 import json

@@ -4,7 +4,8 @@ The paper's protocol (PAPER.md sections 6-7): the heatmap is extracted in the mo
 original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
 (signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC and the
 pointing game. Rows are appended to a JSONL file as they are computed, so an interrupted run resumes without
-redoing finished pairs; under torchrun each rank takes every world_size-th pair and rank 0 gathers.
+redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/provenance.py); under
+torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
 import json
 import os
