@@ -236,6 +236,9 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
     first = os.path.join(cfg.out_dir, "config.yaml")
     new = dataclasses.asdict(cfg)
     saved = None
+    if force and not resume or resume and overwrite:
+        raise SystemExit("--force goes with --resume (continue with changed settings); --overwrite starts a new run "
+                         "instead: pass one of them")
     if os.path.exists(ckpt) and not resume and not overwrite:
         raise SystemExit(f"{cfg.out_dir} already holds a checkpoint ({ckpt}). Pass --resume to continue that run, "
                          f"--overwrite to start a new one in its place, or choose another out_dir=...")

@@ -106,6 +106,8 @@ def test_resume_and_overwrite_rules(tmp_path):
     provenance.prepare_run_dir(_cfg(tmp_path, lr=0.01), resume=True, force=True)
     assert yaml.safe_load(first.read_text())["lr"] == 0.05                   # the run's first config is kept
     assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.yaml").read_text())["lr"] == 0.01
+    with pytest.raises(SystemExit, match="--force goes with --resume"):
+        provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), force=True)
     provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), overwrite=True)      # explicit: a new run in its place
     assert yaml.safe_load(first.read_text())["lr"] == 0.2
 
