@@ -8,32 +8,25 @@ Splits: "mscxr" (every MS-CXR pair, its own phrase as the prompt), "mscxr-loc" (
 standardised to "{location} {pathology}": the paper's MS-CXR-loc), "vindr" (VinDr-CXR test, prompts synthesised from
 the boxes by nearest LUT Gaussian), "phantom" (= mscxr-loc of the embedded synthetic world). Data paths come from
 the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world). Writes, under --out:
-rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes), table_<model>.md/.json (per class, 95% bootstrap
-CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code.
+rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only when its .provenance.json names the same
+weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
+CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code and
+the layers/steps of each model. key=value overrides may go anywhere on the command line.
 """
 import argparse
 import json
 import os
-import subprocess
 
 import torch
 import torch.distributed as dist
 
 from ldm.pipeline import load_pipeline
-from grounding import sources
-from grounding.config import load_config
+from grounding import provenance, sources
+from grounding.provenance import code_version
+from grounding.config import check_layers, load_config
 from grounding.evaluation import comparison_markdown, evaluate_pairs, summary_table
-from grounding.heatmap import HeatmapConfig
 from grounding.prompts import LearnablePrompts
 from train import TrainConfig
-
-
-def code_version():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None):
@@ -50,8 +43,14 @@ def main(argv=None):
     p.add_argument("--overlays", type=int, default=8, help="heatmap overlay PNGs written per model")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
-    args = p.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
+    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
+        if getattr(args, flag) < low:
+            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
+        p.error(str(e))
     if args.weights:
         cfg.weights = args.weights
     if not args.prompts and not args.baseline:  # default: the frozen model, plus the config's tuned rows if present
@@ -70,6 +69,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
+    check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     data = sources.load(cfg, family=pipe.family, need_samples=False)
     pairs = data.split(args.split)
     if args.limit:
@@ -77,6 +77,9 @@ def main(argv=None):
     header = (f"Data: {data.description}; split {args.split}: {len(pairs)} pairs\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
+    hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),
+             "tuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True)}
+    header += "Heatmaps: " + "; ".join(provenance.describe_heatmap(n, h) for n, h in hcfgs.items()) + "\n"
     if rank == 0:
         print(header + data.report)
 
@@ -89,11 +92,14 @@ def main(argv=None):
         models.append(("tuned", prompts))
     summaries = {}
     for name, prompts in models:
-        hcfg = HeatmapConfig(family=pipe.family, tuned=prompts is not None)
+        hcfg = hcfgs[name]
+        record = provenance.rows_record(pipe, cfg.weights, hcfg, prompts, args.prompts if prompts else None,
+                                        split=args.split, data=data.description)
         rows_path = os.path.join(out, f"rows_{name}.rank{rank}.jsonl" if world > 1 else f"rows_{name}.jsonl")
         rows = evaluate_pairs(pipe, pairs, hcfg, prompts, rows_path=rows_path, batch_size=args.batch, rank=rank,
                               world_size=world, overlay_dir=os.path.join(out, "overlays", name),
-                              n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})")
+                              n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})",
+                              record=record)
         if world > 1:  # gather every rank's rows; rank 0 writes the one table
             gathered = [None] * world
             dist.all_gather_object(gathered, rows)

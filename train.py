@@ -3,6 +3,8 @@
     python train.py --config tune.yaml [key=value ...]                    # prompt tuning (the paper), default world
     python train.py --config configs/phantom_pretrain.yaml                # (re)build the tiny phantom base LDM
     python train.py --config tune.yaml --resume                           # continue from out_dir/ckpt.pt
+    python train.py --config tune.yaml --resume --force lr=1e-3           # ... with changed settings (named, kept apart)
+    python train.py --config tune.yaml --overwrite                        # start over in an out_dir with a checkpoint
 
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig below with its default and a
 comment; YAML files and key=value overrides fill it (unknown keys and wrong types are errors).
@@ -11,6 +13,7 @@ cross-attention maps of 4 layers at T timesteps (PAPER.md section 5). Mode "pret
 trained from scratch on the phantom world's training split (DESIGN.md "The embedded default").
 """
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -21,10 +24,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ldm.pipeline import load_pipeline
-from grounding import sources
+from grounding import provenance, sources
 from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
-from grounding.config import load_config, save_config
+from grounding.config import check_layers, check_train_config, load_config
 from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
@@ -51,6 +54,7 @@ class TrainConfig:
     lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
     vindr_csv: str = ""                      # VinDr-CXR annotations_test.csv (evaluate.py --split vindr)
     vindr_images: str = ""                   # folder of VinDr images converted to PNG (<image_id>.png)
+    on_missing: str = "error"                # a missing/unreadable image or a wrong recorded size: "error" | "skip" (counted)
     # --- model -------------------------------------------------------------------------------------------------
     weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
     # --- prompt tuning (paper defaults, PAPER.md sections 4-5 and 10) -------------------------------------------
@@ -94,14 +98,22 @@ class TrainConfig:
     vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
     log_every: int = 50
 
+    def __post_init__(self):  # checked when loaded, so a bad value is named before anything runs
+        check_train_config(self)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with TrainConfig keys (tune.yaml, configs/*.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (same settings)")
+    p.add_argument("--force", action="store_true", help="with --resume: continue even though settings changed")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an out_dir that holds a checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
-    args = p.parse_args(argv)
-    return load_config(TrainConfig, args.config, args.overrides), args
+    args = p.parse_intermixed_args(argv)
+    try:
+        return load_config(TrainConfig, args.config, args.overrides), args
+    except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
+        p.error(str(e))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +131,8 @@ def init_distributed(cfg):
 def save_checkpoint(path, prompts, opt, step, cfg):
     """Atomic: write a temporary file, then rename over the old checkpoint (a crash never leaves half a file)."""
     tmp = path + ".tmp"
-    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg)}, tmp)  # the settings that made it: --resume compares them
     os.replace(tmp, path)
 
 
@@ -144,6 +157,7 @@ def tune(cfg, resume=False):
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     data = sources.load(cfg, family=pipe.family)
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
+    say(data.report)
     say(f"tuning samples: {len(data.samples)}; validation pairs: {len(data.val_pairs)}; test pairs: {len(data.test_pairs)}")
 
     # the learnable anatomy rows; everything else frozen (PAPER.md section 4)
@@ -160,11 +174,14 @@ def tune(cfg, resume=False):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         prompts.load_state_dict(ckpt["prompts"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:  # the config's lr and decay, not the saved ones (--resume --force may change them)
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         step0 = ckpt["step"]
         say(f"resumed from {ckpt_path} at step {step0}")
 
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
     layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])
+    check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers))
     sched = inversion_scheduler(pipe.scheduler, hcfg)
     train_ts = window_timesteps(sched, *cfg.train_window)
@@ -278,16 +295,20 @@ def final_evaluation(cfg, pipe, prompts, data):
     print(f"\nevaluating on {len(pairs)} held-out pairs ({data.description})")
     summaries = {}
     models = [("frozen", None, False)] + [("untuned", None, True)] * cfg.eval_untuned + [("tuned", prompts, True)]
+    hcfgs = {name: provenance.eval_heatmap_config(cfg, pipe.family, tuned) for name, _, tuned in models}
+    notes = {"frozen": " (baseline preset)", "untuned": " (tuning layers)", "tuned": " (tuning layers)"}
+    heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], notes[name]) for name in hcfgs)
+    print(heatmaps)
     for name, p, tuned in models:
-        hcfg = HeatmapConfig(family=pipe.family, tuned=tuned)
-        rows = evaluate_pairs(pipe, pairs, hcfg, p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
-                              batch_size=cfg.eval_batch, desc=f"eval {name}")
+        record = provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description)
+        rows = evaluate_pairs(pipe, pairs, hcfgs[name], p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
+                              batch_size=cfg.eval_batch, desc=f"eval {name}", record=record, on_mismatch="fresh")
         summaries[name], md = summary_table(rows)
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
-            f.write(f"Data: {data.description}\nWeights: {cfg.weights}\n\n{md}\n")
+            f.write(f"Data: {data.description}\nWeights: {cfg.weights}\nHeatmaps: {heatmaps}\n\n{md}\n")
     table = comparison_markdown(summaries)
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
-        f.write(f"Data: {data.description}\nWeights: {cfg.weights}\n\n{table}\n")
+        f.write(f"Data: {data.description}\nWeights: {cfg.weights}\nHeatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)
     return summaries
 
@@ -295,7 +316,8 @@ def final_evaluation(cfg, pipe, prompts, data):
 def main(argv=None):
     cfg, args = parse_args(argv)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    provenance.prepare_run_dir(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite,
+                               write=int(os.environ.get("RANK", "0")) == 0)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

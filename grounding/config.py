@@ -46,6 +46,8 @@ def load_config(cls, path=None, overrides=()):
                 loaded = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not loaded:
+            print(f"config file {path} is empty: running on the built-in defaults (plus any key=value overrides)")
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
@@ -62,6 +64,52 @@ def load_config(cls, path=None, overrides=()):
     hints = typing.get_type_hints(cls)
     checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
     return cls(**checked)
+
+
+def check_values(cfg, positive=(), non_negative=(), choices=None):
+    """Range and choice checks of a loaded config; a ValueError names the key, its value and what it must be."""
+    for key in positive:
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"config key {key!r}: must be > 0, got {getattr(cfg, key)!r}")
+    for key in non_negative:
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"config key {key!r}: must be >= 0, got {getattr(cfg, key)!r}")
+    for key, allowed in (choices or {}).items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r}: expected one of {' | '.join(map(str, allowed))}, "
+                             f"got {getattr(cfg, key)!r}")
+
+
+def check_layers(key, layers, n_layers=None, what="this model"):
+    """Cross-attention layer indices: ints >= 0, no repeats, and < n_layers once the model is known."""
+    bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer indices are cross-attention layer numbers >= 0, got {bad}")
+    bad = [i for i in layers if n_layers is not None and i >= n_layers]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer index(es) {bad} out of range; {what} has {n_layers} "
+                         f"cross-attention layers (0-{n_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"config key {key!r}: repeated layer index in {list(layers)}")
+
+
+def check_train_config(cfg):
+    """Ranges and choices of train.py's TrainConfig (the layer range waits for the model: `check_layers`)."""
+    from grounding.prompts import SHARED_MODES
+    check_values(cfg, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
+                                "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
+                                "vocab_size", "log_every"),
+                 non_negative=("threads", "val_every", "eval_pairs", "timesteps_per_step", "n_ctx", "weight_decay",
+                               "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc",
+                               "kl_weight", "caption_dropout"),
+                 choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
+                          "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
+                          "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
+                          "shared_tokens": SHARED_MODES})
+    check_layers("layers", cfg.layers)
+    window = list(cfg.train_window)
+    if len(window) != 2 or not 0 <= window[0] < window[1]:
+        raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, got {window!r}")
 
 
 def save_config(cfg, path):

@@ -62,9 +62,60 @@ def _check_image(path, on_missing, report, key):
     if os.path.exists(path):
         return True
     if on_missing == "error":
-        raise FileNotFoundError(f"{key}: image file not found: {path} (pass on_missing='skip' to count and skip)")
+        raise FileNotFoundError(f"{key}: image file not found: {path} (config key on_missing: skip counts and "
+                                "skips such images)")
     report.add("missing image file", path)
     return False
+
+
+def _check_header(path, on_missing, report, key, size=None):
+    """True if the image's header reads (and gives `size` = (width, height) when one is recorded).
+
+    Opens the header only (PIL reads pixels lazily), so every image of a split is checked in seconds before a
+    long run starts. An unreadable file or a size that disagrees with the CSV raises (on_missing="error") or is
+    counted and skipped (on_missing="skip"). DICOM files are not opened here (pydicom is optional).
+    """
+    if path.lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        w, h = image_size(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        if on_missing == "error":
+            raise ValueError(f"{key}: cannot read image {path} ({e}); replace the file, or set the config key "
+                             "on_missing: skip to count and skip such images") from None
+        report.add("unreadable image file (skipped)", key)
+        return False
+    if size is not None and (w, h) != tuple(size):
+        swapped = " (width and height swapped?)" if (h, w) == tuple(size) else ""
+        if on_missing == "error":
+            raise ValueError(f"{key}: the CSV records image_width={size[0]}, image_height={size[1]} but {path} is "
+                             f"{w} x {h}{swapped}; boxes are scored in original pixels, so fix the CSV or the image "
+                             "(or set on_missing: skip to count and skip such pairs)")
+        report.add("image size differs from the CSV (skipped)", key)
+        return False
+    return True
+
+
+def check_images(records, on_missing="error", report=None, name="images"):
+    """Records whose image header reads; the rest raise or are counted (e.g. curated tuning samples before a run)."""
+    report = report if report is not None else DataReport(name)
+    seen, out = {}, []
+    for r in records:
+        path = r["image_path"]
+        if path not in seen:
+            seen[path] = _check_header(path, on_missing, report, f"{r.get('dicom_id', path)}")
+        if seen[path]:
+            out.append(r)
+    report.kept = len(out)
+    return out, report
+
+
+def _number(value, where, column):
+    """float(value), or a ValueError naming the file, row and column."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: column {column!r} = {value!r} is not a number") from None
 
 
 def _clip_box(x, y, w, h, W, H, report, key):
@@ -108,7 +159,7 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
     split_of = {r["dicom_id"]: r["split"] for r in split_rows}
     reports_root = reports_root or root
     out = []
-    for r in meta:
+    for n, r in enumerate(meta, start=2):  # CSV row n (row 1 is the header)
         d = r["dicom_id"]
         split = split_of.get(d)
         if split is None:
@@ -123,9 +174,10 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
         path = mimic_image_path(root, r["subject_id"], r["study_id"], d)
         if not _check_image(path, on_missing, report, f"metadata row {d}"):
             continue
+        where = f"{root}/mimic-cxr-2.0.0-metadata.csv row {n}"
         out.append(dict(dicom_id=d, subject_id=r["subject_id"], study_id=r["study_id"], split=split,
-                        view=r["ViewPosition"], image_width=int(float(r["Columns"])),
-                        image_height=int(float(r["Rows"])), image_path=path,
+                        view=r["ViewPosition"], image_width=int(_number(r["Columns"], where, "Columns")),
+                        image_height=int(_number(r["Rows"], where, "Rows")), image_path=path,
                         report_path=mimic_report_path(reports_root, r["subject_id"], r["study_id"])))
     report.kept = len(out)
     return out, report
@@ -159,7 +211,10 @@ def _group_pairs(rows, image_root, on_missing, report, source):
             report.add("empty phrase", key)
             continue
         path = os.path.join(image_root, first["rel_path"]) if image_root else first["rel_path"]
-        if not _check_image(path, on_missing, report, key):
+        where = f"pair {dicom_id}_{n_per_image[dicom_id]:02d} ({first.get('where') or key})"
+        if not _check_image(path, on_missing, report, where):
+            continue
+        if not _check_header(path, on_missing, report, where, size=(first["W"], first["H"])):
             continue
         boxes = [b for b in (_clip_box(*r["box"], first["W"], first["H"], report, key) for r in rs) if b]
         if not boxes:
@@ -190,14 +245,16 @@ def read_mscxr(csv_path, image_root=None, splits=None, on_missing="error", sourc
     if splits and not has_split:
         raise ValueError(f"{csv_path}: no `split` column (MS-CXR v0.1); drop the split filter or use v1.1.0")
     rows = []
-    for r in raw:
+    for n, r in enumerate(raw, start=2):  # CSV row n of the file (row 1 is the header)
         if splits and r["split"] not in splits:
             report.add(f"split {r['split']} not requested")
             continue
+        where = f"{csv_path} row {n}"
         rows.append(dict(dicom_id=r["dicom_id"], category=r["category_name"], phrase=r["label_text"],
-                         rel_path=r["path"], box=tuple(float(r[k]) for k in "xywh"),
-                         W=int(float(r["image_width"])), H=int(float(r["image_height"])),
-                         split=r["split"] if has_split else None))
+                         rel_path=r["path"], box=tuple(_number(r[k], where, k) for k in "xywh"),
+                         W=int(_number(r["image_width"], where, "image_width")),
+                         H=int(_number(r["image_height"], where, "image_height")),
+                         split=r["split"] if has_split else None, where=f"CSV row {n}"))
     return _group_pairs(rows, image_root, on_missing, report, source), report
 
 
@@ -221,9 +278,11 @@ def read_mscxr_json(json_path, image_root=None, on_missing="error", source="mimi
             continue
         rel = im.get("path") or im.get("file_name")
         dicom_id = im.get("dicom_id") or os.path.splitext(os.path.basename(rel))[0]
+        where = f"{json_path} annotation id {a.get('id')}"
         rows.append(dict(dicom_id=dicom_id, category=cats[a["category_id"]], phrase=a.get("label_text", ""),
-                         rel_path=rel, box=tuple(float(v) for v in a["bbox"]), W=int(im["width"]),
-                         H=int(im["height"]), split=im.get("split")))
+                         rel_path=rel, box=tuple(_number(v, where, "bbox") for v in a["bbox"]),
+                         W=int(_number(im["width"], where, "width")), H=int(_number(im["height"], where, "height")),
+                         split=im.get("split"), where=f"annotation id {a.get('id')}"))
     return _group_pairs(rows, image_root, on_missing, report, source), report
 
 
@@ -308,7 +367,7 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
     rows = _read_csv(csv_path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
     split = split or ("test" if "test" in os.path.basename(csv_path) else "train")
     groups = collections.OrderedDict()
-    for r in rows:
+    for n, r in enumerate(rows, start=2):  # CSV row n (row 1 is the header)
         cls = VINDR_TO_MSCXR.get(r["class_name"].strip().lower())
         if cls is None:
             report.add(f"class {r['class_name']!r} not one of the 8")
@@ -316,7 +375,7 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
         if any(not r[k].strip() for k in ("x_min", "y_min", "x_max", "y_max")):
             report.add("row without a box (skipped)", f"{r['image_id']}/{r['class_name']}")
             continue
-        x1, y1, x2, y2 = (float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
+        x1, y1, x2, y2 = (_number(r[k], f"{csv_path} row {n}", k) for k in ("x_min", "y_min", "x_max", "y_max"))
         box = (x1, y1, x2 - x1, y2 - y1)
         g = groups.setdefault((r["image_id"], cls), [])
         if box in g:
@@ -334,6 +393,8 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
             report.add("missing image file", key)
             continue
         if image_id not in sizes:
+            if not _check_header(path, on_missing, report, f"pair {key}"):
+                continue
             if path.endswith((".dicom", ".dcm")):
                 from grounding.preprocess import load_image
                 h, w = load_image(path).shape

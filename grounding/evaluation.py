@@ -4,7 +4,8 @@ The paper's protocol (PAPER.md sections 6-7): the heatmap is extracted in the mo
 original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
 (signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC and the
 pointing game. Rows are appended to a JSONL file as they are computed, so an interrupted run resumes without
-redoing finished pairs; under torchrun each rank takes every world_size-th pair and rank 0 gathers.
+redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/provenance.py); under
+torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
 import json
 import os
@@ -12,6 +13,7 @@ import os
 import torch
 from tqdm import tqdm
 
+from grounding import provenance
 from grounding.heatmap import extract_heatmaps
 from grounding.metrics import auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
 from grounding.preprocess import preprocess, to_original
@@ -40,8 +42,16 @@ def read_rows(path):
 
 
 def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16, rank=0, world_size=1,
-                   overlay_dir=None, n_overlays=0, desc="pairs"):
-    """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes."""
+                   overlay_dir=None, n_overlays=0, desc="pairs", record=None, on_mismatch="error"):
+    """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes.
+
+    record: what makes these rows (provenance.rows_record); rows already in rows_path are resumed only when they
+    were made by the same (else on_mismatch: "error" stops, "fresh" moves them aside). A lock file keeps a second
+    process from writing the same rows file at the same time.
+    """
+    lock = provenance.acquire_lock(rows_path + ".lock") if rows_path else None
+    if rows_path and record is not None:
+        provenance.check_rows(rows_path, record, on_mismatch)
     done = read_rows(rows_path) if rows_path else {}
     if done:  # drop a torn last line (an interrupted write) before appending: rewrite the complete rows
         tmp = rows_path + ".tmp"
@@ -70,6 +80,7 @@ def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16
                 overlays += 1
     if out:
         out.close()
+    provenance.release_lock(lock)
     return [done[p["pair_id"]] for p in mine]
 
 

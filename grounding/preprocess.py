@@ -21,19 +21,31 @@ from PIL import Image
 # Loading
 
 def load_image(path):
-    """Read an X-ray as a float32 (H, W) array in [0, 1]: 8/16-bit PNG, JPEG, or DICOM (needs pydicom)."""
+    """Read an X-ray as a float32 (H, W) array in [0, 1]: 8/16-bit PNG, JPEG, float TIFF, or DICOM (needs pydicom)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if path.lower().endswith((".dcm", ".dicom")):
         return _load_dicom(path)
     try:
         with Image.open(path) as im:
+            if im.mode == "F":  # 32-bit float (TIFF): the values themselves, not convert("L")'s 8-bit clip
+                return _float_image(np.asarray(im, dtype=np.float32), path)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float32)
                 return arr / (65535.0 if arr.max() > 255 else 255.0)  # 16-bit PNGs (VinDr conversions)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _float_image(arr, path):
+    """A float image: kept as is when already in [0, 1], else min-max scaled to [0, 1] (like DICOM)."""
+    if not np.isfinite(arr).all():
+        raise ValueError(f"image {path} has NaN or infinite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return arr
+    return (arr - lo) / max(hi - lo, 1e-6)
 
 
 def _load_dicom(path):

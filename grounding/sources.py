@@ -91,11 +91,12 @@ def load(cfg, family=None, need_samples=True):
     """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic")."""
     mimic, reports, mscxr_csv, imagenome, vindr_csv, vindr_dir, description = _paths(cfg)
     lines = []
-    records, rep = ds.read_mimic(mimic, reports)
+    on_missing = getattr(cfg, "on_missing", "error")  # "skip": missing/unreadable images are counted, not fatal
+    records, rep = ds.read_mimic(mimic, reports, on_missing=on_missing)
     lines.append(str(rep))
     lut, lut_line = _lut(cfg, imagenome, records, cfg.out_dir)
     lines.append(lut_line)
-    all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic)
+    all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
     lines.append(str(rep))
     samples = []
     if need_samples:  # MS-CXR patients never enter the tuning set
@@ -104,6 +105,8 @@ def load(cfg, family=None, need_samples=True):
         lines.append(str(rep))
         if getattr(cfg, "max_train_samples", 0):
             samples = samples[:cfg.max_train_samples]
+        samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
+        lines.append(str(rep))
     has_split = any(p.get("split") for p in all_pairs)
     test = [p for p in all_pairs if not has_split or p["split"] == "test"]
     val = [p for p in all_pairs if has_split and p["split"] == "val"]
@@ -112,7 +115,7 @@ def load(cfg, family=None, need_samples=True):
     val_loc, _ = cu.mscxr_loc(val)
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
-        vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir)
+        vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
         lines.append(str(rep))
         vindr = cu.vindr_prompts(vpairs, lut)
     return Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,

@@ -29,7 +29,7 @@ from .checkpoint import load_state_dict
 from .convert import (legacy_vae_to_ours, sd1_text_to_ours, split_compvis, text_config_from_state_dict,
                       unet_config_from_state_dict, vae_config_from_state_dict)
 from .convert_monai import monai_unet_to_ours, monai_vae_to_ours
-from .safetensors import load_file, save_file
+from .safetensors import current_umask, load_file, save_file
 from .schedulers import DDIMScheduler, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import CLIPTokenizer
@@ -176,6 +176,7 @@ def save_pipeline(pipe, path, dtype=None):
         raise PipelineError(f"{path} exists and is not a converted folder; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the saved folder gets the usual permissions
     try:
         config = pipe.model_config()
         with open(tmp / "model.yaml", "w", encoding="utf-8") as f:

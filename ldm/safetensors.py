@@ -218,6 +218,13 @@ def load_sharded(index_path, device="cpu", copy=False):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
+def current_umask():
+    """The process umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_file(tensors, path, metadata=None):
     """Write {name: tensor} to `path` (atomically: a temp file in the same folder, then rename).
 
@@ -249,6 +256,7 @@ def save_file(tensors, path, metadata=None):
 
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a saved file gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))

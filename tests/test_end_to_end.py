@@ -121,3 +121,61 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup):
     assert out.returncode != 0
     assert "loss is nan" in (out.stdout + out.stderr) and "last good checkpoint" in (out.stdout + out.stderr)
     assert not os.path.exists(os.path.join(root, "run_nan", "ckpt.pt"))   # nothing bad was saved
+
+
+def fails(args, cwd):
+    """Run a script that must refuse: non-zero exit; returns its output."""
+    out = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0, f"{args} should have failed:\n{out.stdout[-2000:]}"
+    return out.stdout + out.stderr
+
+
+def test_train_run_dir_rules_and_final_evaluation_settings(setup):
+    """No silent replacement of a run, no silent resume with other settings, the trained layers reach the table."""
+    import yaml
+    root = setup["root"]
+    train = [os.path.join(REPO, "train.py"), "--config", setup["config"], "out_dir=run_rules", "max_steps=2",
+             "layers=[3,4]", "eval_pairs=2", "eval_untuned=false"]
+    log = run(train, cwd=root)
+    out = os.path.join(root, "run_rules")
+    assert "tuning images (headers read): kept" in log                    # the data report is printed
+    assert "tuned: layers (3, 4) (tuning layers), no Otsu, 10 DDIM steps" in log
+    assert "frozen: layers (1, 2, 4, 5) (baseline preset), Otsu mask, 10 DDIM steps" in log
+    assert "tuned: layers (3, 4)" in open(os.path.join(out, "eval_frozen_vs_tuned.md")).read()
+    record = json.load(open(os.path.join(out, "eval_tuned.jsonl.provenance.json")))
+    assert record["heatmap"]["layers"] == [3, 4] and record["heatmap"]["num_steps"] == 10
+    assert "already holds a checkpoint" in fails(train, cwd=root)         # a second run would replace it
+    assert "lr: 0.05 -> 0.01" in fails(train + ["--resume", "lr=0.01"], cwd=root)
+    log = run(train + ["lr=0.01", "--resume", "--force"], cwd=root)
+    assert yaml.safe_load(open(os.path.join(out, "config.yaml")))["lr"] == 0.05   # the run's first config
+    assert yaml.safe_load(open(os.path.join(out, "config.resume_step2.yaml")))["lr"] == 0.01
+    assert "resuming: 2 of 2 pairs already scored" in log                 # same learned rows: same run's rows
+    log = run(train + ["--overwrite", "seed=1", "lr=0.2"], cwd=root)      # a new run: other rows
+    assert "eval_tuned.jsonl holds rows made by something else (prompts:" in log and "fresh file" in log
+    assert os.path.exists(os.path.join(out, "eval_tuned.stale.jsonl"))
+    assert "resuming: 2 of 2" in log.split("eval_tuned")[0]               # the frozen rows are still the same
+    msg = fails(train + ["out_dir=run_bad_layers", "layers=[3,99]"], cwd=root)
+    assert "config key 'layers'" in msg and "6 cross-attention layers" in msg
+    msg = fails(train + ["eval_batch=0"], cwd=root)
+    assert "config key 'eval_batch': must be > 0" in msg and "Traceback" not in msg
+
+
+def test_evaluation_refuses_rows_of_other_prompts(setup):
+    from grounding.prompts import LearnablePrompts
+    from ldm.pipeline import load_pipeline
+    root = setup["root"]
+    pipe = load_pipeline(setup["model"])
+    prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional")
+    prompts.save(os.path.join(root, "rows_a.safetensors"))
+    with torch.no_grad():
+        prompts.anatomy.add_(0.1)
+    prompts.save(os.path.join(root, "rows_b.safetensors"))
+    # key=value overrides between the flags (parse_intermixed_args)
+    args = [os.path.join(REPO, "evaluate.py"), "--split", "phantom", "threads=1", "--config", setup["config"],
+            "eval_batch=4", "--limit", "2", "--out", "ev_prov", "--bootstrap", "50", "--overlays", "0"]
+    log = run(args + ["--prompts", "rows_a.safetensors"], cwd=root)
+    assert "Heatmaps: frozen: layers (1, 2, 4, 5), Otsu mask, 10 DDIM steps" in log and "tuned: layers (2, 3, 4, 5)" in log
+    msg = fails(args + ["--prompts", "rows_b.safetensors"], cwd=root)
+    assert "rows_tuned.jsonl holds rows made by something else (prompts:" in msg and "Refusing to mix" in msg
+    log = run(args + ["--prompts", "rows_a.safetensors"], cwd=root)
+    assert "resuming: 2 of 2 pairs already scored" in log

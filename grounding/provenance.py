@@ -1,0 +1,272 @@
+"""What produced a file of results, and the rules that keep one run's outputs from passing as another's.
+
+Three things live here, each used by train.py, evaluate.py and grounding/evaluation.py:
+- digests: short sha256 fingerprints of a weights folder, a file, learned prompt rows, the code (git commit);
+- rows provenance: a per-pair rows file (rows_*.jsonl, eval_*.jsonl) gets a sidecar `<rows>.provenance.json`
+  naming the weights, prompts, split, heatmap settings and code that made its rows. A rerun resumes only rows
+  made by the same things; otherwise it refuses (evaluate.py) or moves the old file aside (train.py's own
+  out_dir), and says which keys differ;
+- a lock file `<rows>.lock` so that two evaluations writing one rows file at once do not both do the work and
+  interleave their rows: the second one stops with a message naming the first one's process id.
+And the run-directory rules of train.py (--resume, --force, --overwrite; `prepare_run_dir`).
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+
+import torch
+import yaml
+
+# record keys that say where things were, for the reader, but do not decide whether rows can be reused
+INFO_KEYS = ("weights_path", "prompts_path", "written")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# digests
+
+
+def file_digest(path, chunk=1 << 20):
+    """sha256 (first 16 hex digits) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+_FOLDER_CACHE = {}  # (path, [(name, size, mtime_ns)]) -> digest: a folder of weights is hashed once per process
+
+
+def folder_digest(path):
+    """sha256 over the names and bytes of every (non-hidden) file under a weights folder, or of a single file."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return file_digest(path)
+    files = []
+    for dirpath, dirnames, names in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+    stamp = (path, tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files))
+    if stamp not in _FOLDER_CACHE:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(os.path.relpath(f, path).encode() + b"\0" + file_digest(f).encode())
+        _FOLDER_CACHE[stamp] = h.hexdigest()[:16]
+    return _FOLDER_CACHE[stamp]
+
+
+def tensor_digest(*tensors):
+    """sha256 of tensors' fp32 bytes (CPU), e.g. a text encoder's input embedding table or learned rows."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def prompts_digest(prompts):
+    """Fingerprint of learned prompt rows (None for the frozen text encoder)."""
+    if prompts is None:
+        return None
+    return f"{prompts.shared_tokens}:{tensor_digest(prompts.anatomy, prompts.ctx)}"
+
+
+def code_version():
+    """The git commit of this checkout (short), plus '+dirty.<hash of the diff>' when tracked files were edited."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo, timeout=30).stdout
+        head = run("rev-parse", "--short", "HEAD").strip()
+        if not head:
+            return "unknown"
+        diff = run("diff", "HEAD")
+        return head + (f"+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# heatmap settings, as recorded and as printed
+
+
+def heatmap_settings(hcfg):
+    """The settings that decide a heatmap, with the layers and Otsu choice resolved (a preset written out)."""
+    d = dataclasses.asdict(hcfg)
+    d["layers"] = list(hcfg.resolved_layers())
+    d["otsu"] = hcfg.resolved_otsu()
+    d["window"] = list(d["window"])
+    return d
+
+
+def describe_heatmap(name, hcfg, note=""):
+    """One header line: which layers, Otsu, steps and window a column of the table used."""
+    s = heatmap_settings(hcfg)
+    return (f"{name}: layers {tuple(s['layers'])}{note}, {'Otsu mask' if s['otsu'] else 'no Otsu'}, "
+            f"{s['num_steps']} DDIM steps ({s['spacing']}), window t in [{s['window'][0]}, {s['window'][1]})")
+
+
+def eval_heatmap_config(cfg, family, tuned):
+    """The heatmap settings an evaluation of a train.py config uses (train.py's final table and evaluate.py).
+
+    The frozen baseline keeps the paper's protocol (its family's preset layers + Otsu); the tuned prompts (and the
+    "untuned" ablation) read the layers the rows were trained on (cfg.layers, or the tuned preset). Both use the
+    config's DDIM schedule (num_inference_steps; paper: 100) with the test window.
+    """
+    from grounding.heatmap import HeatmapConfig
+    layers = tuple(cfg.layers) if tuned and cfg.layers else None
+    return HeatmapConfig(num_steps=cfg.num_inference_steps, family=family, tuned=tuned, layers=layers)
+
+
+def rows_record(pipe, weights, hcfg, prompts=None, prompts_path=None, split=None, data=None):
+    """What produced a rows file: compared key by key (INFO_KEYS excepted) before rows are reused."""
+    return {"weights": folder_digest(weights), "weights_path": os.path.abspath(weights), "family": pipe.family,
+            "prompts": prompts_digest(prompts), "prompts_path": os.path.abspath(prompts_path) if prompts_path else None,
+            "split": split, "data": data, "heatmap": heatmap_settings(hcfg), "code": code_version()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows files: provenance sidecar and lock
+
+
+def differences(old, new, ignore=()):
+    """[(key, old value, new value)] for keys whose values differ (missing = None)."""
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in ignore]
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def _format(diffs):
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+
+
+def check_rows(rows_path, record, on_mismatch="error"):
+    """Before rows_path is resumed: its rows must have been made by `record`'s weights/prompts/settings/code.
+
+    on_mismatch "error": raise, naming the keys that differ; "fresh": move the old rows (and sidecar) aside to
+    `<rows>.stale.jsonl` and start a new file. Rows without a sidecar (older runs) count as a mismatch.
+    Writes the sidecar for a new or matching file.
+    """
+    meta_path = rows_path + ".provenance.json"
+    if os.path.exists(rows_path) and os.path.getsize(rows_path) > 0:
+        old = None
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+        diffs = differences(old, record, ignore=INFO_KEYS) if old is not None else [("provenance", "(no record)", "...")]
+        if diffs:
+            what = (f"{rows_path} holds rows made by something else ({_format(diffs)})" if old is not None else
+                    f"{rows_path} holds rows with no record of what made them ({meta_path} is missing)")
+            if on_mismatch == "error":
+                raise SystemExit(f"{what}. Refusing to mix them into this table: use another --out, or delete "
+                                 f"{rows_path} to recompute.")
+            stale = rows_path[:-len(".jsonl")] if rows_path.endswith(".jsonl") else rows_path
+            os.replace(rows_path, stale + ".stale.jsonl")
+            if os.path.exists(meta_path):
+                os.replace(meta_path, stale + ".stale.provenance.json")
+            print(f"{what}: moved to {stale}.stale.jsonl; starting a fresh file")
+    with open(meta_path, "w") as f:
+        json.dump({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(path):
+    """Create the lock file `path` (pid, host), or stop when a live process on this host holds it.
+
+    A lock left by a process that died (killed, crashed) is taken over with a note.
+    """
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}
+            same_host = other.get("host") == me["host"]
+            if not same_host or _alive(int(other.get("pid", -1))) and other.get("pid") != me["pid"]:
+                raise SystemExit(f"{path}: another evaluation (pid {other.get('pid')} on {other.get('host')}, "
+                                 f"since {other.get('since')}) is writing these rows. Wait for it to finish, or use "
+                                 f"another --out; delete {path} if that process no longer runs.") from None
+            print(f"{path}: taking over a lock left by pid {other.get('pid')}, which no longer runs")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise SystemExit(f"{path}: could not take the lock; delete it if no evaluation is running")
+
+
+def release_lock(path):
+    if path and os.path.exists(path):
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py's run directory: one config per run, resume only what was started, never replace a checkpoint silently
+
+# settings that may change on --resume without changing what the run learns
+RESUME_FREE_KEYS = ("out_dir", "device", "threads", "max_steps", "ckpt_every", "val_every", "val_pairs",
+                    "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "log_every", "latent_cache_mb")
+
+
+def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):
+    """Check out_dir against this invocation before anything runs; write config.yaml only for a new run.
+
+    - a checkpoint exists, no --resume and no --overwrite: stop (a run is never replaced silently);
+    - --resume: the checkpoint's config must match this one except RESUME_FREE_KEYS (stop, naming the keys,
+      unless --force); config.yaml, the run's first config, is kept and a changed config goes to
+      config.resume_step<N>.yaml.
+    Returns the checkpoint's saved config (dict) when resuming, else None.
+    """
+    ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
+    first = os.path.join(cfg.out_dir, "config.yaml")
+    new = dataclasses.asdict(cfg)
+    saved = None
+    if force and not resume or resume and overwrite:
+        raise SystemExit("--force goes with --resume (continue with changed settings); --overwrite starts a new run "
+                         "instead: pass one of them")
+    if os.path.exists(ckpt) and not resume and not overwrite:
+        raise SystemExit(f"{cfg.out_dir} already holds a checkpoint ({ckpt}). Pass --resume to continue that run, "
+                         f"--overwrite to start a new one in its place, or choose another out_dir=...")
+    if resume and not os.path.exists(ckpt):  # e.g. a preemptible job that always passes --resume
+        print(f"--resume: no checkpoint {ckpt} yet; starting a new run")
+        resume = False
+    if resume:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = state.get("config")
+        if saved is None and os.path.exists(first):  # a checkpoint from before configs were stored in it
+            with open(first) as f:
+                saved = yaml.safe_load(f)
+        diffs = differences(saved or {}, new, ignore=RESUME_FREE_KEYS) if saved is not None else []
+        if saved is None:
+            print(f"note: {ckpt} records no config and {first} is missing; the resume cannot be checked")
+        if diffs and not force:
+            raise SystemExit(f"--resume: settings differ from the run in {cfg.out_dir} ({_format(diffs)}). "
+                             f"Resume with the run's settings, or pass --force to continue with the new ones "
+                             f"(they are written to config.resume_step{state['step']}.yaml; config.yaml keeps the first).")
+        if diffs and write:
+            print(f"--force: resuming with changed settings: {_format(diffs)}")
+            save_yaml(new, os.path.join(cfg.out_dir, f"config.resume_step{state['step']}.yaml"))
+    if write and (not resume or not os.path.exists(first)):
+        save_yaml(new, first)
+    return saved
+
+
+def save_yaml(d, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)

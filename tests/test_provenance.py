@@ -1,0 +1,295 @@
+"""Trustworthy outputs, in-process: rows provenance and locks, the run-directory rules of --resume, learned-rows
+identity, config validation, data checks before a run (sizes, numbers, unreadable images, float TIFF), file modes.
+
+The same rules seen through train.py / evaluate.py subprocesses are in tests/test_end_to_end.py.
+"""
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from grounding import datasets as ds
+from grounding import provenance
+from grounding.config import load_config
+from grounding.evaluation import evaluate_pairs
+from grounding.heatmap import LAYER_PRESETS
+from grounding.preprocess import load_image
+from grounding.prompts import LearnablePrompts
+from test_heatmap import tiny_pipe
+from train import TrainConfig, parse_args
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows files: provenance and lock
+
+
+def _rows(path, ids):
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"pair_id": i, "cnr": 1.0}) + "\n" for i in ids)
+
+
+RECORD = {"weights": "aaaa", "weights_path": "/w", "prompts": "frozen:bbbb", "split": "phantom",
+          "heatmap": {"layers": [2, 3, 4, 5], "num_steps": 100}, "code": "abc123"}
+
+
+def test_rows_from_other_settings_are_refused_or_moved_aside(tmp_path, capsys):
+    path = str(tmp_path / "rows_tuned.jsonl")
+    _rows(path, ["p0", "p1"])
+    with pytest.raises(SystemExit, match="no record of what made them"):      # rows of unknown origin
+        provenance.check_rows(path, RECORD)
+    os.remove(path)
+    provenance.check_rows(path, RECORD)                                     # a new file: record written
+    _rows(path, ["p0", "p1"])
+    provenance.check_rows(path, {**RECORD, "weights_path": "/elsewhere"})   # same weights, another place: resumes
+    other = {**RECORD, "prompts": "frozen:cccc", "heatmap": {"layers": [3, 4], "num_steps": 100}}
+    with pytest.raises(SystemExit) as err:
+        provenance.check_rows(path, other)
+    msg = str(err.value)
+    assert "prompts: 'frozen:bbbb' -> 'frozen:cccc'" in msg and "heatmap" in msg and "weights" not in msg.split("(")[1]
+    assert open(path).read().count("pair_id") == 2                          # nothing was touched
+    provenance.check_rows(path, other, on_mismatch="fresh")                 # train.py: old rows moved aside
+    assert not os.path.exists(path) and "fresh file" in capsys.readouterr().out
+    assert open(str(tmp_path / "rows_tuned.stale.jsonl")).read().count("pair_id") == 2
+    assert json.load(open(path + ".provenance.json"))["prompts"] == "frozen:cccc"
+
+
+def test_a_live_lock_stops_a_second_writer_and_a_dead_one_is_taken_over(tmp_path):
+    lock = str(tmp_path / "rows.jsonl.lock")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(lock, "w") as f:
+            json.dump({"pid": sleeper.pid, "host": os.uname().nodename, "since": "now"}, f)
+        with pytest.raises(SystemExit, match=f"pid {sleeper.pid}"):
+            provenance.acquire_lock(lock)
+        # evaluate_pairs takes the same lock: it stops before writing a single row
+        pairs = [{"pair_id": "p0", "image_path": "/nonexistent.png", "prompt": "x", "boxes": [], "category": "Edema"}]
+        with pytest.raises(SystemExit, match="another evaluation"):
+            evaluate_pairs(None, pairs, None, rows_path=str(tmp_path / "rows.jsonl"))
+        assert not os.path.exists(tmp_path / "rows.jsonl")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert provenance.acquire_lock(lock) == lock                             # its owner is gone: taken over
+    assert json.load(open(lock))["pid"] == os.getpid()
+    provenance.release_lock(lock)
+    assert not os.path.exists(lock)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py's run directory
+
+
+def _cfg(tmp_path, **kw):
+    return TrainConfig(out_dir=str(tmp_path / "run"), **kw)
+
+
+def test_resume_and_overwrite_rules(tmp_path):
+    cfg = _cfg(tmp_path, lr=0.05)
+    provenance.prepare_run_dir(cfg)                                           # a new run: config.yaml written
+    first = tmp_path / "run" / "config.yaml"
+    assert yaml.safe_load(first.read_text())["lr"] == 0.05
+    torch.save({"step": 3, "config": dataclasses.asdict(cfg)}, str(tmp_path / "run" / "ckpt.pt"))
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):      # no silent replacement
+        provenance.prepare_run_dir(cfg)
+    # a longer run and another device are a resume; another lr or seed is not
+    assert provenance.prepare_run_dir(_cfg(tmp_path, lr=0.05, max_steps=900, device="cuda"), resume=True)["lr"] == 0.05
+    with pytest.raises(SystemExit) as err:
+        provenance.prepare_run_dir(_cfg(tmp_path, lr=0.01, seed=4), resume=True)
+    assert "lr: 0.05 -> 0.01" in str(err.value) and "seed: 0 -> 4" in str(err.value)
+    provenance.prepare_run_dir(_cfg(tmp_path, lr=0.01), resume=True, force=True)
+    assert yaml.safe_load(first.read_text())["lr"] == 0.05                   # the run's first config is kept
+    assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.yaml").read_text())["lr"] == 0.01
+    with pytest.raises(SystemExit, match="--force goes with --resume"):
+        provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), force=True)
+    provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), overwrite=True)      # explicit: a new run in its place
+    assert yaml.safe_load(first.read_text())["lr"] == 0.2
+
+
+def test_overrides_anywhere_on_the_command_line(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    cfg, args = parse_args(["max_steps=7", "--config", str(empty), "lr=0.5", "--resume", "seed=3"])
+    assert (cfg.max_steps, cfg.lr, cfg.seed, args.resume) == (7, 0.5, 3, True)
+    assert "is empty: running on the built-in defaults" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config validation
+
+
+@pytest.mark.parametrize("item", ["batch_size=0", "ckpt_every=0", "eval_batch=0", "max_steps=-1", "lr=0",
+                                  "lr=-1e-4", "num_inference_steps=0", "val_pairs=0", "eval_pairs=-2",
+                                  "layers=[2,-1]", "layers=[2,2]", "on_missing=ignore", "optimizer=lion",
+                                  "train_window=[700,400]"])
+def test_bad_values_are_named_when_the_config_is_loaded(item):
+    key = item.split("=")[0]
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        load_config(TrainConfig, None, [item])
+
+
+def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "phantom", "--batch", "0"])               # was: "range() arg 3 must not be zero"
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["ckpt_every=0"])                                         # was: ZeroDivisionError at step 1
+    assert "config key 'ckpt_every': must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_layer_indices_are_checked_against_the_model():
+    from grounding.config import check_layers
+    n = len(tiny_pipe().unet.cross_attention_layers())
+    check_layers("layers", list(range(n)), n)
+    with pytest.raises(ValueError, match=rf"config key 'layers'.*\[{n}\].*has {n} cross-attention layers"):
+        check_layers("layers", [0, n], n)
+
+
+def test_final_evaluation_uses_the_trained_layers_and_steps():
+    cfg = TrainConfig(layers=[3, 4], num_inference_steps=50)
+    tuned = provenance.eval_heatmap_config(cfg, "phantom", tuned=True)
+    frozen = provenance.eval_heatmap_config(cfg, "phantom", tuned=False)
+    assert tuned.resolved_layers() == (3, 4) and tuned.num_steps == 50 and not tuned.resolved_otsu()
+    assert frozen.resolved_layers() == LAYER_PRESETS[("phantom", False)] and frozen.resolved_otsu()  # paper protocol
+    assert frozen.num_steps == 50
+    line = provenance.describe_heatmap("tuned", tuned)
+    assert "layers (3, 4)" in line and "50 DDIM steps" in line and "no Otsu" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learned rows carry what they were learned with
+
+
+def test_learned_rows_refuse_another_encoder_vocabulary_or_mode(tmp_path):
+    pipe = tiny_pipe()
+    path = str(tmp_path / "rows.safetensors")
+    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").save(path)
+    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").load(path)   # same: loads
+    with pytest.raises(ValueError, match="shared_tokens mode"):
+        LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="trainable").load(path)
+    other = tiny_pipe().text_encoder
+    with torch.no_grad():
+        other.token_embedding.weight[5] += 0.01                              # one row of the table differs
+    with pytest.raises(ValueError, match=r"text encoder \(input embedding table\)"):
+        LearnablePrompts(pipe.tokenizer, other, shared_tokens="positional").load(path)
+    from ldm.safetensors import load_file, read_header, save_file
+    meta = read_header(path)["__metadata__"]
+    save_file(load_file(path), path, metadata={**meta, "vocab_size": "49408"})
+    with pytest.raises(ValueError, match="vocabulary size.*49408"):
+        LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").load(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data checked before the run
+
+
+COLS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
+
+
+def _mscxr(tmp_path, rows, images):
+    for name, (w, h) in images.items():
+        Image.new("L", (w, h), 100).save(tmp_path / name)
+    path = tmp_path / "ms.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([COLS] + rows)
+    return str(path)
+
+
+def test_swapped_image_size_is_caught_and_names_pair_and_row(tmp_path):
+    rows = [["a", "Edema", "edema", "a.png", 1, 1, 5, 5, 40, 30],
+            ["b", "Edema", "edema", "b.png", 1, 1, 5, 5, 30, 40]]             # b.png is 40 x 30: swapped
+    csv_path = _mscxr(tmp_path, rows, {"a.png": (40, 30), "b.png": (40, 30)})
+    with pytest.raises(ValueError, match=r"pair b_00 \(CSV row 3\).*image_width=30, image_height=40.*40 x 30.*swapped"):
+        ds.read_mscxr(csv_path, str(tmp_path))
+    pairs, rep = ds.read_mscxr(csv_path, str(tmp_path), on_missing="skip")
+    assert [p["dicom_id"] for p in pairs] == ["a"] and rep["image size differs from the CSV (skipped)"] == 1
+
+
+def test_non_numeric_box_names_file_and_row(tmp_path):
+    csv_path = _mscxr(tmp_path, [["a", "Edema", "edema", "a.png", 1, 1, 5, 5, 40, 30],
+                                 ["a", "Edema", "edema", "a.png", 1, "n/a", 5, 5, 40, 30]], {"a.png": (40, 30)})
+    with pytest.raises(ValueError, match=r"ms.csv row 3: column 'y' = 'n/a' is not a number"):
+        ds.read_mscxr(csv_path, str(tmp_path))
+    vindr = tmp_path / "annotations_test.csv"
+    vindr.write_text("image_id,class_name,x_min,y_min,x_max,y_max\nv1,Cardiomegaly,1,2,three,9\n")
+    with pytest.raises(ValueError, match=r"annotations_test.csv row 2: column 'x_max' = 'three'"):
+        ds.read_vindr(str(vindr), str(tmp_path))
+
+
+def test_corrupt_or_missing_image_is_found_at_load_time(tmp_path):
+    rows = [["a", "Edema", "edema", "a.png", 1, 1, 5, 5, 40, 30],
+            ["c", "Edema", "edema", "c.png", 1, 1, 5, 5, 40, 30],
+            ["m", "Edema", "edema", "m.png", 1, 1, 5, 5, 40, 30]]
+    csv_path = _mscxr(tmp_path, rows, {"a.png": (40, 30)})
+    (tmp_path / "c.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"pair c_00 \(CSV row 3\): cannot read image"):
+        ds.read_mscxr(csv_path, str(tmp_path), on_missing="error")
+    os.remove(tmp_path / "c.png")
+    with pytest.raises(FileNotFoundError, match=r"pair c_00 \(CSV row 3\)"):
+        ds.read_mscxr(csv_path, str(tmp_path))
+    (tmp_path / "c.png").write_bytes(b"not an image at all")
+    pairs, rep = ds.read_mscxr(csv_path, str(tmp_path), on_missing="skip")
+    assert [p["dicom_id"] for p in pairs] == ["a"]
+    assert rep["unreadable image file (skipped)"] == 1 and rep["missing image file"] == 1
+
+
+def test_on_missing_is_reachable_from_the_config(tmp_path):
+    """sources.load passes the config key through: a world with a deleted and a corrupted image."""
+    from grounding import sources
+    from grounding.phantom import PhantomConfig, build_world
+    world = str(tmp_path / "world")
+    build_world(world, PhantomConfig.tiny())
+    cfg = TrainConfig(phantom_root=world, out_dir=str(tmp_path / "run"))
+    ms_csv = os.path.join(world, "ms-cxr", "MS_CXR_Local_Alignment_v1.1.0.csv")
+    first = next(csv.DictReader(open(ms_csv)))
+    image = os.path.join(world, "mimic-cxr-jpg", first["path"])
+    sample = sources.load(cfg).samples[0]["image_path"]
+    with open(sample, "wb") as f:                   # a tuning image that is no image: found before the run
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match=f"cannot read image {sample}.*on_missing: skip"):
+        sources.load(cfg)
+    os.remove(image)                                # a test pair's image is gone
+    with pytest.raises(FileNotFoundError, match="on_missing: skip"):
+        sources.load(cfg)
+    data = sources.load(dataclasses.replace(cfg, on_missing="skip"))
+    print(data.report)
+    assert "tuning images (headers read): kept" in data.report and "unreadable image file (skipped): 1" in data.report
+    assert f"MS-CXR {ms_csv}: kept" in data.report and "missing image file: 1" in data.report
+    assert all(p["image_path"] != image for p in data.mscxr) and all(s["image_path"] != sample for s in data.samples)
+
+
+def test_float_tiff_is_read_with_its_values(tmp_path):
+    arr = np.linspace(0.0, 1.0, 12 * 10, dtype=np.float32).reshape(12, 10)
+    Image.fromarray(arr, mode="F").save(tmp_path / "x.tif")
+    assert np.allclose(load_image(str(tmp_path / "x.tif")), arr)
+    Image.fromarray(arr * 4000 - 1000, mode="F").save(tmp_path / "hu.tif")    # outside [0, 1]: min-max scaled
+    assert np.allclose(load_image(str(tmp_path / "hu.tif")), arr, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# file modes
+
+
+def test_saved_weights_and_rows_get_the_usual_permissions(tmp_path):
+    from ldm.pipeline import Pipeline, save_pipeline
+    from ldm.safetensors import save_file
+    t = tiny_pipe()
+    pipe = Pipeline(tokenizer=t.tokenizer, text_encoder=t.text_encoder, vae=t.vae, unet=t.unet, scheduler=t.scheduler,
+                    scale_factor=1.0, prediction_type="v_prediction", family="phantom",
+                    image={"channels": 1, "size": 32, "range": [0.0, 1.0]})
+    old = os.umask(0o022)
+    try:
+        save_file({"a": torch.zeros(2)}, str(tmp_path / "rows.safetensors"))
+        save_pipeline(pipe, str(tmp_path / "model"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "rows.safetensors").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "model" / "unet.safetensors").st_mode & 0o777 == 0o644
