@@ -75,7 +75,8 @@ class TrainConfig:
     merge: str = "max"                       # how several Gaussians merge into one target: "max" | "sum" (not stated)
     w_div: float = 1.0                       # weight of L_div (Eq. 2)
     w_loc: float = 1.0                       # weight of L_loc (Eq. 4)
-    shared_tokens: str = "frozen"            # sub-tokens shared by location and pathology words: "frozen" | "trainable" | "positional"
+    shared_tokens: str = "positional"        # sub-tokens shared by location and pathology words ("pleural", "cardiomegaly"):
+                                             # "positional" (location occurrences get their own rows) | "frozen" | "trainable"
     n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
     max_train_samples: int = 0               # 0 = all curated samples
     latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit

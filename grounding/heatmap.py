@@ -6,8 +6,9 @@ Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (../s
   2. DDIM inversion over 100 "trailing" steps, guidance 0: the trajectory follows the UNCONDITIONAL ("")
      prediction while the prompt branch's cross-attention probabilities are recorded;
   3. keep the steps in the window and the chosen layers;
-  4. per layer and step: mean over the prompt's tokens (BOS/EOS excluded), min-max, resize to the image;
-     then the mean over layers and steps;
+  4. per layer and step: mean over the prompt's tokens (BOS/EOS excluded; a joining "and" is kept, as the
+     predecessor's code averages every token between BOS and EOS, although training leaves it out of
+     L_div and A_sp), min-max, resize to the image; then the mean over layers and steps;
   5. Gaussian filter (sigma 2.5 px at 512, scaled with the image size), min-max, optional Otsu mask, min-max.
 (Step 6, back to the original image with NaN padding, is grounding/preprocess.py `to_original`.)
 
@@ -269,7 +270,8 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
 def prompt_contexts(pipe, texts, prompts=None):
     """((B, 77, D) contexts, per-item non-special token positions) from LearnablePrompts or the plain text encoder."""
     if prompts is not None:
-        return prompts.encode(texts), [prompts.token_positions(t) for t in texts]
+        # every token between BOS and EOS, the joining "and" included: the predecessor's heatmap averages them all
+        return prompts.encode(texts), [prompts.token_positions(t, include_join=True) for t in texts]
     ids = pipe.tokenizer(texts).to(pipe.unet.conv_in.weight.device)
     positions = []
     for t in texts:
