@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from grounding.attention_store import AttentionStore
+from grounding.precision import autocast
 
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
@@ -63,6 +64,7 @@ class HeatmapConfig:
     sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
     sigma_ref_size: int = 512            # ... scaled linearly with the image size
     resize_mode: str = "bilinear"        # map -> image resize (per-map, after min-max)
+    autocast: str = "none"               # "none" | "bf16" | "fp16": text encoder + inversion under torch.autocast
 
     def resolved_layers(self):
         if self.layers is not None:
@@ -297,11 +299,12 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
     device = pipe.unet.conv_in.weight.device
     images = images.to(device, pipe.unet.conv_in.weight.dtype)
-    z0 = pipe.vae.encode(images) * pipe.scale_factor
-    cond, positions = prompt_contexts(pipe, list(texts), prompts)
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-    store = AttentionStore(cfg.resolved_layers(), positions)
-    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
+    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
+    with autocast(device, cfg.autocast):                # the recorded probabilities stay float32 (ldm/attention.py)
+        cond, positions = prompt_contexts(pipe, list(texts), prompts)
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+        store = AttentionStore(cfg.resolved_layers(), positions)
+        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
     return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
 
 
