@@ -191,7 +191,8 @@ def scheduler_config(s, base, path):
 def read_bundle(path, scheduler_base):
     """inference.json -> {"vae": dict, "unet": dict, "scheduler": dict or None} for our configs' from_dict.
 
-    scheduler_base: our scheduler preset the bundle's `scheduler` object is laid over (None when it has none).
+    scheduler_base: our scheduler preset (a dict: spacing, offsets) that the bundle's `scheduler` object is laid
+    over; "scheduler" comes back None when the file has no `scheduler` object.
     """
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
