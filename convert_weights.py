@@ -3,7 +3,11 @@
 
   python convert_weights.py weights/roentgen-diffusers weights/roentgen             # diffusers folder (RoentGen, SD)
   python convert_weights.py v1-5-pruned-emaonly.ckpt weights/sd15 --tokenizer TOK    # CompVis single file
-  python convert_weights.py cxr_bundle/ weights/monai_cxr --text-encoder sd21-base   # MONAI CXR LDM pair
+  python convert_weights.py cxr_bundle/ weights/monai_cxr --text-encoder sd21-base   # MONAI CXR LDM bundle folder
+
+A MONAI bundle folder holds models/autoencoder.pth, models/diffusion_model.pth and configs/inference.json; the json
+gives what the weights cannot show (heads, group counts, eps, the noise schedule: ldm/monai_bundle.py). A bare
+folder with the two .pth files is accepted too, with the CXR bundle's values for those (said in one line).
 
 Nothing pickled is ever executed (ldm/checkpoint.py); DST is written atomically and re-running is safe.
 Load the result with `ldm.load_pipeline(DST)`. How to obtain each checkpoint: docs/weights.md.
@@ -19,8 +23,9 @@ from ldm.pipeline import convert_checkpoint, load_pipeline, save_pipeline
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("src", help="a diffusers folder, a CompVis .ckpt/.safetensors file, or a folder holding MONAI "
-                                "autoencoder.pth + diffusion_model.pth (directly or in models/)")
+parser.add_argument("src", help="a diffusers folder, a CompVis .ckpt/.safetensors file, a MONAI bundle folder "
+                                "(models/*.pth + configs/inference.json) or a folder holding MONAI "
+                                "autoencoder.pth + diffusion_model.pth")
 parser.add_argument("dst", help="output folder (replaced atomically if it is an earlier conversion)")
 parser.add_argument("--text-encoder", metavar="DIR", help="MONAI only: a stable-diffusion-2-1-base diffusers folder "
                                                           "whose text_encoder/ and tokenizer/ the CXR LDM uses")

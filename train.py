@@ -31,6 +31,7 @@ from grounding.config import check_layers, check_train_config, load_config
 from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
+from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
 
 
@@ -41,7 +42,8 @@ class TrainConfig:
     out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
     seed: int = 0                            # the paper does not report a seed (single run)
     device: str = "cpu"                      # "cpu" | "cuda"
-    autocast: str = "none"                   # "none" | "bf16" | "fp16" (CUDA); attention maps are kept in fp32
+    autocast: str = "none"                   # "none" | "bf16" | "fp16": text encoder + UNet forwards of the tuning step,
+                                             # inversions and heatmaps under torch.autocast; maps and losses stay fp32
     threads: int = 0                         # torch CPU threads (0 = torch's default)
     # --- data --------------------------------------------------------------------------------------------------
     data: str = "phantom"                    # "phantom" (embedded synthetic world, built if missing) | "mimic"
@@ -75,7 +77,8 @@ class TrainConfig:
     merge: str = "max"                       # how several Gaussians merge into one target: "max" | "sum" (not stated)
     w_div: float = 1.0                       # weight of L_div (Eq. 2)
     w_loc: float = 1.0                       # weight of L_loc (Eq. 4)
-    shared_tokens: str = "frozen"            # sub-tokens shared by location and pathology words: "frozen" | "trainable" | "positional"
+    shared_tokens: str = "positional"        # sub-tokens shared by location and pathology words ("pleural", "cardiomegaly"):
+                                             # "positional" (location occurrences get their own rows) | "frozen" | "trainable"
     n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
     max_train_samples: int = 0               # 0 = all curated samples
     latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit
@@ -168,6 +171,7 @@ def tune(cfg, resume=False):
     say(prompts.format_codebook())
     params = [p for p in prompts.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
+    scaler = grad_scaler(device, cfg.autocast)  # fp16 only: scales the loss so small gradients do not underflow
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step0 = 0
     if resume and os.path.exists(ckpt_path):
@@ -182,11 +186,13 @@ def tune(cfg, resume=False):
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
     layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])
     check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers))
+    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers),
+                         autocast=cfg.autocast)
     sched = inversion_scheduler(pipe.scheduler, hcfg)
     train_ts = window_timesteps(sched, *cfg.train_window)
     say(f"training timesteps ({len(train_ts)}): {train_ts.tolist()}; layers {layers}; noisy latents by {cfg.noisy_latents}")
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    with torch.no_grad(), autocast(device, cfg.autocast):
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))      # the "" context the inversion follows
     latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
 
     def invert(indices):
@@ -194,7 +200,8 @@ def tune(cfg, resume=False):
         with torch.no_grad():
             x = torch.stack([data.image(data.samples[i], pipe.image) for i in indices]).to(device)
             z0 = pipe.vae.encode(x) * pipe.scale_factor
-            return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)  # (T, B, C, h, w)
+            with autocast(device, cfg.autocast):
+                return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)  # (T, B, C, h, w)
 
     def noisy_latents(i, gen):
         if i in latent_cache:
@@ -239,16 +246,17 @@ def tune(cfg, resume=False):
             if cfg.timesteps_per_step:                                     # a random subset of the T steps
                 keep = torch.randperm(len(ts), generator=gen)[:cfg.timesteps_per_step].sort().values
                 z, ts = z[keep], ts[keep]
-            context = prompts.encode([sample["prompt"]])                   # (1, 77, D), grad to the anatomy rows
             store = AttentionStore(layers, prompts.token_positions(sample["prompt"]), keep_grad=True)
-            # all T timesteps in ONE batched UNet call, stopped after the last needed layer
-            pipe.unet(z[:, 0], ts.to(device), context.expand(len(ts), -1, -1), store=store, stop_after=max(layers))
+            with autocast(device, cfg.autocast):                           # the recorded maps stay float32
+                context = prompts.encode([sample["prompt"]])               # (1, 77, D), grad to the anatomy rows
+                # all T timesteps in ONE batched UNet call, stopped after the last needed layer
+                pipe.unet(z[:, 0], ts.to(device), context.expand(len(ts), -1, -1), store=store, stop_after=max(layers))
             maps = store.maps().transpose(0, 2)                            # (1, L, T, N, S) -> (T, L, 1, N, S)
             side = int(math.isqrt(maps.shape[-2]))
             G = render_gaussians(jitter(gaussians_for(data.lut, sample["locations"]), cfg.jitter, gen),
                                  side, merge=cfg.merge)[None].to(device)   # (1, side, side) target Gaussian
             loss, parts = grounding_loss(maps, G, weights=(cfg.w_div, cfg.w_loc), alpha=cfg.alpha, eps=cfg.eps)
-            (loss / global_batch).backward()
+            scaler.scale(loss / global_batch).backward()
             total += loss.item() / global_batch
         if world > 1:  # data parallel: sum the per-rank gradients (each already divided by the global batch)
             for p in params:
@@ -260,7 +268,8 @@ def tune(cfg, resume=False):
             total = t.item()
         if not math.isfinite(total):
             raise SystemExit(f"step {step}: loss is {total}; stopping. The last good checkpoint is {ckpt_path}")
-        opt.step()
+        scaler.step(opt)                                                   # = opt.step() unless fp16
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         ema = total if ema is None else 0.95 * ema + 0.05 * total
         bar.set_postfix(loss=f"{ema:.4f}", div=f"{parts['div'].item():.3f}", loc=f"{parts['loc'].item():.3f}",

@@ -6,8 +6,9 @@ Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (../s
   2. DDIM inversion over 100 "trailing" steps, guidance 0: the trajectory follows the UNCONDITIONAL ("")
      prediction while the prompt branch's cross-attention probabilities are recorded;
   3. keep the steps in the window and the chosen layers;
-  4. per layer and step: mean over the prompt's tokens (BOS/EOS excluded), min-max, resize to the image;
-     then the mean over layers and steps;
+  4. per layer and step: mean over the prompt's tokens (BOS/EOS excluded; a joining "and" is kept, as the
+     predecessor's code averages every token between BOS and EOS, although training leaves it out of
+     L_div and A_sp), min-max, resize to the image; then the mean over layers and steps;
   5. Gaussian filter (sigma 2.5 px at 512, scaled with the image size), min-max, optional Otsu mask, min-max.
 (Step 6, back to the original image with NaN padding, is grounding/preprocess.py `to_original`.)
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from grounding.attention_store import AttentionStore
+from grounding.precision import autocast
 
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
@@ -62,6 +64,7 @@ class HeatmapConfig:
     sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
     sigma_ref_size: int = 512            # ... scaled linearly with the image size
     resize_mode: str = "bilinear"        # map -> image resize (per-map, after min-max)
+    autocast: str = "none"               # "none" | "bf16" | "fp16": text encoder + inversion under torch.autocast
 
     def resolved_layers(self):
         if self.layers is not None:
@@ -269,7 +272,8 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
 def prompt_contexts(pipe, texts, prompts=None):
     """((B, 77, D) contexts, per-item non-special token positions) from LearnablePrompts or the plain text encoder."""
     if prompts is not None:
-        return prompts.encode(texts), [prompts.token_positions(t) for t in texts]
+        # every token between BOS and EOS, the joining "and" included: the predecessor's heatmap averages them all
+        return prompts.encode(texts), [prompts.token_positions(t, include_join=True) for t in texts]
     ids = pipe.tokenizer(texts).to(pipe.unet.conv_in.weight.device)
     positions = []
     for t in texts:
@@ -295,11 +299,12 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
     device = pipe.unet.conv_in.weight.device
     images = images.to(device, pipe.unet.conv_in.weight.dtype)
-    z0 = pipe.vae.encode(images) * pipe.scale_factor
-    cond, positions = prompt_contexts(pipe, list(texts), prompts)
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-    store = AttentionStore(cfg.resolved_layers(), positions)
-    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
+    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
+    with autocast(device, cfg.autocast):                # the recorded probabilities stay float32 (ldm/attention.py)
+        cond, positions = prompt_contexts(pipe, list(texts), prompts)
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+        store = AttentionStore(cfg.resolved_layers(), positions)
+        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
     return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
 
 

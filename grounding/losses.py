@@ -5,7 +5,8 @@ Diffusion Models" (MIDL 2026), Sec. 3.2; restated in ../shared/PAPER.md section 
 
 Shapes: `maps` are cross-attention probabilities as the AttentionStore gives them, (T, L, B, N, S):
 T recorded steps, L recorded layers, B batch, N = h*w pixels of the map, S the prompt's tokens
-(only the non-special ones: the store already dropped BOS/EOS/pad columns). When the prompts of a batch
+(only the non-special ones: the store already dropped the BOS/EOS/pad columns and the "and" joining locations,
+grounding/prompts.py `token_positions`). When the prompts of a batch
 have different lengths the store pads S and gives a (B, S) `token_mask` (True = a real token); pass it here.
 G is the anatomy Gaussian target, (B, h', w') at any resolution; it is resized to the map's h x w.
 """

@@ -118,6 +118,9 @@ def train_denoiser(latents, captions, cfg, generator, on_checkpoint=None):
 
 def pretrain(cfg):
     """Build the world if needed, train the VAE and the denoiser, write a converted folder to cfg.weights."""
+    if cfg.autocast != "none":  # the key is honoured by prompt tuning; this small CPU pretraining is fp32 only
+        raise ValueError(f"config key 'autocast': {cfg.autocast!r} is for mode 'tune'; the phantom pretraining "
+                         "runs in fp32, set autocast: none")
     generator = torch.Generator().manual_seed(cfg.seed)
     root = ensure_phantom(cfg.phantom_root, seed=cfg.phantom_seed)
     items = phantom.training_captions(root, seed=cfg.seed)  # [{image_path, caption}] of the training split

@@ -12,10 +12,11 @@ As in CoOp / textual inversion: ONE trainable parameter holds the learned vector
 Paper gaps (PAPER.md section 10), as options:
 - shared_tokens: with the real CLIP vocabulary 6 sub-tokens (ple, ural</w>, cardi, ome, gal, y</w>) are both
   location and pathology sub-tokens ("pleural", "cardiomegaly").
-  "frozen" (default): pathology wins, shared rows stay frozen (the paper's 46 rows minus the ambiguity);
-  "trainable": shared rows are trainable wherever they occur, pathology words included;
-  "positional": location OCCURRENCES get their own trainable rows, substituted by position in the prompt,
-  so "pleural" in "left pleural" and in "pleural effusion" are different vectors.
+  "positional" (default): location OCCURRENCES get their own trainable rows, substituted by position in the
+  prompt, so "pleural" in "left pleural" and in "pleural effusion" are different vectors;
+  "frozen": pathology wins, shared rows stay frozen (the paper's 46 rows minus the ambiguity). With the real
+  vocabulary the prompt "cardiomegaly" (333 MS-CXR pairs) then has no trainable row at all;
+  "trainable": shared rows are trainable wherever they occur, pathology words included.
 - n_ctx: CoOp-style learnable context tokens inserted after BOS (0 = off, the paper's setting).
 """
 import json
@@ -41,7 +42,7 @@ JOIN_WORDS = ("and",)   # several locations are joined with "and" (PAPER.md sect
 
 class LearnablePrompts(nn.Module):
     def __init__(self, tokenizer, text_encoder, locations=LOCATIONS, pathologies=PATHOLOGY_PHRASES,
-                 shared_tokens="frozen", n_ctx=0, ctx_init_std=0.02):
+                 shared_tokens="positional", n_ctx=0, ctx_init_std=0.02):
         super().__init__()
         if shared_tokens not in SHARED_MODES:
             raise ValueError(f"shared_tokens={shared_tokens!r}: choose one of {SHARED_MODES}")
@@ -111,15 +112,36 @@ class LearnablePrompts(nn.Module):
             k += len(hit) if hit else 1
         return mask
 
-    def token_positions(self, prompt):
-        """Framed positions (0 = BOS) of the prompt's non-special tokens, CoOp context tokens excluded."""
+    def join_mask(self, prompt):
+        """Bool list over the prompt's sub-tokens (no BOS/EOS): True for a whole word "and" joining locations."""
+        ids = self.tokenizer.encode(prompt)
+        toks = self.token_strings(ids)
+        word_start = [k == 0 or toks[k - 1].endswith("</w>") for k in range(len(ids))] + [True]
+        mask = [False] * len(ids)
+        for join in (self.tokenizer.encode(w) for w in JOIN_WORDS):
+            for k in range(len(ids) - len(join) + 1):
+                if ids[k:k + len(join)] == join and word_start[k] and word_start[k + len(join)]:
+                    mask[k:k + len(join)] = [True] * len(join)
+        return mask
+
+    def token_positions(self, prompt, include_join=False):
+        """Framed positions (0 = BOS) of the prompt's non-special tokens, CoOp context tokens excluded.
+
+        The "and" joining locations is a special token too (paper Sec. 3): it has no L_div pair and does not enter
+        A_sp, so by default its positions are left out. include_join=True keeps every token between BOS and EOS,
+        which is what the test-time heatmap averages (the predecessor's extraction, grounding/heatmap.py).
+        """
         n = len(self.tokenizer.encode(prompt))
         if n == 0:
             raise ValueError(f"prompt {prompt!r} has no tokens")
         if 1 + self.n_ctx + n + 1 > self.tokenizer.max_length:
             raise ValueError(f"prompt {prompt!r} has {n} tokens: with BOS, EOS and n_ctx={self.n_ctx} it exceeds "
                              f"{self.tokenizer.max_length}")
-        return list(range(1 + self.n_ctx, 1 + self.n_ctx + n))
+        join = [False] * n if include_join else self.join_mask(prompt)
+        positions = [1 + self.n_ctx + k for k in range(n) if not join[k]]
+        if not positions:
+            raise ValueError(f"prompt {prompt!r} has no token other than the joining word(s) {JOIN_WORDS}")
+        return positions
 
     # ---- prompts -> context ---------------------------------------------------------------------
 

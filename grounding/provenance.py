@@ -106,7 +106,8 @@ def describe_heatmap(name, hcfg, note=""):
     """One header line: which layers, Otsu, steps and window a column of the table used."""
     s = heatmap_settings(hcfg)
     return (f"{name}: layers {tuple(s['layers'])}{note}, {'Otsu mask' if s['otsu'] else 'no Otsu'}, "
-            f"{s['num_steps']} DDIM steps ({s['spacing']}), window t in [{s['window'][0]}, {s['window'][1]})")
+            f"{s['num_steps']} DDIM steps ({s['spacing']}), window t in [{s['window'][0]}, {s['window'][1]})"
+            + (f", {s['autocast']} autocast" if s["autocast"] != "none" else ""))
 
 
 def eval_heatmap_config(cfg, family, tuned):
@@ -118,7 +119,8 @@ def eval_heatmap_config(cfg, family, tuned):
     """
     from grounding.heatmap import HeatmapConfig
     layers = tuple(cfg.layers) if tuned and cfg.layers else None
-    return HeatmapConfig(num_steps=cfg.num_inference_steps, family=family, tuned=tuned, layers=layers)
+    return HeatmapConfig(num_steps=cfg.num_inference_steps, family=family, tuned=tuned, layers=layers,
+                         autocast=cfg.autocast)
 
 
 def rows_record(pipe, weights, hcfg, prompts=None, prompts_path=None, split=None, data=None):

@@ -10,9 +10,10 @@ A converted folder (ARCHITECTURE.md "The converted-folder format"):
 `load_pipeline` builds each module from its config and loads its weights STRICTLY: every key and every shape
 is checked first, and all problems of all components come back as ONE error. `save_pipeline` writes a temp
 folder beside DST and renames it into place, so DST is either the old folder or the complete new one.
-`convert_checkpoint` reads a diffusers folder, a CompVis single file or the MONAI CXR pair (+ an SD 2.1-base
-folder for its text encoder) and returns a Pipeline (what convert_weights.py saves). The renaming rules live in
-ldm/convert.py (diffusers family) and ldm/convert_monai.py (MONAI), safe file reading in ldm/checkpoint.py and
+`convert_checkpoint` reads a diffusers folder, a CompVis single file or the MONAI CXR pair / bundle folder (+ an
+SD 2.1-base folder for its text encoder) and returns a Pipeline (what convert_weights.py saves). The renaming rules
+live in ldm/convert.py (diffusers family) and ldm/convert_monai.py (MONAI), a bundle's configs/inference.json is
+read by ldm/monai_bundle.py, safe file reading in ldm/checkpoint.py and
 ldm/safetensors.py.
 """
 import json
@@ -29,6 +30,7 @@ from .checkpoint import load_state_dict
 from .convert import (legacy_vae_to_ours, sd1_text_to_ours, split_compvis, text_config_from_state_dict,
                       unet_config_from_state_dict, vae_config_from_state_dict)
 from .convert_monai import monai_unet_to_ours, monai_vae_to_ours
+from .monai_bundle import find_inference_json, read_bundle
 from .safetensors import current_umask, load_file, save_file
 from .schedulers import DDIMScheduler, SchedulerConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
@@ -79,8 +81,9 @@ class Pipeline:
 def _mismatches(module, state_dict):
     """(missing, unexpected, [(key, file shape, model shape)]) between a module and a state dict."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
+    # names with their shapes (the model's for a missing key, the file's for an unexpected one)
+    missing = [f"{k} {list(expected[k])}" for k in sorted(expected.keys() - state_dict.keys())]
+    unexpected = [f"{k} {list(state_dict[k].shape)}" for k in sorted(state_dict.keys() - expected.keys())]
     shapes = [(k, tuple(state_dict[k].shape), expected[k]) for k in sorted(expected.keys() & state_dict.keys())
               if tuple(state_dict[k].shape) != expected[k]]
     return missing, unexpected, shapes
@@ -322,20 +325,40 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
         family = "monai_cxr"
         ae_path, unet_path = _monai_files(src)
         vae_sd, unet_sd = monai_vae_to_ours(load_state_dict(ae_path)), monai_unet_to_ours(load_state_dict(unet_path))
-        # MONAI conventions not visible in the shapes: GroupNorm -> conv_out without SiLU, eps 1e-6, one head
-        vae_cfg = VAEConfig.from_dict({**vae_config_from_state_dict(vae_sd), "silu_before_conv_out": False,
-                                       "mid_block": any(k.startswith("encoder.mid_block.") for k in vae_sd),
-                                       "quant": "split" if "quant_conv_mu.weight" in vae_sd else "joint",
-                                       "scale_factor": SCALE_FACTORS[family]})
-        unet_cfg = UNetConfig.from_dict({**unet_config_from_state_dict(unet_sd, heads=1), "norm_eps": 1e-6})
+        scale, sched_cfg = SCALE_FACTORS[family], SchedulerConfig.monai_cxr()
+        bundle_json = find_inference_json(src)
+        if bundle_json is not None:  # the bundle says how the networks were built: heads, groups, eps, schedule
+            bundle = read_bundle(bundle_json, sched_cfg.to_dict())
+            try:  # values our configs refuse (e.g. clip_sample true, widths not divisible by the groups)
+                vae_cfg = VAEConfig.from_dict({**bundle["vae"], "scale_factor": scale})
+                unet_cfg = UNetConfig.from_dict(bundle["unet"])
+                if bundle["scheduler"] is not None:
+                    sched_cfg = SchedulerConfig.from_dict(bundle["scheduler"])
+            except ValueError as e:
+                raise PipelineError(f"{bundle_json}: {e}") from None
+            log(f"configs: {bundle_json} (autoencoder_def, diffusion_def, "
+                f"{'scheduler' if bundle['scheduler'] else 'no scheduler object: the CXR schedule'}); UNet heads "
+                f"{list(unet_cfg.num_attention_heads)}, groups {unet_cfg.norm_num_groups}/{vae_cfg.norm_num_groups} "
+                f"(UNet/VAE), eps {unet_cfg.norm_eps:g}/{vae_cfg.norm_eps:g}")
+            source = f"{src}: {bundle_json.name} (autoencoder_def -> vae, diffusion_def -> unet) vs the .pth weights"
+        else:
+            # MONAI conventions not visible in the shapes: GroupNorm -> conv_out without SiLU, eps 1e-6, one head
+            log(f"configs: no configs/inference.json in {src}: the CXR bundle's values for what the weights do not "
+                "show (32 groups, eps 1e-6, one head per attention layer, scaled_linear 0.0015-0.0205 v-prediction)")
+            vae_cfg = VAEConfig.from_dict({**vae_config_from_state_dict(vae_sd), "silu_before_conv_out": False,
+                                           "mid_block": any(k.startswith("encoder.mid_block.") for k in vae_sd),
+                                           "quant": "split" if "quant_conv_mu.weight" in vae_sd else "joint",
+                                           "scale_factor": scale})
+            unet_cfg = UNetConfig.from_dict({**unet_config_from_state_dict(unet_sd, heads=1), "norm_eps": 1e-6})
+            source = str(src)
         text_cfg, text_sd = _text_from_diffusers(text_encoder)
         tok = _tokenizer(text_encoder, family)
-        sched_cfg, scale = SchedulerConfig.monai_cxr(), SCALE_FACTORS[family]
     log(f"family: {family}; text encoder {text_cfg.num_hidden_layers} layers x {text_cfg.hidden_size}; "
         f"VAE levels {vae_cfg.block_out_channels}; UNet levels {list(unet_cfg.block_out_channels)}; "
         f"prediction {sched_cfg.prediction_type}; scale factor {scale}; pad id {tok.pad_id}")
     configs = {"text_encoder": text_cfg, "vae": vae_cfg, "unet": unet_cfg}
-    modules = build_modules(configs, {"text_encoder": text_sd, "vae": vae_sd, "unet": unet_sd}, source=str(src))
+    modules = build_modules(configs, {"text_encoder": text_sd, "vae": vae_sd, "unet": unet_sd},
+                            source=source if kind == "monai" else str(src))
     return Pipeline(tokenizer=tok, scheduler=DDIMScheduler(sched_cfg), scale_factor=scale,
                     prediction_type=sched_cfg.prediction_type, family=family,
                     image=_image(family, unet_cfg, vae_cfg), **modules)

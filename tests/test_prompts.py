@@ -75,7 +75,7 @@ def test_pathology_only_prompt_does_not_depend_on_the_anatomy_rows():
 
 def test_real_vocab_codebook_counts_and_shared_modes():
     tok, te = real_vocab_world()
-    frozen = LearnablePrompts(tok, te)
+    frozen = LearnablePrompts(tok, te, shared_tokens="frozen")
     table = frozen.codebook_table()
     print(frozen.format_codebook())
     # PAPER.md section 10: 26 location + 23 pathology sub-tokens, 6 shared, + BOS, EOS, pad, "and" = 47
@@ -105,8 +105,8 @@ def test_positional_mode_substitutes_by_position():
     r = pos.anatomy_ids.index(ple)
     assert torch.equal(emb[0, 2], pos.anatomy[r])                          # "pleural" of "left pleural"
     assert torch.equal(emb[1, 3], table[ple])                              # "pleural" of "pleural effusion"
-    # the default keeps every "pleural" frozen; "trainable" tunes both occurrences
-    frozen = LearnablePrompts(tok, te)
+    # "frozen" keeps every "pleural" frozen; "trainable" tunes both occurrences
+    frozen = LearnablePrompts(tok, te, shared_tokens="frozen")
     with torch.no_grad():
         frozen.anatomy.add_(0.5)
         assert torch.equal(frozen.token_embeds(["left pleural effusion"])[0, 2], table[ple])
