@@ -4,7 +4,6 @@ Parity: weights are copied from the reference model (diffusers: load_state_dict(
 ldm.convert_monai.monai_vae_to_ours), then encode mean / logvar, decode and the sampled forward are compared with `cmp`.
 Full sizes are only counted, on the meta device.
 """
-import os
 import pathlib
 import dataclasses
 
@@ -14,7 +13,7 @@ from conftest import cmp, need
 import pytest
 from ldm.vae import AutoencoderKL, VAEConfig
 
-KEYS = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/keys"  # ../shared beside the checkout
+KEYS = pathlib.Path(__file__).resolve().parent / "data" / "keys"  # reference key lists (tests/data/keys/README.md)
 
 TOL = 1e-4  # max abs diff relative to the output scale (conftest.cmp)
 
@@ -29,9 +28,7 @@ def perturb_norms(model):
 
 
 def weights_from_file(path):
-    """{key: shape} from a reference key list in ../shared (skips the test where the checkout has none beside it)."""
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available (../shared/reference/keys beside the checkout)")
+    """{key: shape} from a reference key list in tests/data/keys."""
     rows = [line.rstrip("\n").split("\t") for line in open(path) if line.strip()]
     return {k: [int(s) for s in shape.strip("[]").split(",")] for k, shape, *_ in rows}
 
