@@ -26,12 +26,15 @@ from ldm.tokenizer import train_bpe
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
 
+from grounding import sources
 from grounding.anatomy import LOCATIONS, PATHOLOGIES
+from grounding.config import load_config
 from grounding.phantom import PhantomConfig, build_world
 from grounding.phantom_real import build_real_world
 from grounding.preprocess import box_to_model
 from tiny_world import REPO
 from tiny_world import run as run_cmd
+from train import TrainConfig
 
 CONFIG = os.path.join(REPO, "configs", "mimic_monai.yaml")
 
@@ -118,6 +121,34 @@ def test_replica_has_the_real_layout_and_its_traps(replica):
     for r in ann:
         assert os.path.exists(os.path.join(vindr, "test_png", r["image_id"] + ".png"))
     assert "SYNTHETIC" in json.load(open(os.path.join(data, "world.json")))["notice"]
+
+
+def _config(replica, *overrides):
+    text = open(CONFIG).read().replace("/data/", replica["data"] + "/")
+    path = os.path.join(replica["root"], "mimic_monai.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    out = os.path.join(replica["root"], "load")
+    return load_config(TrainConfig, path, [f"out_dir={out}", f"lut_path={out}/lut.json", *overrides])
+
+
+def test_the_config_reads_the_replica(replica):
+    """The shipped config's readers on the replica, without a model: MS-CXR v1.1.0 and v0.1, views, gold CSV."""
+    exp = replica["summary"]["expected"]
+    data = sources.load(_config(replica))
+    want = sum(n for split in exp["mscxr_loc"].values() for n in split.values())
+    assert len(data.mscxr_loc) == want and {p["split"] for p in data.mscxr_loc} == {"train", "val", "test"}
+    assert data.samples and "SYNTHETIC" in data.description
+    v01 = os.path.join(replica["data"], "ms-cxr", "0.1", "MS_CXR_Local_Alignment_v1.0.0.csv")
+    old = sources.load(_config(replica, f"mscxr_csv={v01}"))
+    assert [p["pair_id"] for p in old.mscxr_loc] == [p["pair_id"] for p in data.mscxr_loc] and old.val_pairs == []
+    with pytest.raises(ValueError, match="mscxr_split"):
+        sources.load(_config(replica, f"mscxr_csv={v01}", "mscxr_split=test"))
+    test = sources.load(_config(replica, "mscxr_split=test"))
+    assert len(test.mscxr_loc) == sum(exp["mscxr_loc"]["test"].values())
+    with_ap = sources.load(_config(replica, "views=[PA, AP]"))
+    assert f"study without a PA/AP image (skipped): {exp['train_studies_without']['PA/AP']}" in with_ap.report
+    assert len(with_ap.samples) > len(data.samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
