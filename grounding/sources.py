@@ -86,7 +86,11 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
     (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report).
     """
     if cfg.lut_path and os.path.exists(cfg.lut_path):
-        return load_lut(cfg.lut_path), f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome})"
+        with open(cfg.lut_path) as f:
+            saved = json.load(f)
+        return load_lut(cfg.lut_path), (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
+                                        f"built from {saved.get('source', 'an unrecorded source')}\n"
+                                        f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
     if not imagenome:
         raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
                          "folder) or lut_path (a saved LUT)")
@@ -106,8 +110,8 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
     lut, counts = build_lut(graphs)
     path = cfg.lut_path or os.path.join(out_dir, "lut.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_lut(lut, path)
     per_region = ", ".join(f"{r} {n}" for r, n in counts.items())
+    save_lut(lut, path, source=f"{len(graphs)} images of {source}", boxes_per_region=per_region)
     return lut, (f"LUT built from {len(graphs)} images of {source}, saved to {path}\n{report}\n"
                  f"  boxes averaged per region: {per_region}")
 
