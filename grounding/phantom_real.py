@@ -18,7 +18,7 @@ changed, and it plants the traps a new user meets on the real data:
   root/vindr-cxr/1.0.0/annotations/annotations_test.csv + image_labels_test.csv, root/vindr-cxr/1.0.0/test_png/
 
 Traps: studies whose only frontal image is AP, or with no frontal image at all, with the lateral holding the lowest
-dicom_id; MS-CXR pairs on every train / val / test split; tall portrait images (every third MS-CXR image) with
+dicom_id; an MS-CXR patient who also has a training study; MS-CXR pairs on every train / val / test split; tall portrait images (every third MS-CXR image) with
 boxes reaching into the band the centre crop cuts away (and, with wholly_in_band, boxes and one pair lying wholly
 inside it); ImaGenome rows from two annotators on some images and original coordinates outside the image; VinDr
 boxes from several radiologists, pneumonia drawn as ILD / Infiltration boxes, an Infiltration box on an image with
@@ -83,6 +83,7 @@ def build_real_world(root, cfg=None, wholly_in_band=True):
     tall = dataclasses.replace(cfg, nonsquare_frac=1.0)
     meta, split, mscxr, gold, vindr, labels = [], [], [], [], [], []
     expected = dict(train_studies=0, train_studies_without=collections.Counter(), lateral_images=0,
+                    excluded_train_studies=0,
                     mscxr_pairs=collections.Counter(), mscxr_loc=collections.defaultdict(collections.Counter),
                     band_reaching_boxes=0, band_only_boxes=0, band_only_pairs=collections.Counter(),
                     gold_images=0, gold_images_two_annotators=0, gold_boxes_outside=0,
@@ -131,6 +132,9 @@ def build_real_world(root, cfg=None, wholly_in_band=True):
     # --- MS-CXR test cases (images in the MIMIC tree; every third one tall) -------------------------------------
     for i in range(cfg.n_test):
         case = ph.sample_case(tall if i % 3 == 0 else cfg, "test", i)
+        if i == 1 and cfg.n_train:  # an MS-CXR patient who also has a training study: tuning must exclude it
+            case = dict(case, subject_id=ph.sample_case(cfg, "train", 0)["subject_id"])
+            expected["excluded_train_studies"] = 1
         img, info = render_case(case)
         report(case)
         rel = mimic_image(case, case["dicom_id"], "PA" if i % 2 else "AP", img)

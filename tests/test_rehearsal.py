@@ -187,7 +187,8 @@ def test_mimic_monai_config_runs_on_the_replica(replica):
     assert f"image with several annotators (boxes averaged per region): {exp['gold_images_two_annotators']}" in log
     assert f"anatomy box clipped to the image: {exp['gold_boxes_outside']}" in log
     assert os.path.exists(os.path.join(out, "lut.json"))
-    # the view filter: only PA images in the tuning set; studies without one counted
+    # MS-CXR patients never tune; the view filter: only PA images in the tuning set, studies without one counted
+    assert f"study of an excluded (MS-CXR) patient: {exp['excluded_train_studies']}" in log
     assert f"study without a PA image (skipped): {exp['train_studies_without']['PA']}" in log
     meta = {m["dicom_id"]: m["ViewPosition"] for m in _rows(os.path.join(data, "mimic-cxr-jpg", "2.0.0",
                                                                           "mimic-cxr-2.0.0-metadata.csv"))}
