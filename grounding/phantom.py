@@ -14,6 +14,9 @@ grounding/phantom_render.py.
   root/chest-imagenome/silver_dataset/scene_graph/<dicom_id>_SceneGraph.json   gold subset anatomy boxes
   root/vindr-cxr/annotations_test.csv + test/<image_id>.png      out-of-distribution "scanner"
 
+build_world(..., layout="real") writes the same cases in the exact layouts of the credentialed releases instead,
+traps included (grounding/phantom_real.py): the rehearsal of configs/mimic_monai.yaml.
+
 Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
 """
 import dataclasses
