@@ -115,6 +115,10 @@ def test_tuning_set_views(tmp_path):
     for bad in (["LATERAL"], ["PA", "LL"], []):
         with pytest.raises(ValueError, match="config key 'views'"):
             cu.curate_tuning_set(recs, views=bad)
+    with pytest.raises(ValueError, match="config key 'views'"):  # refused when the config is read, before any run
+        load_config(TrainConfig, None, ["views=[PA, LATERAL]"])
+    with pytest.raises(ValueError, match="config key 'mscxr_split'"):
+        load_config(TrainConfig, None, ["mscxr_split=validate"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
