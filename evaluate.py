@@ -24,6 +24,7 @@ from ldm.pipeline import load_pipeline
 from grounding import provenance, sources
 from grounding.provenance import code_version
 from grounding.config import check_layers, load_config
+from grounding.curation import class_counts
 from grounding.evaluation import comparison_markdown, evaluate_pairs, summary_table
 from grounding.prompts import LearnablePrompts
 from train import TrainConfig
@@ -71,10 +72,13 @@ def main(argv=None):
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     data = sources.load(cfg, family=pipe.family, need_samples=False)
-    pairs = data.split(args.split)
+    pairs = all_pairs = data.split(args.split)
     if args.limit:
         pairs = pairs[:args.limit]
-    header = (f"Data: {data.description}; split {args.split}: {len(pairs)} pairs\n"
+    subset = f" (MS-CXR subset mscxr_split: {cfg.mscxr_split})" if args.split != "vindr" else ""
+    header = (f"Data: {data.description}; split {args.split}{subset}: {len(pairs)} pairs\n"
+              f"Pairs per class: {class_counts(pairs)}"
+              + (f" (--limit: the first {len(pairs)} of {len(all_pairs)})" if len(pairs) < len(all_pairs) else "") + "\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
     hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),

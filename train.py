@@ -14,6 +14,7 @@ trained from scratch on the phantom world's training split (DESIGN.md "The embed
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from grounding import provenance, sources
 from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
 from grounding.config import check_layers, check_train_config, load_config
+from grounding.curation import class_counts
 from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
@@ -51,8 +53,16 @@ class TrainConfig:
     phantom_seed: int = 0                    # the world's seed
     mimic_root: str = ""                     # MIMIC-CXR-JPG root (files/, metadata and split CSVs)
     reports_root: str = ""                   # MIMIC-CXR reports root (files/pXX/p<subject>/s<study>.txt)
-    mscxr_csv: str = ""                      # MS-CXR CSV: its patients are excluded from tuning; its split is evaluated
-    imagenome_root: str = ""                 # Chest ImaGenome scene graphs (gold subset) for the Gaussian LUT
+    mscxr_csv: str = ""                      # MS-CXR CSV (v0.1 or v1.1.0): its patients are excluded from tuning
+    mscxr_split: str = "all"                 # MS-CXR pairs scored: "all" (the paper's 1,043 MS-CXR-loc pairs come from
+                                             # all of MS-CXR) | "train" | "val" | "test" (v1.1.0's split column)
+    views: list = field(default_factory=lambda: ["PA"])  # tuning-set views: PA (the MONAI CXR LDM's training view);
+                                             # add "AP" to allow AP images; lateral images never enter
+    imagenome_root: str = ""                 # Chest ImaGenome gold boxes for the Gaussian LUT: the gold CSV
+                                             # (gold_dataset/gold_bbox_coordinate_annotations_1000images.csv) or a
+                                             # folder of <dicom_id>_SceneGraph.json
+    imagenome_gold_ids: str = ""             # with a scene-graph folder: file of gold dicom ids (one a line, or a CSV
+                                             # with image_id); empty = every graph in the folder
     lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
     vindr_csv: str = ""                      # VinDr-CXR annotations_test.csv (evaluate.py --split vindr)
     vindr_images: str = ""                   # folder of VinDr images converted to PNG (<image_id>.png)
@@ -161,7 +171,12 @@ def tune(cfg, resume=False):
     data = sources.load(cfg, family=pipe.family)
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
     say(data.report)
+    if rank == 0:  # the curated tuning set as used (image, view, prompt of every sample), for inspection
+        with open(os.path.join(cfg.out_dir, "tuning_set.jsonl"), "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in data.samples)
     say(f"tuning samples: {len(data.samples)}; validation pairs: {len(data.val_pairs)}; test pairs: {len(data.test_pairs)}")
+    if cfg.val_every:
+        say(data.val_note)
 
     # the learnable anatomy rows; everything else frozen (PAPER.md section 4)
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
@@ -280,7 +295,8 @@ def tune(cfg, resume=False):
         if rank == 0 and cfg.val_every and done % cfg.val_every == 0 and data.val_pairs:
             rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation")
             say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
-                f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} held-out pairs")
+                f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
+                f"({data.val_note})")
     say(f"tuning done: {cfg.max_steps - step0} steps in {time.time() - t0:.0f}s")
     if rank == 0:
         prompts.save(os.path.join(cfg.out_dir, "learned_rows.safetensors"))
@@ -301,7 +317,11 @@ def final_evaluation(cfg, pipe, prompts, data):
     Otsu but with the ORIGINAL embeddings, so that tuned - untuned is what the learned rows alone bring.
     """
     pairs = data.test_pairs[:cfg.eval_pairs] if cfg.eval_pairs else data.test_pairs
-    print(f"\nevaluating on {len(pairs)} held-out pairs ({data.description})")
+    head = (f"Data: {data.description}\nWeights: {cfg.weights}\n"
+            f"MS-CXR-loc (mscxr_split: {cfg.mscxr_split}), pairs per class: {class_counts(pairs)}"
+            + (f" (the first {len(pairs)} of {len(data.test_pairs)}: eval_pairs)" if len(pairs) < len(data.test_pairs)
+               else "") + "\n")
+    print(f"\nevaluating on {len(pairs)} pairs ({data.description})\n{head}")
     summaries = {}
     models = [("frozen", None, False)] + [("untuned", None, True)] * cfg.eval_untuned + [("tuned", prompts, True)]
     hcfgs = {name: provenance.eval_heatmap_config(cfg, pipe.family, tuned) for name, _, tuned in models}
@@ -314,10 +334,10 @@ def final_evaluation(cfg, pipe, prompts, data):
                               batch_size=cfg.eval_batch, desc=f"eval {name}", record=record, on_mismatch="fresh")
         summaries[name], md = summary_table(rows)
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
-            f.write(f"Data: {data.description}\nWeights: {cfg.weights}\nHeatmaps: {heatmaps}\n\n{md}\n")
+            f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")
     table = comparison_markdown(summaries)
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
-        f.write(f"Data: {data.description}\nWeights: {cfg.weights}\nHeatmaps:\n{heatmaps}\n\n{table}\n")
+        f.write(f"{head}Heatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)
     return summaries
 

@@ -132,11 +132,13 @@ def build_lut(scene_graphs, frame=FRAME, mode="crop"):
     return lut, counts
 
 
-def save_lut(lut, path):
-    """Write the LUT as JSON (ARCHITECTURE.md: {location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}, 512 frame)."""
+def save_lut(lut, path, **provenance):
+    """Write the LUT as JSON (ARCHITECTURE.md: {location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}, 512 frame).
+
+    provenance: extra JSON keys kept beside it (e.g. source, boxes_per_region); load_lut ignores them."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"frame": FRAME, "lut": lut}, f, indent=1)
+        json.dump({"frame": FRAME, "lut": lut, **provenance}, f, indent=1)
 
 
 def load_lut(path):

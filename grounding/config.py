@@ -105,7 +105,9 @@ def check_train_config(cfg):
                  choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
                           "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
                           "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
-                          "shared_tokens": SHARED_MODES})
+                          "shared_tokens": SHARED_MODES, "mscxr_split": ("all", "train", "val", "test")})
+    from grounding.curation import check_views
+    check_views(cfg.views)
     check_layers("layers", cfg.layers)
     window = list(cfg.train_window)
     if len(window) != 2 or not 0 <= window[0] < window[1]:

@@ -24,15 +24,30 @@ def positive_sentences(text, scope="clause"):
     return [(s, rp.find_pathologies(s, scope)) for s in rp.split_sentences(rp.report_body(text))]
 
 
-def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
+FRONTAL_VIEWS = ("PA", "AP")
+
+
+def check_views(views):
+    """The `views` setting: a non-empty list drawn from PA and AP (lateral images never enter the tuning set)."""
+    bad = [v for v in views if v not in FRONTAL_VIEWS]
+    if not views or bad:
+        raise ValueError(f"config key 'views': expected a non-empty list of {list(FRONTAL_VIEWS)} (frontal views only; "
+                         f"lateral images never enter the tuning set), got {list(views)}")
+    return tuple(views)
+
+
+def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=("PA",)):
     """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
 
-    mimic_records: from read_mimic (filter splits/views there, e.g. splits=("train",), views=("PA", "AP")).
+    mimic_records: from read_mimic (all views; filter splits there, e.g. splits=("train",)).
     exclude_subjects: subject ids to leave out (MS-CXR patients: {p["subject_id"] for p in mscxr_pairs}).
-    One frontal image per study (PA preferred); one sample per distinct prompt of the study's positive
-    sentences. Returns (samples, DataReport) with every dropped study counted by reason.
+    views: the allowed ViewPosition values, in order of preference: PA only by default (the MONAI CXR LDM was
+    trained on PA images), ("PA", "AP") to also allow AP; a study without an allowed view is skipped and counted.
+    One image per study (the first allowed view, then the lowest dicom_id); one sample per distinct prompt of the
+    study's positive sentences. Returns (samples, DataReport) with every dropped study counted by reason.
     """
-    report = DataReport("curated tuning set")
+    views = check_views(views)
+    report = DataReport(f"curated tuning set (views {'/'.join(views)})")
     excluded = {str(s) for s in exclude_subjects}
     studies = collections.OrderedDict()
     for r in mimic_records:
@@ -42,7 +57,12 @@ def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
         if str(subject_id) in excluded:
             report.add("study of an excluded (MS-CXR) patient")
             continue
-        img = sorted(imgs, key=lambda r: (r.get("view") != "PA", r["dicom_id"]))[0]
+        allowed = [r for r in imgs if r.get("view") in views]
+        if not allowed:
+            seen = sorted({r.get("view") or "(empty)" for r in imgs})
+            report.add(f"study without a {'/'.join(views)} image (skipped)", f"s{study_id}: {', '.join(seen)}")
+            continue
+        img = min(allowed, key=lambda r: (views.index(r["view"]), r["dicom_id"]))
         if not os.path.exists(img["report_path"]):
             report.add("report file missing", img["report_path"])
             continue
@@ -65,12 +85,18 @@ def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause"):
                 continue
             prompts.append(prompt)
             out.append(dict(dicom_id=img["dicom_id"], subject_id=subject_id, study_id=study_id,
-                            image_path=img["image_path"], pathology=pathology, locations=locs, prompt=prompt,
-                            sentence=sentence))
+                            image_path=img["image_path"], view=img.get("view"), pathology=pathology, locations=locs,
+                            prompt=prompt, sentence=sentence))
         if not prompts:
             report.add("study without any located sentence")
     report.kept = len(out)
     return out, report
+
+
+def class_counts(pairs):
+    """Pairs per class, e.g. "Atelectasis 55, Cardiomegaly 333, ... = 1,043" (printed in every table header)."""
+    counts = collections.Counter(p["category"] for p in pairs)
+    return ", ".join(f"{c} {n:,}" for c, n in sorted(counts.items())) + f" = {len(pairs):,}"
 
 
 def mscxr_loc(pairs):

@@ -321,8 +321,10 @@ def read_imagenome(scene_graph_dir, sizes=None, gold_ids=None):
     """All scene graphs in a folder (optionally only the gold subset's dicom ids).
 
     sizes: {dicom_id: (width, height)}, e.g. from read_mimic records; images without a size are counted.
+    gold_ids: a set of dicom ids (see read_gold_ids); None keeps every graph in the folder.
     """
-    report = DataReport(f"Chest ImaGenome {scene_graph_dir}")
+    report = DataReport(f"Chest ImaGenome {scene_graph_dir}" + ("" if gold_ids is None else
+                                                                 f" ({len(gold_ids)} gold ids)"))
     paths = sorted(glob.glob(os.path.join(scene_graph_dir, "*_SceneGraph.json")))
     if not paths:
         raise FileNotFoundError(f"no *_SceneGraph.json files in {scene_graph_dir}")
@@ -340,11 +342,83 @@ def read_imagenome(scene_graph_dir, sizes=None, gold_ids=None):
     return out, report
 
 
+_GOLD_COLUMNS = ["image_id", "bbox_name", "original_x1", "original_y1", "original_x2", "original_y2"]
+
+
+def read_imagenome_gold_csv(csv_path, sizes=None):
+    """Chest ImaGenome gold_bbox_coordinate_annotations_1000images.csv -> one record per image, like read_scene_graph.
+
+    Columns used: image_id (the dicom id WITH a ".dcm" suffix, stripped here), bbox_name, annotator and
+    original_x1, original_y1, original_x2, original_y2 (original pixels). original_width / original_height are the
+    BOX's size, not the image's, so the image size comes from `sizes` ({dicom_id: (width, height)}, MIMIC metadata
+    Columns/Rows); boxes are clipped to it (at 0 only where the size is unknown, counted). The x1..y2 columns are in
+    ImaGenome's 224 frame and are not used. Where an image has several annotators (several rows for one bbox_name)
+    their clipped boxes are averaged into one, and the image is counted.
+    """
+    report = DataReport(f"Chest ImaGenome gold CSV {csv_path}")
+    rows = _read_csv(csv_path, _GOLD_COLUMNS)
+    per_image = collections.OrderedDict()  # dicom_id -> {bbox_name: [clipped boxes]}
+    annotators = collections.defaultdict(set)
+    for i, r in enumerate(rows, start=2):  # row 1 is the header
+        dicom_id = r["image_id"].strip()
+        dicom_id = dicom_id[:-4] if dicom_id.lower().endswith(".dcm") else dicom_id
+        name = r["bbox_name"].strip()
+        try:
+            x1, y1, x2, y2 = (float(r[f"original_{k}"]) for k in ("x1", "y1", "x2", "y2"))
+        except ValueError:
+            raise ValueError(f"{csv_path} row {i} ({dicom_id}/{name}): original_x1..y2 must be numbers, got "
+                             f"{[r[f'original_{k}'] for k in ('x1', 'y1', 'x2', 'y2')]}") from None
+        wh = (sizes or {}).get(dicom_id)
+        W, H = wh if wh else (float("inf"), float("inf"))
+        c = (max(0.0, x1), max(0.0, y1), min(float(W), x2), min(float(H), y2))
+        if c != (x1, y1, x2, y2):
+            report.add("anatomy box clipped to the image", f"{dicom_id}/{name}")
+        if c[2] <= c[0] or c[3] <= c[1]:
+            report.add("anatomy box empty after clipping (dropped)", f"{dicom_id}/{name}")
+            continue
+        per_image.setdefault(dicom_id, {}).setdefault(name, []).append(c)
+        annotators[dicom_id].add(r.get("annotator", ""))
+    out = []
+    for dicom_id, regions in per_image.items():
+        if len(annotators[dicom_id]) > 1 or any(len(v) > 1 for v in regions.values()):
+            report.add("image with several annotators (boxes averaged per region)", dicom_id)
+        boxes = {name: tuple(sum(b[k] for b in bs) / len(bs) for k in range(4)) for name, bs in regions.items()}
+        wh = (sizes or {}).get(dicom_id)
+        if wh is None:
+            report.add("no image size known (clipped at 0 only)", dicom_id)
+            wh = (max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values()))
+        out.append(dict(dicom_id=dicom_id, boxes=boxes, image_width=wh[0], image_height=wh[1]))
+    report.kept = len(out)
+    return out, report
+
+
+def read_gold_ids(path):
+    """The gold subset's dicom ids from a text file (one per line) or a CSV with an image_id / dicom_id column
+    (e.g. the gold CSV itself); a ".dcm" suffix is stripped."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gold id list not found: {path}")
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        col = next((c for c in ("image_id", "dicom_id") if rows and c in rows[0]), None)
+        if col is None:
+            raise ValueError(f"{path}: a gold id CSV needs an image_id or dicom_id column")
+        ids = [r[col] for r in rows]
+    else:
+        with open(path) as f:
+            ids = [line for line in f]
+    ids = {i.strip()[:-4] if i.strip().lower().endswith(".dcm") else i.strip() for i in ids}
+    return {i for i in ids if i}
+
+
 # ---------------------------------------------------------------------------------------------------
 # VinDr-CXR
 
 # VinDr class spelling -> MS-CXR category (matched case-insensitively; "Pleural effusion" in VinDr).
 VINDR_TO_MSCXR = {p.lower(): p for p in PATHOLOGIES}
+# VinDr has no local "Pneumonia" box class (Pneumonia is a global label); the authors' loader renames the boxes of
+# these two local classes to Pneumonia, so that 7 of the 8 MS-CXR classes are scored (edema has no test boxes).
+VINDR_AS_PNEUMONIA = ("ild", "infiltration")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dicom", ".dcm")
 
 
@@ -356,9 +430,36 @@ def _find_image(image_dir, image_id):
     return None
 
 
-def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vindr"):
+def vindr_labels_path(csv_path):
+    """annotations_test.csv -> image_labels_test.csv in the same folder (the release's layout)."""
+    folder, name = os.path.split(csv_path)
+    return os.path.join(folder, name.replace("annotations_", "image_labels_", 1))
+
+
+def read_vindr_labels(path):
+    """image_labels_{train,test}.csv -> {image_id: set of MS-CXR categories labelled 1 on the image}.
+
+    One 0/1 column per local and global label (VinDr spelling); the train file has one row per radiologist, and an
+    image counts as positive for a class when any of its rows is.
+    """
+    rows = _read_csv(path, ["image_id"])
+    cols = {c: VINDR_TO_MSCXR[c.strip().lower()] for c in (rows[0] if rows else {}) if c.strip().lower() in VINDR_TO_MSCXR}
+    out = collections.defaultdict(set)
+    for r in rows:
+        for c, cat in cols.items():
+            if r[c].strip() not in ("", "0", "0.0"):
+                out[r["image_id"]].add(cat)
+    return out
+
+
+def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vindr", labels_csv="auto"):
     """VinDr-CXR annotations_{train,test}.csv -> grounding pairs, one per (image, class) with all its boxes.
 
+    As the authors' loader: ILD and Infiltration boxes become Pneumonia, and all boxes of one class on one image
+    (every radiologist's, rad_id or not) form ONE pair. labels_csv: image_labels_{split}.csv ("auto" = next to
+    csv_path when present, None = do not read). The authors use it to keep ILD / Infiltration boxes only on images
+    labelled positive for at least one of the 8 MS-CXR classes (their filter takes any of the 8, Pneumonia
+    included); without the file every ILD / Infiltration box becomes Pneumonia, and the report says so.
     Handles: missing rad_id (test file), "No finding" / global-label rows with empty boxes (counted), classes
     outside the 8 (counted, e.g. "Other diseases" / "Other disease"), images as PNG/JPG (<image_id>.png ...),
     DICOM only through pydicom. Boxes are x_min, y_min, x_max, y_max floats -> (x, y, w, h), clipped.
@@ -366,9 +467,21 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
     report = DataReport(f"VinDr-CXR {csv_path}")
     rows = _read_csv(csv_path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
     split = split or ("test" if "test" in os.path.basename(csv_path) else "train")
+    if labels_csv == "auto":
+        labels_csv = vindr_labels_path(csv_path) if os.path.exists(vindr_labels_path(csv_path)) else None
+    labels = read_vindr_labels(labels_csv) if labels_csv else None
+    report.name += f" + {labels_csv}" if labels_csv else " (no image_labels CSV: every ILD/Infiltration box -> Pneumonia)"
     groups = collections.OrderedDict()
     for n, r in enumerate(rows, start=2):  # CSV row n (row 1 is the header)
-        cls = VINDR_TO_MSCXR.get(r["class_name"].strip().lower())
+        name = r["class_name"].strip().lower()
+        cls = VINDR_TO_MSCXR.get(name)
+        if cls is None and name in VINDR_AS_PNEUMONIA:
+            if labels is not None and not labels.get(r["image_id"]):
+                report.add(f"{r['class_name']} box on an image with none of the 8 labels (dropped, as the authors)",
+                           r["image_id"])
+                continue
+            cls = "Pneumonia"
+            report.add(f"{r['class_name']} box -> Pneumonia")
         if cls is None:
             report.add(f"class {r['class_name']!r} not one of the 8")
             continue
@@ -381,6 +494,8 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
         if box in g:
             report.add("duplicate box (merged)")
         else:
+            if g:
+                report.add("box joined to an earlier box of its (image, class) pair")
             g.append(box)
     out, sizes = [], {}
     for (image_id, cls), boxes in groups.items():

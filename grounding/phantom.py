@@ -14,6 +14,9 @@ grounding/phantom_render.py.
   root/chest-imagenome/silver_dataset/scene_graph/<dicom_id>_SceneGraph.json   gold subset anatomy boxes
   root/vindr-cxr/annotations_test.csv + test/<image_id>.png      out-of-distribution "scanner"
 
+build_world(..., layout="real") writes the same cases in the exact layouts of the credentialed releases instead,
+traps included (grounding/phantom_real.py): the rehearsal of configs/mimic_monai.yaml.
+
 Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
 """
 import dataclasses
@@ -217,7 +220,7 @@ def sample_case(cfg, kind, index):
         located = not (kind == "test" and p != "Cardiomegaly" and rng.random() < cfg.unlocated_frac)
         phrase = finding_phrase(rng, p, loc, located)
         findings.append(dict(pathology=str(p), location=loc, phrase=phrase, sentence=_sentence(rng, phrase),
-                             zones=_render_zones(p, loc), seed=int(rng.integers(2**31))))
+                             zones=_render_zones(p, loc), seed=int(rng.integers(2**31)), located=located))
     resolved = None
     if rng.random() < 0.1:
         gone = [p for p in ("Pneumonia", "Atelectasis", "Consolidation") if p not in {f["pathology"] for f in findings}]
@@ -265,9 +268,18 @@ def _scene_graph(case, anatomy, rng):
                 viewpoint="PA", objects=objects, attributes=attributes, relationships=[])
 
 
-def build_world(root, config=None):
-    """Generate the phantom world under `root` in the real dataset formats; returns a summary dict."""
+def build_world(root, config=None, layout="phantom"):
+    """Generate the phantom world under `root` in the real dataset formats; returns a summary dict.
+
+    layout: "phantom" (the quickstart's flat tree above) | "real" (the same cases in the exact folder layout and
+    files of the credentialed releases, traps included: grounding/phantom_real.py).
+    """
     cfg = config or PhantomConfig()
+    if layout == "real":
+        from grounding.phantom_real import build_real_world
+        return build_real_world(root, cfg)
+    if layout != "phantom":
+        raise ValueError(f"build_world: layout must be 'phantom' or 'real', got {layout!r}")
     t0 = time.time()
     mimic, reps = os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports")
     cases = [sample_case(cfg, k, i) for k, n in (("train", cfg.n_train), ("validate", cfg.n_validate),

@@ -14,6 +14,7 @@ from grounding import curation as cu
 from grounding import datasets as ds
 from grounding import phantom
 from grounding.anatomy import build_lut, load_lut, save_lut
+from grounding.phantom_real import world_notice_for
 from grounding.preprocess import preprocess
 
 
@@ -22,11 +23,12 @@ class Data:
     description: str          # what data this is (printed by every script)
     samples: list             # curated tuning samples (dicts: image_path, prompt, locations, pathology, ...)
     lut: dict                 # location -> [(mu_x, mu_y, sigma_x, sigma_y)] in the 512 frame
-    mscxr: list               # every MS-CXR test pair, its own phrase as the prompt
-    mscxr_loc: list           # MS-CXR-loc test pairs: located phrases, standardised prompts
-    val_pairs: list           # MS-CXR-loc pairs of the validation split (short validation during tuning)
+    mscxr: list               # the scored MS-CXR pairs (config key mscxr_split), their own phrase as the prompt
+    mscxr_loc: list           # MS-CXR-loc pairs of that subset: located phrases, standardised prompts
+    val_pairs: list           # MS-CXR-loc pairs for the short validation during tuning (see val_note)
     vindr: list               # VinDr-CXR test pairs with synthesised prompts ([] when not configured)
     report: str               # counts of everything dropped, by reason
+    val_note: str = ""        # what the validation pairs are, and whether the final table scores them too
 
     @property
     def test_pairs(self):
@@ -58,7 +60,8 @@ def ensure_phantom(root, seed=0):
 
 
 def _paths(cfg):
-    """(mimic root, reports root, MS-CXR CSV, ImaGenome scene-graph dir, VinDr CSV, VinDr image dir, description)."""
+    """(mimic root, reports root, MS-CXR CSV, ImaGenome gold CSV or scene-graph dir, VinDr CSV, VinDr image dir,
+    description)."""
     if cfg.data == "phantom":
         root = ensure_phantom(cfg.phantom_root, cfg.phantom_seed)
         j = lambda *p: os.path.join(root, *p)
@@ -69,22 +72,78 @@ def _paths(cfg):
         missing = [k for k in ("mimic_root", "reports_root", "mscxr_csv") if not getattr(cfg, k)]
         if missing:
             raise ValueError(f"data: mimic needs the config keys {missing} (see configs/mimic_monai.yaml)")
+        # a phantom world written in the real layout (grounding/phantom_real.py) is still named as synthetic
+        notice = world_notice_for(cfg.mimic_root)
         return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, cfg.vindr_csv, cfg.vindr_images,
-                f"[data] MIMIC-CXR-JPG {cfg.mimic_root} + MS-CXR {cfg.mscxr_csv} (real)")
+                notice or f"[data] MIMIC-CXR-JPG {cfg.mimic_root} + MS-CXR {cfg.mscxr_csv} (real)")
     raise ValueError(f"config key 'data': expected 'phantom' or 'mimic', got {cfg.data!r}")
 
 
-def _lut(cfg, imagenome_dir, mimic_records, out_dir):
-    """The saved LUT if there is one, else built from the gold scene graphs (and saved next to the run)."""
+def _lut(cfg, imagenome, mimic_records, out_dir):
+    """The saved LUT if there is one, else built from the Chest ImaGenome gold boxes (and saved next to the run).
+
+    imagenome: the gold CSV (gold_bbox_coordinate_annotations_1000images.csv) or a folder of *_SceneGraph.json
+    (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report).
+    """
     if cfg.lut_path and os.path.exists(cfg.lut_path):
-        return load_lut(cfg.lut_path), f"LUT {cfg.lut_path}"
+        with open(cfg.lut_path) as f:
+            saved = json.load(f)
+        return load_lut(cfg.lut_path), (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
+                                        f"built from {saved.get('source', 'an unrecorded source')}\n"
+                                        f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
+    if not imagenome:
+        raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
+                         "folder) or lut_path (a saved LUT)")
     sizes = {r["dicom_id"]: (r["image_width"], r["image_height"]) for r in mimic_records}
-    graphs, report = ds.read_imagenome(imagenome_dir, sizes=sizes)
+    if os.path.isfile(imagenome):
+        if getattr(cfg, "imagenome_gold_ids", ""):
+            raise ValueError(f"config key imagenome_gold_ids applies to a scene-graph folder; imagenome_root "
+                             f"{imagenome} is a file (the gold CSV holds only gold images): leave it empty")
+        graphs, report = ds.read_imagenome_gold_csv(imagenome, sizes=sizes)
+        source = f"the gold CSV {imagenome}"
+    else:
+        gold_file = getattr(cfg, "imagenome_gold_ids", "")
+        gold = ds.read_gold_ids(gold_file) if gold_file else None
+        graphs, report = ds.read_imagenome(imagenome, sizes=sizes, gold_ids=gold)
+        source = f"scene graphs in {imagenome}" + (f", gold ids {gold_file}" if gold else
+                                                   " (no imagenome_gold_ids: EVERY graph in the folder)")
     lut, counts = build_lut(graphs)
     path = cfg.lut_path or os.path.join(out_dir, "lut.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_lut(lut, path)
-    return lut, f"LUT built from {len(graphs)} scene graphs ({report}), saved to {path}"
+    per_region = ", ".join(f"{r} {n}" for r, n in counts.items())
+    save_lut(lut, path, source=f"{len(graphs)} images of {source}", boxes_per_region=per_region)
+    return lut, (f"LUT built from {len(graphs)} images of {source}, saved to {path}\n{report}\n"
+                 f"  boxes averaged per region: {per_region}")
+
+
+MSCXR_SPLITS = ("all", "train", "val", "test")
+
+
+def mscxr_subsets(pairs, split, csv_path=""):
+    """(scored pairs, validation candidates, note) for config key mscxr_split.
+
+    "all" (default) scores every pair whatever its v1.1.0 `split` column (the paper's MS-CXR-loc has 1,043 pairs
+    drawn from all of MS-CXR). Validation during tuning uses the `val` split when the final table does not score
+    it; with "all" it does, and the note says so: validation is then a monitor only (no checkpoint is chosen from
+    it; train.py keeps the last step's rows).
+    """
+    if split not in MSCXR_SPLITS:
+        raise ValueError(f"config key 'mscxr_split': expected one of {list(MSCXR_SPLITS)}, got {split!r}")
+    has_split = any(p.get("split") for p in pairs)
+    if split != "all" and not has_split:
+        raise ValueError(f"config key mscxr_split: {split!r} needs the `split` column of MS-CXR v1.1.0; {csv_path} has "
+                         "none (v0.1): use mscxr_split: all")
+    scored = pairs if split == "all" else [p for p in pairs if p["split"] == split]
+    if not has_split:
+        return scored, [], "no validation pairs (this MS-CXR CSV has no split column): periodic validation is off"
+    val = [p for p in pairs if p["split"] == "val"]
+    if split == "val":  # score val: validate on train-split pairs, disjoint from the table
+        val = [p for p in pairs if p["split"] == "train"]
+        return scored, val, "validation pairs: the MS-CXR 'train' split (disjoint from the scored 'val' split)"
+    if split == "all":
+        return scored, val, ("validation pairs: the MS-CXR 'val' split, which the final table ALSO scores "
+                             "(mscxr_split: all): a monitor only, no checkpoint is chosen from it")
+    return scored, val, f"validation pairs: the MS-CXR 'val' split (disjoint from the scored {split!r} split)"
 
 
 def load(cfg, family=None, need_samples=True):
@@ -99,24 +158,26 @@ def load(cfg, family=None, need_samples=True):
     all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
     lines.append(str(rep))
     samples = []
-    if need_samples:  # MS-CXR patients never enter the tuning set
+    if need_samples:  # MS-CXR patients never enter the tuning set; frontal views only (cfg.views)
         train = [r for r in records if r["split"] == "train"]
-        samples, rep = cu.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in all_pairs})
+        samples, rep = cu.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in all_pairs},
+                                            views=cfg.views)
         lines.append(str(rep))
         if getattr(cfg, "max_train_samples", 0):
             samples = samples[:cfg.max_train_samples]
         samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
         lines.append(str(rep))
-    has_split = any(p.get("split") for p in all_pairs)
-    test = [p for p in all_pairs if not has_split or p["split"] == "test"]
-    val = [p for p in all_pairs if has_split and p["split"] == "val"]
+    test, val, val_note = mscxr_subsets(all_pairs, cfg.mscxr_split, mscxr_csv)
+    lines.append(f"MS-CXR pairs scored (mscxr_split: {cfg.mscxr_split}): {cu.class_counts(test)}")
     test_loc, rep = cu.mscxr_loc(test)
     lines.append(str(rep))
+    lines.append(f"MS-CXR-loc pairs scored: {cu.class_counts(test_loc)}")
     val_loc, _ = cu.mscxr_loc(val)
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
         vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
         lines.append(str(rep))
         vindr = cu.vindr_prompts(vpairs, lut)
+        lines.append(f"VinDr-CXR pairs: {cu.class_counts(vindr)}")
     return Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,
-                val_pairs=val_loc, vindr=vindr, report="\n".join(lines))
+                val_pairs=val_loc, vindr=vindr, report="\n".join(lines), val_note=val_note)
