@@ -70,11 +70,11 @@ def main(argv=None):
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, family=pipe.family, need_samples=False)
+    data = sources.load(cfg, family=pipe.family, need_samples=False, image_size=pipe.image["size"])
     pairs = data.split(args.split)
     if args.limit:
         pairs = pairs[:args.limit]
-    header = (f"Data: {data.description}; split {args.split}: {len(pairs)} pairs\n"
+    header = (f"Data: {data.description}; split {args.split}: {len(pairs)} pairs; metric_protocol {cfg.metric_protocol}\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
     hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),
@@ -99,7 +99,7 @@ def main(argv=None):
         rows = evaluate_pairs(pipe, pairs, hcfg, prompts, rows_path=rows_path, batch_size=args.batch, rank=rank,
                               world_size=world, overlay_dir=os.path.join(out, "overlays", name),
                               n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})",
-                              record=record)
+                              record=record, protocol=cfg.metric_protocol)
         if world > 1:  # gather every rank's rows; rank 0 writes the one table
             gathered = [None] * world
             dist.all_gather_object(gathered, rows)

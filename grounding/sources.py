@@ -87,8 +87,11 @@ def _lut(cfg, imagenome_dir, mimic_records, out_dir):
     return lut, f"LUT built from {len(graphs)} scene graphs ({report}), saved to {path}"
 
 
-def load(cfg, family=None, need_samples=True):
-    """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic")."""
+def load(cfg, family=None, need_samples=True, image_size=512):
+    """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic").
+
+    image_size: the model's input side (pipe.image["size"]); boxes the centre crop cuts away are dropped for it.
+    """
     mimic, reports, mscxr_csv, imagenome, vindr_csv, vindr_dir, description = _paths(cfg)
     lines = []
     on_missing = getattr(cfg, "on_missing", "error")  # "skip": missing/unreadable images are counted, not fatal
@@ -107,6 +110,8 @@ def load(cfg, family=None, need_samples=True):
             samples = samples[:cfg.max_train_samples]
         samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
         lines.append(str(rep))
+    all_pairs, rep = cu.drop_cropped_boxes(all_pairs, image_size, "MS-CXR")  # after the patient exclusion
+    lines.append(str(rep))
     has_split = any(p.get("split") for p in all_pairs)
     test = [p for p in all_pairs if not has_split or p["split"] == "test"]
     val = [p for p in all_pairs if has_split and p["split"] == "val"]
@@ -116,6 +121,8 @@ def load(cfg, family=None, need_samples=True):
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
         vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
+        lines.append(str(rep))
+        vpairs, rep = cu.drop_cropped_boxes(vpairs, image_size, "VinDr-CXR")
         lines.append(str(rep))
         vindr = cu.vindr_prompts(vpairs, lut)
     return Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,
