@@ -94,9 +94,10 @@ def drop_cropped_boxes(pairs, size, name="grounding pairs"):
 
     Such a box has no pixel in the model's size x size view, so the heatmap mapped back to the original image is
     NaN over all of it and no metric can score it; the predecessor's loader drops it the same way. A box that only
-    reaches into the band is kept whole. Both drops are counted in the returned DataReport.
+    reaches into the band is kept whole. A box narrower than a pixel once its edges are rounded (the metrics' pixel
+    grid) is dropped too. Every drop is counted in the returned DataReport.
     """
-    report = DataReport(f"{name}: boxes in the cropped-away band")
+    report = DataReport(f"{name}, boxes inside the centre crop")
     out = []
     for p in pairs:
         W, H = p["image_width"], p["image_height"]
@@ -104,7 +105,9 @@ def drop_cropped_boxes(pairs, size, name="grounding pairs"):
         kept = []
         for b in p["boxes"]:
             x0, y0, x1, y1 = box_edges(b, (H, W))
-            if x0 < ox + m and x1 > ox and y0 < oy + m and y1 > oy:
+            if x1 <= x0 or y1 <= y0:
+                report.add("box without a whole pixel after rounding (dropped)", f"{p['pair_id']} {tuple(b)}")
+            elif x0 < ox + m and x1 > ox and y0 < oy + m and y1 > oy:
                 kept.append(b)
             else:
                 report.add("box wholly in the cropped-away band (dropped)", f"{p['pair_id']} {tuple(b)}")
