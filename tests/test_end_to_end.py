@@ -105,7 +105,7 @@ def test_evaluation_resumes_without_recomputing(setup):
     # metric_protocol reaches evaluate.py's scoring: rows of another protocol are never mixed into one table
     out = subprocess.run([sys.executable, *args, "metric_protocol=per_box"], cwd=root, env=ENV, capture_output=True,
                          text=True, timeout=900)
-    assert out.returncode != 0 and "rows scored with metric_protocol ['reference'], not 'per_box'" in out.stderr
+    assert out.returncode != 0 and "metric_protocol: 'reference' -> 'per_box'" in out.stderr
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup):

@@ -76,18 +76,15 @@ def test_the_mapped_back_pair_by_hand():
 
 def test_evaluate_pairs_records_the_protocol_and_refuses_a_mixed_resume(fake_extraction, tmp_path):
     path = str(tmp_path / "rows.jsonl")
-    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path)
+    record = {"weights": "w", "code": "c"}
+    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
     full = ev.to_original(_model_map(), 8, 16)
     assert rows[0]["protocol"] == "reference" and rows[0]["cnr"] == cnr(full, _pair()["boxes"])
     rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, protocol="union")            # no file: nothing to resume
     assert rows[0]["protocol"] == "union" and rows[0]["cnr"] == cnr(full, _pair()["boxes"], protocol="union")
-    with pytest.raises(ValueError, match="rows.jsonl: rows scored with metric_protocol"):
-        ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, protocol="per_box")
-    # rows written before the key existed were scored per box
-    with open(path, "w") as f:
-        f.write(json.dumps({"pair_id": "p0", "cnr": 1.0}) + "\n")
-    with pytest.raises(ValueError, match="per_box"):
-        ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path)
+    # the same record under another protocol: the rows file is refused, naming the key
+    with pytest.raises(SystemExit, match="metric_protocol: 'reference' -> 'per_box'"):
+        ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record, protocol="per_box")
 
 
 def test_config_key_defaults_to_reference_and_is_checked():
