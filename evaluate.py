@@ -71,12 +71,12 @@ def main(argv=None):
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, family=pipe.family, need_samples=False)
+    data = sources.load(cfg, family=pipe.family, need_samples=False, image_size=pipe.image["size"])
     pairs = all_pairs = data.split(args.split)
     if args.limit:
         pairs = pairs[:args.limit]
     subset = f" (MS-CXR subset mscxr_split: {cfg.mscxr_split})" if args.split != "vindr" else ""
-    header = (f"Data: {data.description}; split {args.split}{subset}: {len(pairs)} pairs\n"
+    header = (f"Data: {data.description}; split {args.split}{subset}: {len(pairs)} pairs; metric_protocol {cfg.metric_protocol}\n"
               f"Pairs per class: {class_counts(pairs)}"
               + (f" (--limit: the first {len(pairs)} of {len(all_pairs)})" if len(pairs) < len(all_pairs) else "") + "\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
@@ -103,7 +103,7 @@ def main(argv=None):
         rows = evaluate_pairs(pipe, pairs, hcfg, prompts, rows_path=rows_path, batch_size=args.batch, rank=rank,
                               world_size=world, overlay_dir=os.path.join(out, "overlays", name),
                               n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})",
-                              record=record)
+                              record=record, protocol=cfg.metric_protocol)
         if world > 1:  # gather every rank's rows; rank 0 writes the one table
             gathered = [None] * world
             dist.all_gather_object(gathered, rows)

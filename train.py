@@ -100,6 +100,7 @@ class TrainConfig:
     eval_pairs: int = 0                      # 0 = the whole held-out split
     eval_batch: int = 16                     # images inverted together during evaluation
     eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
+    metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
     # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
     vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
     vae_lr: float = 1e-3
@@ -168,7 +169,7 @@ def tune(cfg, resume=False):
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
-    data = sources.load(cfg, family=pipe.family)
+    data = sources.load(cfg, family=pipe.family, image_size=pipe.image["size"])
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
     say(data.report)
     if rank == 0:  # the curated tuning set as used (image, view, prompt of every sample), for inspection
@@ -293,7 +294,8 @@ def tune(cfg, resume=False):
         if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.max_steps):
             save_checkpoint(ckpt_path, prompts, opt, done, cfg)
         if rank == 0 and cfg.val_every and done % cfg.val_every == 0 and data.val_pairs:
-            rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation")
+            rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation",
+                                  protocol=cfg.metric_protocol)
             say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
                 f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
                 f"({data.val_note})")
@@ -331,7 +333,8 @@ def final_evaluation(cfg, pipe, prompts, data):
     for name, p, tuned in models:
         record = provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description)
         rows = evaluate_pairs(pipe, pairs, hcfgs[name], p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
-                              batch_size=cfg.eval_batch, desc=f"eval {name}", record=record, on_mismatch="fresh")
+                              batch_size=cfg.eval_batch, desc=f"eval {name}", record=record, on_mismatch="fresh",
+                              protocol=cfg.metric_protocol)
         summaries[name], md = summary_table(rows)
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
             f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")

@@ -96,6 +96,7 @@ def check_layers(key, layers, n_layers=None, what="this model"):
 def check_train_config(cfg):
     """Ranges and choices of train.py's TrainConfig (the layer range waits for the model: `check_layers`)."""
     from grounding.prompts import SHARED_MODES
+    from grounding.metrics import PROTOCOLS
     check_values(cfg, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
                                 "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
                                 "vocab_size", "log_every"),
@@ -105,7 +106,8 @@ def check_train_config(cfg):
                  choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
                           "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
                           "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
-                          "shared_tokens": SHARED_MODES, "mscxr_split": ("all", "train", "val", "test")})
+                          "shared_tokens": SHARED_MODES, "mscxr_split": ("all", "train", "val", "test"),
+                          "metric_protocol": PROTOCOLS})
     from grounding.curation import check_views
     check_views(cfg.views)
     check_layers("layers", cfg.layers)

@@ -11,7 +11,8 @@ import os
 from grounding import reports as rp
 from grounding.anatomy import box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
 from grounding.datasets import DataReport
-from grounding.preprocess import box_to_model
+from grounding.metrics import box_edges
+from grounding.preprocess import box_to_model, crop_window
 
 
 def read_report(path):
@@ -110,6 +111,36 @@ def mscxr_loc(pairs):
             report.add(f"no location: {p['category']}", p["phrase"])
             continue
         out.append(dict(p, locations=locs, prompt=rp.standardise_prompt(locs, p["category"])))
+    report.kept = len(out)
+    return out, report
+
+
+def drop_cropped_boxes(pairs, size, name="grounding pairs"):
+    """Drop every box lying wholly in the band the centre crop cuts away, and every pair left with no box.
+
+    Such a box has no pixel in the model's size x size view, so the heatmap mapped back to the original image is
+    NaN over all of it and no metric can score it; the predecessor's loader drops it the same way. A box that only
+    reaches into the band is kept whole. A box narrower than a pixel once its edges are rounded (the metrics' pixel
+    grid) is dropped too. Every drop is counted in the returned DataReport.
+    """
+    report = DataReport(f"{name}, boxes inside the centre crop")
+    out = []
+    for p in pairs:
+        W, H = p["image_width"], p["image_height"]
+        ox, oy, m = crop_window(W, H, size)
+        kept = []
+        for b in p["boxes"]:
+            x0, y0, x1, y1 = box_edges(b, (H, W))
+            if x1 <= x0 or y1 <= y0:
+                report.add("box without a whole pixel after rounding (dropped)", f"{p['pair_id']} {tuple(b)}")
+            elif x0 < ox + m and x1 > ox and y0 < oy + m and y1 > oy:
+                kept.append(b)
+            else:
+                report.add("box wholly in the cropped-away band (dropped)", f"{p['pair_id']} {tuple(b)}")
+        if not kept:
+            report.add("pair with no box left in the crop (dropped)", p["pair_id"])
+            continue
+        out.append(dict(p, boxes=kept) if len(kept) < len(p["boxes"]) else p)
     report.kept = len(out)
     return out, report
 

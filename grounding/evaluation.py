@@ -2,8 +2,10 @@
 
 The paper's protocol (PAPER.md sections 6-7): the heatmap is extracted in the model frame, mapped back to the
 original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
-(signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC and the
-pointing game. Rows are appended to a JSONL file as they are computed, so an interrupted run resumes without
+(signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC (exact, and
+the predecessor's 5-threshold binned one) and the pointing game. `protocol` (config key metric_protocol) picks how
+several boxes and the NaN band are counted: grounding/metrics.py, README "Metric conventions". Rows are appended to
+a JSONL file as they are computed, so an interrupted run resumes without
 redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/provenance.py); under
 torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
@@ -15,16 +17,17 @@ from tqdm import tqdm
 
 from grounding import provenance
 from grounding.heatmap import extract_heatmaps
-from grounding.metrics import auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
+from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
 from grounding.preprocess import preprocess, to_original
 
-METRICS = ("cnr", "miou", "auc", "pointing")
+METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
 
 
-def score(heatmap, boxes):
+def score(heatmap, boxes, protocol="reference"):
     """All metrics of one original-frame heatmap against its boxes."""
-    return {"cnr": cnr(heatmap, boxes, signed=True), "miou": miou(heatmap, boxes),
-            "auc": auc_roc(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
+    return {"cnr": cnr(heatmap, boxes, signed=True, protocol=protocol),
+            "miou": miou(heatmap, boxes, protocol=protocol), "auc": auc_roc(heatmap, boxes),
+            "auc_binned5": auc_binned5(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
 
 
 def read_rows(path):
@@ -42,7 +45,8 @@ def read_rows(path):
 
 
 def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16, rank=0, world_size=1,
-                   overlay_dir=None, n_overlays=0, desc="pairs", record=None, on_mismatch="error"):
+                   overlay_dir=None, n_overlays=0, desc="pairs", record=None, on_mismatch="error",
+                   protocol="reference"):
     """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes.
 
     record: what makes these rows (provenance.rows_record); rows already in rows_path are resumed only when they
@@ -50,8 +54,8 @@ def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16
     process from writing the same rows file at the same time.
     """
     lock = provenance.acquire_lock(rows_path + ".lock") if rows_path else None
-    if rows_path and record is not None:
-        provenance.check_rows(rows_path, record, on_mismatch)
+    if rows_path and record is not None:  # rows scored under another metric_protocol are never resumed
+        provenance.check_rows(rows_path, {**record, "metric_protocol": protocol}, on_mismatch)
     done = read_rows(rows_path) if rows_path else {}
     if done:  # drop a torn last line (an interrupted write) before appending: rewrite the complete rows
         tmp = rows_path + ".tmp"
@@ -70,7 +74,8 @@ def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16
         heatmaps = extract_heatmaps(pipe, images, [p["prompt"] for p in chunk], cfg, prompts)
         for p, hm in zip(chunk, heatmaps):
             full = to_original(hm, p["image_width"], p["image_height"])
-            row = {"pair_id": p["pair_id"], "category": p["category"], "prompt": p["prompt"], **score(full, p["boxes"])}
+            row = {"pair_id": p["pair_id"], "category": p["category"], "prompt": p["prompt"], "protocol": protocol,
+                   **score(full, p["boxes"], protocol)}
             done[p["pair_id"]] = row
             if out:
                 out.write(json.dumps(row) + "\n")

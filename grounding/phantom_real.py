@@ -86,6 +86,7 @@ def build_real_world(root, cfg=None, wholly_in_band=True):
                     excluded_train_studies=0,
                     mscxr_pairs=collections.Counter(), mscxr_loc=collections.defaultdict(collections.Counter),
                     band_reaching_boxes=0, band_only_boxes=0, band_only_pairs=collections.Counter(),
+                    band_only_split=collections.Counter(),
                     gold_images=0, gold_images_two_annotators=0, gold_boxes_outside=0,
                     vindr_pairs=collections.Counter(), vindr_dropped_infiltration=0)
     rng = np.random.default_rng([cfg.seed, 4242])  # the replica's own draws (the default world's stay untouched)
@@ -162,6 +163,7 @@ def build_real_world(root, cfg=None, wholly_in_band=True):
                 expected["mscxr_loc"][sp][f["pathology"]] += 1
                 if only_band:
                     expected["band_only_pairs"][f["pathology"]] += 1
+                    expected["band_only_split"][sp] += 1
 
     # --- VinDr-CXR test: several radiologists, pneumonia as ILD / Infiltration, image labels -----------------------
     vdir = os.path.join(root, "vindr-cxr", "1.0.0")

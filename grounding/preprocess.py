@@ -98,6 +98,13 @@ def box_to_original(box, orig_w, orig_h, size):
     return (x1, y1, box[2] / sx, box[3] / sy)
 
 
+def crop_window(orig_w, orig_h, size):
+    """(left, top, side) of the square of ORIGINAL pixels the centre crop keeps (to_original fills only it)."""
+    m = min(orig_w, orig_h)
+    sx, sy, left, top = frame_params(orig_w, orig_h, size)
+    return min(round(left / sx), orig_w - m), min(round(top / sy), orig_h - m), m
+
+
 def to_original(heatmap, orig_w, orig_h):
     """Model-frame heatmap (S, S) -> (orig_h, orig_w): nearest upsampling to the shortest side, NaN padding.
 
@@ -107,10 +114,8 @@ def to_original(heatmap, orig_w, orig_h):
     if heatmap.dim() != 2 or heatmap.shape[0] != heatmap.shape[1]:
         raise ValueError(f"to_original expects a square (S, S) heatmap, got {tuple(heatmap.shape)}")
     S = heatmap.shape[0]
-    m = min(orig_w, orig_h)
+    ox, oy, m = crop_window(orig_w, orig_h, S)                # crop corner and side, original px
     sq = F.interpolate(heatmap[None, None].float(), size=(m, m), mode="nearest")[0, 0]
-    sx, sy, left, top = frame_params(orig_w, orig_h, S)
-    ox, oy = min(round(left / sx), orig_w - m), min(round(top / sy), orig_h - m)  # crop corner, original px
     out = torch.full((orig_h, orig_w), float("nan"))
     out[oy:oy + m, ox:ox + m] = sq
     return out

@@ -146,8 +146,11 @@ def mscxr_subsets(pairs, split, csv_path=""):
     return scored, val, f"validation pairs: the MS-CXR 'val' split (disjoint from the scored {split!r} split)"
 
 
-def load(cfg, family=None, need_samples=True):
-    """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic")."""
+def load(cfg, family=None, need_samples=True, image_size=512):
+    """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic").
+
+    image_size: the model's input side (pipe.image["size"]); boxes the centre crop cuts away are dropped for it.
+    """
     mimic, reports, mscxr_csv, imagenome, vindr_csv, vindr_dir, description = _paths(cfg)
     lines = []
     on_missing = getattr(cfg, "on_missing", "error")  # "skip": missing/unreadable images are counted, not fatal
@@ -167,6 +170,8 @@ def load(cfg, family=None, need_samples=True):
             samples = samples[:cfg.max_train_samples]
         samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
         lines.append(str(rep))
+    all_pairs, rep = cu.drop_cropped_boxes(all_pairs, image_size, "MS-CXR")  # after the patient exclusion
+    lines.append(str(rep))
     test, val, val_note = mscxr_subsets(all_pairs, cfg.mscxr_split, mscxr_csv)
     lines.append(f"MS-CXR pairs scored (mscxr_split: {cfg.mscxr_split}): {cu.class_counts(test)}")
     test_loc, rep = cu.mscxr_loc(test)
@@ -176,6 +181,8 @@ def load(cfg, family=None, need_samples=True):
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
         vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
+        lines.append(str(rep))
+        vpairs, rep = cu.drop_cropped_boxes(vpairs, image_size, "VinDr-CXR")
         lines.append(str(rep))
         vindr = cu.vindr_prompts(vpairs, lut)
         lines.append(f"VinDr-CXR pairs: {cu.class_counts(vindr)}")

@@ -47,7 +47,7 @@ def main():
     args = p.parse_args()
     cfg = load_config(TrainConfig, args.config)
     pipe = load_pipeline(cfg.weights)
-    data = sources.load(cfg, family=pipe.family, need_samples=False)
+    data = sources.load(cfg, family=pipe.family, need_samples=False, image_size=pipe.image["size"])
     # one pair per class where possible, in a fixed order
     pairs, seen = [], set()
     for pair in data.test_pairs:

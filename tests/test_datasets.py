@@ -4,11 +4,15 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from grounding import anatomy as an
 from grounding import curation as cu
 from grounding import datasets as ds
+from grounding.curation import drop_cropped_boxes
+from grounding.metrics import box_mask
+from grounding.preprocess import crop_window, to_original
 
 MSCXR_COLS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
 
@@ -195,3 +199,39 @@ def test_vindr_prompts_nearest_gaussian():
     out = cu.vindr_prompts(pairs, lut)
     assert [p["prompt"] for p in out] == ["bilateral lower atelectasis", "right apical pneumothorax", "cardiomegaly"]
     assert cu.vindr_prompts(pairs[:1], lut, merge=False)[0]["prompt"] == "left lower and right lower atelectasis"
+
+
+def test_boxes_in_the_cropped_away_band_are_dropped_and_counted():
+    # portrait 100 x 200, model side 50: scale .5, resized 50 x 100, crop rows 25..75 -> original rows [50, 150)
+    assert crop_window(100, 200, 50) == (0, 50, 100)
+    # landscape 200 x 100: original columns [50, 150)
+    assert crop_window(200, 100, 50) == (50, 0, 100)
+    tall = dict(image_width=100, image_height=200, category="Edema")
+    wide = dict(image_width=200, image_height=100, category="Edema")
+    pairs = [dict(tall, pair_id="p1", boxes=[(10, 10, 20, 30), (10, 140, 20, 30)]),   # top band | reaches in: kept whole
+             dict(tall, pair_id="p2", boxes=[(0, 150, 100, 50)]),                     # bottom band only
+             dict(tall, pair_id="p3", boxes=[(10, 30, 5, 20)]),                       # rows 30..49: touches row 50 only
+             dict(tall, pair_id="p4", boxes=[(10, 49.6, 5, 1)]),                      # rounds to row 50: inside
+             dict(wide, pair_id="p5", boxes=[(0, 0, 40, 100), (60, 10, 10, 10)]),     # left band | inside
+             dict(tall, pair_id="p6", boxes=[(10, 100, 0.3, 5)])]                     # columns 10..10.3: no pixel
+    out, rep = drop_cropped_boxes(pairs, 50, "test pairs")
+    assert [p["pair_id"] for p in out] == ["p1", "p4", "p5"]
+    assert out[0]["boxes"] == [(10, 140, 20, 30)] and out[2]["boxes"] == [(60, 10, 10, 10)]
+    assert pairs[0]["boxes"] == [(10, 10, 20, 30), (10, 140, 20, 30)]                # the input is not changed
+    assert rep["box wholly in the cropped-away band (dropped)"] == 4
+    assert rep["box without a whole pixel after rounding (dropped)"] == 1
+    assert rep["pair with no box left in the crop (dropped)"] == 3 and rep.kept == 3
+    assert "p2" in str(rep)
+
+
+def test_dropped_boxes_are_exactly_those_without_a_valid_heatmap_pixel():
+    # the drop and the metrics agree: a box is kept iff the mapped-back heatmap has a non-NaN pixel in it
+    g = torch.Generator().manual_seed(0)
+    for W, H, S in [(60, 97, 16), (97, 60, 16), (50, 50, 16), (71, 180, 32)]:
+        valid = ~torch.isnan(to_original(torch.zeros(S, S), W, H))
+        for _ in range(200):
+            x, y = (torch.rand(2, generator=g) * torch.tensor([W, H])).tolist()
+            w, h = (torch.rand(2, generator=g) * torch.tensor([W - x, H - y]) + 0.6).tolist()
+            pair = dict(pair_id="p", image_width=W, image_height=H, boxes=[(x, y, w, h)])
+            kept = len(drop_cropped_boxes([pair], S)[0]) == 1
+            assert kept == bool(valid[box_mask((x, y, w, h), (H, W), allow_empty=True)].any()), (W, H, S, x, y, w, h)

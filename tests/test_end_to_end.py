@@ -45,6 +45,7 @@ def test_train_then_evaluate(setup):
     assert "Average" in table and "cnr tuned" in table
     rows = [json.loads(l) for l in open(os.path.join(out, "eval_tuned.jsonl"))]
     assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou"] <= 1 for r in rows)
+    assert all(r["protocol"] == "reference" and 0 <= r["auc_binned5"] <= 1 for r in rows)  # the default reached it
     # the learned rows moved away from their initial values (lr 0.05 on 4 steps)
     initial = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert initial["step"] == 4
@@ -101,6 +102,10 @@ def test_evaluation_resumes_without_recomputing(setup):
     # the recomputed pairs ran in a smaller batch: equal up to float summation order
     assert {r["pair_id"]: r["cnr"] for r in rows} == pytest.approx({json.loads(l)["pair_id"]: json.loads(l)["cnr"]
                                                                     for l in full}, rel=1e-5, abs=1e-6)
+    # metric_protocol reaches evaluate.py's scoring: rows of another protocol are never mixed into one table
+    out = subprocess.run([sys.executable, *args, "metric_protocol=per_box"], cwd=root, env=ENV, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode != 0 and "metric_protocol: 'reference' -> 'per_box'" in out.stderr
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup):

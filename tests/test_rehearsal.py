@@ -67,9 +67,8 @@ def tiny_monai_pipeline(texts):
 def replica(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("rehearsal"))
     data = os.path.join(root, "data")
-    # TODO(10a): wholly_in_band=True (the writer's default) once boxes lying wholly in the band the centre crop cuts
-    # are dropped at load time; today such a box stops the evaluation with a ValueError from grounding/metrics.py.
-    summary = build_real_world(data, PhantomConfig.tiny(n_test=24, n_vindr=8), wholly_in_band=False)
+    # boxes (and one pair) lying wholly in the band the centre crop cuts away: dropped and counted at load time
+    summary = build_real_world(data, PhantomConfig.tiny(n_test=24, n_vindr=8))
     return dict(root=root, data=data, summary=summary)
 
 
@@ -136,7 +135,9 @@ def test_the_config_reads_the_replica(replica):
     """The shipped config's readers on the replica, without a model: MS-CXR v1.1.0 and v0.1, views, gold CSV."""
     exp = replica["summary"]["expected"]
     data = sources.load(_config(replica))
-    want = sum(n for split in exp["mscxr_loc"].values() for n in split.values())
+    # every located pair, less those whose only box lies wholly in the band the centre crop cuts away (dropped)
+    want = sum(n for split in exp["mscxr_loc"].values() for n in split.values()) - sum(exp["band_only_pairs"].values())
+    assert "pair with no box left in the crop (dropped)" in data.report
     assert len(data.mscxr_loc) == want and {p["split"] for p in data.mscxr_loc} == {"train", "val", "test"}
     assert data.samples and "SYNTHETIC" in data.description
     v01 = os.path.join(replica["data"], "ms-cxr", "0.1", "MS_CXR_Local_Alignment_v1.0.0.csv")
@@ -145,7 +146,7 @@ def test_the_config_reads_the_replica(replica):
     with pytest.raises(ValueError, match="mscxr_split"):
         sources.load(_config(replica, f"mscxr_csv={v01}", "mscxr_split=test"))
     test = sources.load(_config(replica, "mscxr_split=test"))
-    assert len(test.mscxr_loc) == sum(exp["mscxr_loc"]["test"].values())
+    assert len(test.mscxr_loc) == sum(exp["mscxr_loc"]["test"].values()) - exp["band_only_split"].get("test", 0)
     with_ap = sources.load(_config(replica, "views=[PA, AP]"))
     assert f"study without a PA/AP image (skipped): {exp['train_studies_without']['PA/AP']}" in with_ap.report
     assert len(with_ap.samples) > len(data.samples)
@@ -201,9 +202,11 @@ def test_mimic_monai_config_runs_on_the_replica(replica):
             want[c] = want.get(c, 0) + n
     assert len(exp["mscxr_loc"]) == 3
     got = _pairs_per_class(re.search(r"MS-CXR-loc pairs scored: (.*)", log).group(1))
-    # TODO(10a): once boxes wholly in the cropped band are dropped at load time, write the replica with
-    # wholly_in_band=True and expect the band-only pair to leave: {c: n - exp["band_only_pairs"].get(c, 0)}
+    # the pairs whose only box lies wholly in the cropped band leave (dropped and counted, as the authors' loader)
+    want = {c: n - exp["band_only_pairs"].get(c, 0) for c, n in want.items()}
+    want = {c: n for c, n in want.items() if n}
     assert got == want, (got, want)
+    assert exp["band_only_boxes"] > 0 and "box wholly in the cropped-away band" in log
     head = re.search(r"MS-CXR-loc \(mscxr_split: all\), pairs per class: (.*)", log).group(1)
     assert sum(_pairs_per_class(head).values()) == 4 and f"the first 4 of {sum(want.values())}" in head
     assert "validation CNR" in log and "which the final table ALSO scores" in log   # validation says what it is

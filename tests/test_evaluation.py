@@ -1,0 +1,93 @@
+"""Scoring in grounding/evaluation.py: the metric protocol reaches every metric, rows record it, resume checks it.
+
+The heatmap extraction is replaced by a fixed map (no model): these tests are about what happens after it.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from grounding import evaluation as ev
+from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game
+from train import TrainConfig
+
+
+def _pair():
+    # a tall 8 x 16 image and a 4 x 4 model frame: the crop keeps rows 4..11 (scale 2), rows 0-3 and 12-15 are NaN
+    return dict(pair_id="p0", category="Edema", prompt="left edema", image_path="unused.png", image_width=8,
+                image_height=16, boxes=[(0, 2, 4, 4), (4, 6, 4, 4)])   # box 1 reaches into the band, they touch
+
+
+def _model_map():
+    return torch.tensor([[1.0, 1.0, 0.0, 0.0],
+                         [1.0, 0.5, 0.5, 0.0],
+                         [0.0, 0.5, 1.0, 0.25],
+                         [0.0, 0.0, 0.25, 0.0]])
+
+
+@pytest.fixture
+def fake_extraction(monkeypatch):
+    monkeypatch.setattr(ev, "preprocess", lambda path, image_cfg: torch.zeros(1, 4, 4))
+    monkeypatch.setattr(ev, "extract_heatmaps", lambda pipe, images, texts, cfg, prompts: [_model_map()] * len(texts))
+
+
+class _Pipe:
+    image = {"channels": 1, "size": 4, "range": [0.0, 1.0]}
+
+
+def test_score_uses_the_protocol_for_cnr_and_miou_only():
+    full = ev.to_original(_model_map(), 8, 16)
+    boxes = _pair()["boxes"]
+    ref, old = ev.score(full, boxes), ev.score(full, boxes, "per_box")
+    assert set(ref) == set(ev.METRICS)
+    assert ref["cnr"] == cnr(full, boxes) and old["cnr"] == cnr(full, boxes, protocol="per_box")
+    assert ref["miou"] == miou(full, boxes) and old["miou"] == miou(full, boxes, protocol="per_box")
+    assert ref["cnr"] != pytest.approx(old["cnr"]) and ref["miou"] < old["miou"]   # band pixels are misses
+    for m, f in (("auc", auc_roc), ("auc_binned5", auc_binned5), ("pointing", pointing_game)):
+        assert ref[m] == old[m] == f(full, boxes)
+
+
+def test_the_mapped_back_pair_by_hand():
+    full = ev.to_original(_model_map(), 8, 16)
+    boxes = _pair()["boxes"]
+    # crop rows 4..11; original pixel (r, c) shows model pixel ((r - 4) // 2, c // 2) (2 x 2 blocks).
+    # Box 1 = cols 0-3, rows 2-5: rows 2-3 NaN (8 px), rows 4-5 = model (0, 0..1) = 1.0 (8 px).
+    # Box 2 = cols 4-7, rows 6-9 = model rows 1-2, cols 2-3: .5, 0, 1, .25 (4 px each).
+    assert torch.isnan(full[:4]).all() and torch.isnan(full[12:]).all() and not torch.isnan(full[4:12]).any()
+    # Predicted px (4 per model value above thr; model has four 1s, three .5s, two .25s):
+    #   thr .1/.2: 36, inter 8 + 12 = 20;  .3/.4: 28, inter 8 + 8 = 16;  .5: 16, inter 8 + 4 = 12.
+    # reference target 32 px (band included): 20/48, 20/48, 16/44, 16/44, 12/36
+    assert miou(full, boxes) == pytest.approx((2 * 5 / 12 + 2 * 4 / 11 + 1 / 3) / 5, abs=1e-12)
+    # per_box / union target 24 valid px: 20/40, 20/40, 16/36, 16/36, 12/28
+    for protocol in ("per_box", "union"):
+        assert miou(full, boxes, protocol=protocol) == pytest.approx((1 + 8 / 9 + 3 / 7) / 5, abs=1e-12)
+    # CNR, in model pixels (4 px each, so the means and variances are those of the model values):
+    # box 1: in {1} var 0; out = the other 14 valid model px: mean 2/7, var 97/784 -> 20/sqrt(97)
+    # reference box 2: in {.5, 0, 1, .25} mean 7/16 var 35/256; out = 10 px outside both: mean 9/40,
+    #   var 169/1600 -> (17/80) / (sqrt(1551)/80) = 17/sqrt(1551)
+    # per_box box 2: out = 12 px (box 1 included): mean 17/48, var 395/2304 -> 4/sqrt(710)
+    # union box 1: out = the same 10 px -> (31/40) / (13/40) = 31/13
+    assert cnr(full, boxes) == pytest.approx((20 / math.sqrt(97) + 17 / math.sqrt(1551)) / 2, abs=1e-12)
+    assert cnr(full, boxes, protocol="per_box") == pytest.approx((20 / math.sqrt(97) + 4 / math.sqrt(710)) / 2,
+                                                                 abs=1e-12)
+    assert cnr(full, boxes, protocol="union") == pytest.approx((31 / 13 + 17 / math.sqrt(1551)) / 2, abs=1e-12)
+
+
+def test_evaluate_pairs_records_the_protocol_and_refuses_a_mixed_resume(fake_extraction, tmp_path):
+    path = str(tmp_path / "rows.jsonl")
+    record = {"weights": "w", "code": "c"}
+    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    full = ev.to_original(_model_map(), 8, 16)
+    assert rows[0]["protocol"] == "reference" and rows[0]["cnr"] == cnr(full, _pair()["boxes"])
+    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, protocol="union")            # no file: nothing to resume
+    assert rows[0]["protocol"] == "union" and rows[0]["cnr"] == cnr(full, _pair()["boxes"], protocol="union")
+    # the same record under another protocol: the rows file is refused, naming the key
+    with pytest.raises(SystemExit, match="metric_protocol: 'reference' -> 'per_box'"):
+        ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record, protocol="per_box")
+
+
+def test_config_key_defaults_to_reference_and_is_checked():
+    assert TrainConfig().metric_protocol == "reference"
+    with pytest.raises(ValueError, match="metric_protocol"):
+        TrainConfig(metric_protocol="per-box")
