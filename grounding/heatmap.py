@@ -294,22 +294,13 @@ def prompt_context(pipe, prompt, prompts=None):
     return cond, positions[0]
 
 
-@torch.no_grad()
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, S, S) in the family's range and one prompt each -> (B, S, S) heatmaps in [0, 1]
     (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
     per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
-    (plain text encoder)."""
+    (plain text encoder). One variant of extract_heatmaps_shared below."""
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
-    device = pipe.unet.conv_in.weight.device
-    images = images.to(device, pipe.unet.conv_in.weight.dtype)
-    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
-    with autocast(device, cfg.autocast):                # the recorded probabilities stay float32 (ldm/attention.py)
-        cond, positions = prompt_contexts(pipe, list(texts), prompts)
-        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-        store = AttentionStore(cfg.resolved_layers(), positions)
-        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
-    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
+    return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
 
 
 def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
@@ -338,26 +329,28 @@ def extract_heatmaps_shared(pipe, images, variants, fast=True):
     per (variant, cfg) (tests/test_swap.py checks it), about V times fewer inversions.
     """
     cfgs = [c for _, _, cs in variants for c in cs]
+    key = lambda c: (c.num_steps, c.spacing, tuple(c.window), c.autocast)
     for c in cfgs[1:]:
-        if (c.num_steps, c.spacing, tuple(c.window)) != (cfgs[0].num_steps, cfgs[0].spacing, tuple(cfgs[0].window)):
-            raise ValueError("extract_heatmaps_shared: every cfg must share num_steps, spacing and window "
+        if key(c) != key(cfgs[0]):
+            raise ValueError("extract_heatmaps_shared: every cfg must share num_steps, spacing, window and autocast "
                              "(one inversion serves them all)")
     device = pipe.unet.conv_in.weight.device
     images = images.to(device, pipe.unet.conv_in.weight.dtype)
     B = images.shape[0]
-    z0 = pipe.vae.encode(images) * pipe.scale_factor
-    conds, positions = [], []
-    for texts, prompts, _ in variants:
-        if len(texts) != B:
-            raise ValueError(f"extract_heatmaps_shared: {len(texts)} prompts for {B} images")
-        cond, pos = prompt_contexts(pipe, list(texts), prompts)
-        conds.append(cond)
-        positions += pos
-    layers = sorted({l for c in cfgs for l in c.resolved_layers()})
-    store = AttentionStore(layers, positions)                    # batch = V * B, variant-major
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-    # the conditional branch sees the V variants stacked on the batch axis, the trajectory stays (B, ...)
-    invert_and_record(pipe, z0, torch.cat(conds), uncond, store, cfgs[0], fast=fast)
+    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
+    with autocast(device, cfgs[0].autocast):            # the recorded probabilities stay float32 (ldm/attention.py)
+        conds, positions = [], []
+        for texts, prompts, _ in variants:
+            if len(texts) != B:
+                raise ValueError(f"extract_heatmaps_shared: {len(texts)} prompts for {B} images")
+            cond, pos = prompt_contexts(pipe, list(texts), prompts)
+            conds.append(cond)
+            positions += pos
+        layers = sorted({l for c in cfgs for l in c.resolved_layers()})
+        store = AttentionStore(layers, positions)                # batch = V * B, variant-major
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+        # the conditional branch sees the V variants stacked on the batch axis, the trajectory stays (B, ...)
+        invert_and_record(pipe, z0, torch.cat(conds), uncond, store, cfgs[0], fast=fast)
     out = []
     for v, (_, _, cs) in enumerate(variants):
         sl = slice(v * B, (v + 1) * B)

@@ -128,8 +128,17 @@ def swap_row(pair, true_map, swapped_map, miou_true, miou_swapped):
 
 
 def swap_summary(rows, n_boot=10000, seed=0):
-    """Per class and class-averaged means with 95% bootstrap CIs of true_side, swap_side and miou_drop."""
-    return summarise(rows, list(SWAP_METRICS), n=n_boot, seed=seed)
+    """Per class and class-averaged means with 95% bootstrap CIs of true_side, swap_side and miou_drop, over the
+    rows that took part in the swap test (those holding its columns)."""
+    return summarise([r for r in rows if "true_side" in r], list(SWAP_METRICS), n=n_boot, seed=seed)
+
+
+def swap_caption(excluded):
+    """How many pairs took part in the swap test and why the others did not ({reason: count} of swap_pairs)."""
+    n = excluded.get("one side", 0)
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(excluded.items()) if k != "one side")
+    return (f"{n} pairs whose prompt names one side; excluded: {rest or 'none'}. Side share = share of pairs "
+            f"with more heatmap mass on the finding's true side (patient left = image right; midline x = W/2)")
 
 
 def swap_markdown(summaries):
