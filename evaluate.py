@@ -10,8 +10,9 @@ the boxes by nearest LUT Gaussian), "phantom" (= mscxr-loc of the embedded synth
 the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world). Writes, under --out:
 rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only when its .provenance.json names the same
 weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
-CIs), comparison.md (frozen vs tuned), overlays/<model>/*.png, and a header naming data, weights, prompts, code and
-the layers/steps of each model. key=value overrides may go anywhere on the command line.
+CIs), comparison.md (frozen vs tuned), swap.md (--swap: the location-swap test), overlays/<model>/*.png, and a header naming data, weights, prompts, code and
+the layers/steps of each model. key=value overrides may go anywhere on the command line. One inversion per image
+batch serves every model evaluated (--baseline, --untuned, --prompts) and the swapped prompts.
 """
 import argparse
 import json
@@ -25,8 +26,9 @@ from grounding import provenance, sources
 from grounding.provenance import code_version
 from grounding.config import check_layers, load_config
 from grounding.curation import class_counts
-from grounding.evaluation import comparison_markdown, evaluate_pairs, summary_table
+from grounding.evaluation import Model, comparison_markdown, evaluate_models, summary_table
 from grounding.prompts import LearnablePrompts
+from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
 from train import TrainConfig
 
 
@@ -38,6 +40,10 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="learned anatomy rows (.safetensors from train.py); default: "
                    "<config out_dir>/learned_rows.safetensors when neither --prompts nor --baseline is given")
     p.add_argument("--baseline", action="store_true", help="also (or only) evaluate the frozen model")
+    p.add_argument("--untuned", action="store_true", help="also score the tuned layers with the ORIGINAL embeddings "
+                   "(tuned minus untuned = what the learned rows alone bring)")
+    p.add_argument("--swap", action="store_true", help="location-swap test: score each one-sided prompt with left and "
+                   "right swapped too (grounding/swap.py)")
     p.add_argument("--out", default=None, help="output folder (default runs/eval_<split>)")
     p.add_argument("--batch", type=int, default=16, help="images inverted together")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
@@ -82,6 +88,7 @@ def main(argv=None):
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
     hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),
+             "untuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True),
              "tuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True)}
     header += "Heatmaps: " + "; ".join(provenance.describe_heatmap(n, h) for n, h in hcfgs.items()) + "\n"
     if rank == 0:
@@ -90,34 +97,43 @@ def main(argv=None):
     models = []
     if args.baseline:
         models.append(("frozen", None))
+    if args.untuned:
+        models.append(("untuned", None))
     if args.prompts:
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
         prompts.load(args.prompts)
         models.append(("tuned", prompts))
+    cols = [Model(name, prompts, hcfgs[name],
+                  os.path.join(out, f"rows_{name}.rank{rank}.jsonl" if world > 1 else f"rows_{name}.jsonl"),
+                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], prompts, args.prompts if prompts else None,
+                                         split=args.split, data=data.description),
+                  os.path.join(out, "overlays", name)) for name, prompts in models]
+    # one inversion per image batch serves every model (and the swapped prompts)
+    rows = evaluate_models(pipe, pairs, cols, batch_size=args.batch, rank=rank, world_size=world, swap=args.swap,
+                           n_overlays=args.overlays if rank == 0 else 0, desc=args.split, protocol=cfg.metric_protocol)
     summaries = {}
-    for name, prompts in models:
-        hcfg = hcfgs[name]
-        record = provenance.rows_record(pipe, cfg.weights, hcfg, prompts, args.prompts if prompts else None,
-                                        split=args.split, data=data.description)
-        rows_path = os.path.join(out, f"rows_{name}.rank{rank}.jsonl" if world > 1 else f"rows_{name}.jsonl")
-        rows = evaluate_pairs(pipe, pairs, hcfg, prompts, rows_path=rows_path, batch_size=args.batch, rank=rank,
-                              world_size=world, overlay_dir=os.path.join(out, "overlays", name),
-                              n_overlays=args.overlays if rank == 0 else 0, desc=f"{name} ({args.split})",
-                              record=record, protocol=cfg.metric_protocol)
+    for name, _ in models:
         if world > 1:  # gather every rank's rows; rank 0 writes the one table
             gathered = [None] * world
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+            dist.all_gather_object(gathered, rows[name])
+            rows[name] = [r for part in gathered for r in part]
         if rank != 0:
             continue
         order = {pair["pair_id"]: i for i, pair in enumerate(pairs)}
-        rows.sort(key=lambda r: order[r["pair_id"]])  # the same order as a single-process run
-        summaries[name], md = summary_table(rows, n_boot=args.bootstrap)
+        rows[name].sort(key=lambda r: order[r["pair_id"]])  # the same order as a single-process run
+        summaries[name], md = summary_table(rows[name], n_boot=args.bootstrap)
         with open(os.path.join(out, f"table_{name}.md"), "w") as f:
             f.write(header + "\n" + md + "\n")
         with open(os.path.join(out, f"table_{name}.json"), "w") as f:
             json.dump({"header": header, "summary": summaries[name]}, f, indent=1)
         print(f"\n{name}:\n{md}")
+    if rank == 0 and args.swap:
+        _, excluded = swap_pairs(pairs)
+        swap_md = (f"Location-swap test ({swap_caption(excluded)}):\n"
+                   + swap_markdown({name: swap_summary(rows[name], n_boot=args.bootstrap) for name, _ in models}))
+        with open(os.path.join(out, "swap.md"), "w") as f:
+            f.write(header + "\n" + swap_md + "\n")
+        print(f"\n{swap_md}")
     if rank == 0 and len(summaries) > 1:
         table = comparison_markdown(summaries)
         with open(os.path.join(out, "comparison.md"), "w") as f:

@@ -30,11 +30,12 @@ from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
 from grounding.config import check_layers, check_train_config, load_config
 from grounding.curation import class_counts
-from grounding.evaluation import evaluate_pairs, summary_table, comparison_markdown
+from grounding.evaluation import Model, evaluate_models, evaluate_pairs, summary_table, comparison_markdown
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
 from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
+from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TrainConfig:
     eval_batch: int = 16                     # images inverted together during evaluation
     eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
     metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
+    eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/swap.py)
     # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
     vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
     vae_lr: float = 1e-3
@@ -330,15 +332,21 @@ def final_evaluation(cfg, pipe, prompts, data):
     notes = {"frozen": " (baseline preset)", "untuned": " (tuning layers)", "tuned": " (tuning layers)"}
     heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], notes[name]) for name in hcfgs)
     print(heatmaps)
-    for name, p, tuned in models:
-        record = provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description)
-        rows = evaluate_pairs(pipe, pairs, hcfgs[name], p, rows_path=os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
-                              batch_size=cfg.eval_batch, desc=f"eval {name}", record=record, on_mismatch="fresh",
-                              protocol=cfg.metric_protocol)
-        summaries[name], md = summary_table(rows)
+    cols = [Model(name, p, hcfgs[name], os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
+                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description))
+            for name, p, _ in models]
+    # one inversion per image batch serves all three columns and their left/right-swapped prompts
+    rows = evaluate_models(pipe, pairs, cols, batch_size=cfg.eval_batch, swap=cfg.eval_swap, desc="evaluation",
+                           on_mismatch="fresh", protocol=cfg.metric_protocol)
+    for name, _, _ in models:
+        summaries[name], md = summary_table(rows[name])
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
             f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")
     table = comparison_markdown(summaries)
+    if cfg.eval_swap:
+        _, excluded = swap_pairs(pairs)
+        table += (f"\n\nLocation-swap test ({swap_caption(excluded)}):\n"
+                  + swap_markdown({name: swap_summary(rows[name]) for name, _, _ in models}))
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
         f.write(f"{head}Heatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)

@@ -9,6 +9,7 @@ a JSONL file as they are computed, so an interrupted run resumes without
 redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/provenance.py); under
 torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
+import dataclasses
 import json
 import os
 
@@ -16,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from grounding import provenance
-from grounding.heatmap import extract_heatmaps
+from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared
 from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
 from grounding.preprocess import preprocess, to_original
+from grounding.swap import prompt_side, swap_row, swap_sides
 
 METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
 
@@ -44,49 +46,111 @@ def read_rows(path):
     return rows
 
 
-def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16, rank=0, world_size=1,
-                   overlay_dir=None, n_overlays=0, desc="pairs", record=None, on_mismatch="error",
-                   protocol="reference"):
-    """Score every pair; returns the list of rows (this rank's share). Appends to rows_path as it goes.
+@dataclasses.dataclass
+class Model:
+    """One column of an evaluation: a name, learned rows (None = the frozen text encoder) and heatmap settings,
+    with where its rows go and what made them (provenance.rows_record)."""
+    name: str
+    prompts: object = None
+    cfg: HeatmapConfig = None
+    rows_path: str = None
+    record: dict = None
+    overlay_dir: str = None
 
-    record: what makes these rows (provenance.rows_record); rows already in rows_path are resumed only when they
-    were made by the same (else on_mismatch: "error" stops, "fresh" moves them aside). A lock file keeps a second
-    process from writing the same rows file at the same time.
-    """
-    lock = provenance.acquire_lock(rows_path + ".lock") if rows_path else None
-    if rows_path and record is not None:  # rows scored under another metric_protocol are never resumed
-        provenance.check_rows(rows_path, {**record, "metric_protocol": protocol}, on_mismatch)
-    done = read_rows(rows_path) if rows_path else {}
-    if done:  # drop a torn last line (an interrupted write) before appending: rewrite the complete rows
+
+def _resume(rows_path):
+    """Rows already in rows_path, the file rewritten without a torn last line (an interrupted write)."""
+    done = read_rows(rows_path)
+    if done:
         tmp = rows_path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in done.values())
         os.replace(tmp, rows_path)
-    mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
-    todo = [p for p in mine if p["pair_id"] not in done]
-    if done:
-        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} pairs already scored in {rows_path}")
-    out = open(rows_path, "a") if rows_path else None
-    overlays = 0
-    for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo, mininterval=5):
-        chunk = todo[start:start + batch_size]
-        images = torch.stack([preprocess(p["image_path"], pipe.image) for p in chunk])
-        heatmaps = extract_heatmaps(pipe, images, [p["prompt"] for p in chunk], cfg, prompts)
-        for p, hm in zip(chunk, heatmaps):
-            full = to_original(hm, p["image_width"], p["image_height"])
-            row = {"pair_id": p["pair_id"], "category": p["category"], "prompt": p["prompt"], "protocol": protocol,
-                   **score(full, p["boxes"], protocol)}
-            done[p["pair_id"]] = row
-            if out:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-            if overlay_dir and overlays < n_overlays:
-                save_overlay(p, full, os.path.join(overlay_dir, f"{p['pair_id']}.png"))
-                overlays += 1
-    if out:
-        out.close()
-    provenance.release_lock(lock)
-    return [done[p["pair_id"]] for p in mine]
+    return done
+
+
+def evaluate_models(pipe, pairs, models, batch_size=16, rank=0, world_size=1, swap=False, n_overlays=0,
+                    desc="pairs", on_mismatch="error", protocol="reference"):
+    """Score every pair under every model; returns {model name: rows} (this rank's share).
+
+    The inversion follows the "" prompt, so ONE inversion per image batch serves every model (and, with swap=True,
+    the left/right-swapped prompts of grounding/swap.py): grounding/heatmap.py extract_heatmaps_shared. Rows are
+    appended to each model's rows_path as they are computed; rows already there are resumed only when they were made
+    by the same things (model.record; else on_mismatch: "error" stops, "fresh" moves them aside), and a lock file
+    keeps a second process from writing the same rows file at the same time; rows scored under another metric
+    `protocol` (grounding/metrics.py) or without the swap columns are never resumed. With swap=True, rows of pairs whose
+    prompt names one side also hold the swap test's columns (grounding/swap.py swap_row).
+    """
+    paths = [m.rows_path for m in models if m.rows_path]
+    locks = [provenance.acquire_lock(path + ".lock") for path in paths]
+    try:
+        mine = [p for i, p in enumerate(pairs) if i % world_size == rank]
+        done = {}
+        for m in models:
+            if m.rows_path and m.record is not None:
+                provenance.check_rows(m.rows_path, {**m.record, "metric_protocol": protocol, "swap": swap},
+                                      on_mismatch)
+            done[m.name] = _resume(m.rows_path) if m.rows_path else {}
+            n_done = sum(p["pair_id"] in done[m.name] for p in mine)
+            if n_done:
+                print(f"resuming: {n_done} of {len(mine)} pairs already scored in {m.rows_path}")
+        # only the models that miss rows run, on the pairs that any of them misses
+        running = [m for m in models if any(p["pair_id"] not in done[m.name] for p in mine)]
+        todo = [p for p in mine if any(p["pair_id"] not in done[m.name] for m in running)]
+        groups = {}                   # models that share learned rows share one conditional pass
+        for m in running:
+            groups.setdefault(id(m.prompts), (m.prompts, []))[1].append(m)
+        groups = list(groups.values())
+        outs = {m.name: open(m.rows_path, "a") for m in running if m.rows_path}
+        overlays = 0
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo, mininterval=5):
+            chunk = todo[start:start + batch_size]
+            images = torch.stack([preprocess(p["image_path"], pipe.image) for p in chunk])
+            texts = [p["prompt"] for p in chunk]
+            variants = [(texts, prompts, [m.cfg for m in ms]) for prompts, ms in groups]
+            if swap:
+                variants += [([swap_sides(t) for t in texts], prompts, [m.cfg for m in ms]) for prompts, ms in groups]
+            maps = extract_heatmaps_shared(pipe, images, variants)   # [variant][cfg] -> (B, S, S)
+            for g, (_, ms) in enumerate(groups):
+                for k, m in enumerate(ms):
+                    for i, p in enumerate(chunk):
+                        row = _score_pair(p, maps[g][k][i], maps[len(groups) + g][k][i] if swap else None, protocol)
+                        done[m.name][p["pair_id"]] = row
+                        if m.name in outs:
+                            outs[m.name].write(json.dumps(row) + "\n")
+                            outs[m.name].flush()
+                        if m.overlay_dir and overlays + i < n_overlays:
+                            full = to_original(maps[g][k][i], p["image_width"], p["image_height"])
+                            save_overlay(p, full, os.path.join(m.overlay_dir, f"{p['pair_id']}.png"))
+            overlays += len(chunk)
+        for f in outs.values():
+            f.close()
+    finally:
+        for lock in locks:
+            provenance.release_lock(lock)
+    return {m.name: [done[m.name][p["pair_id"]] for p in mine] for m in models}
+
+
+def _score_pair(pair, heatmap, swapped=None, protocol="reference"):
+    """One pair's row from its model-frame heatmap (and the swapped prompt's, for the swap test)."""
+    full = to_original(heatmap, pair["image_width"], pair["image_height"])
+    row = {"pair_id": pair["pair_id"], "category": pair["category"], "prompt": pair["prompt"], "protocol": protocol,
+           **score(full, pair["boxes"], protocol)}
+    side, _ = prompt_side(pair["prompt"])
+    if swapped is not None and side is not None:
+        swapped = to_original(swapped, pair["image_width"], pair["image_height"])
+        row.update(swap_row({**pair, "side": side, "swapped_prompt": swap_sides(pair["prompt"])}, full, swapped,
+                            row["miou"], miou(swapped, pair["boxes"], protocol=protocol)))
+    return row
+
+
+def evaluate_pairs(pipe, pairs, cfg, prompts=None, rows_path=None, batch_size=16, rank=0, world_size=1,
+                   overlay_dir=None, n_overlays=0, desc="pairs", record=None, on_mismatch="error",
+                   protocol="reference"):
+    """Score every pair under one model (evaluate_models with one Model); returns this rank's rows."""
+    model = Model("model", prompts, cfg, rows_path, record, overlay_dir)
+    return evaluate_models(pipe, pairs, [model], batch_size, rank, world_size, n_overlays=n_overlays, desc=desc,
+                           on_mismatch=on_mismatch, protocol=protocol)["model"]
 
 
 def save_overlay(pair, heatmap, path):

@@ -111,7 +111,11 @@ def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
     """DDIM-invert z0 (scaled latents, (B, C, h, w)) following the unconditional prediction (guidance 0),
     recording the conditional branch's maps of store.layers at the window's timesteps into `store`
     (keys: (timestep, cross_index)). Returns the last latent reached.
+    cond may hold V contexts per image ((V * B, L, D), variant-major): the conditional pass then sees the latents
+    repeated V times (extract_heatmaps_shared), while the trajectory stays (B, ...).
     """
+    V = cond.shape[0] // z0.shape[0]
+    rep = (lambda z: z.repeat(V, 1, 1, 1)) if V > 1 else (lambda z: z)
     sched = inversion_scheduler(pipe.scheduler, cfg)
     window = set(window_timesteps(sched, *cfg.window).tolist())
     n_cross = len(pipe.unet.cross_attention_layers())
@@ -126,7 +130,7 @@ def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
                 if t in window:
                     store.set_step(t)
                     # the prompt branch only needs to reach the last recorded layer
-                    pipe.unet(z, t, cond, store=store, stop_after=max(layers))
+                    pipe.unet(rep(z), t, cond, store=store, stop_after=max(layers))
                 if t == t_last:
                     break                                          # later steps are never recorded
                 z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
@@ -136,7 +140,7 @@ def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
                               average_heads=store.average_heads)
         for t in sched.inversion_timesteps.tolist():
             full.set_step(t)
-            pipe.unet(z, t, cond, store=full)
+            pipe.unet(rep(z), t, cond, store=full)
             z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
         for (t, layer), m in full.store.items():
             if t in window and layer in layers and (store.steps is None or t in store.steps):
@@ -290,22 +294,13 @@ def prompt_context(pipe, prompt, prompts=None):
     return cond, positions[0]
 
 
-@torch.no_grad()
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, S, S) in the family's range and one prompt each -> (B, S, S) heatmaps in [0, 1]
     (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
     per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
-    (plain text encoder)."""
+    (plain text encoder). One variant of extract_heatmaps_shared below."""
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
-    device = pipe.unet.conv_in.weight.device
-    images = images.to(device, pipe.unet.conv_in.weight.dtype)
-    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
-    with autocast(device, cfg.autocast):                # the recorded probabilities stay float32 (ldm/attention.py)
-        cond, positions = prompt_contexts(pipe, list(texts), prompts)
-        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
-        store = AttentionStore(cfg.resolved_layers(), positions)
-        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)
-    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()
+    return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
 
 
 def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
@@ -314,3 +309,56 @@ def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
     if x.shape[0] != 1:
         raise ValueError(f"extract_heatmap: one image at a time, got a batch of {x.shape[0]}")
     return extract_heatmaps(pipe, x, [prompt], cfg, prompts, fast=fast)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one inversion, many prompt variants (evaluation of several models and of the swap test)
+
+
+@torch.no_grad()
+def extract_heatmaps_shared(pipe, images, variants, fast=True):
+    """Heatmaps of several prompt variants on the SAME images from ONE inversion.
+
+    The inversion follows the "" prompt (guidance 0), so its trajectory does not depend on the prompt or on the
+    learned rows: it is computed once, and at every recorded step ONE conditional UNet call runs every variant's
+    context on the repeated latents. A variant is (texts, prompts, cfgs): B prompts (one per image), a
+    LearnablePrompts or None (plain text encoder), and one or more HeatmapConfigs read from the same recorded maps
+    (e.g. the frozen baseline and the "untuned" reading share the original embeddings and differ only in layers
+    and Otsu; the union of their layers is recorded once).
+    Returns, per variant, a list with one (B, S, S) heatmap tensor per cfg: the same maps as extract_heatmaps called
+    per (variant, cfg) (tests/test_swap.py checks it), about V times fewer inversions.
+    """
+    cfgs = [c for _, _, cs in variants for c in cs]
+    key = lambda c: (c.num_steps, c.spacing, tuple(c.window), c.autocast)
+    for c in cfgs[1:]:
+        if key(c) != key(cfgs[0]):
+            raise ValueError("extract_heatmaps_shared: every cfg must share num_steps, spacing, window and autocast "
+                             "(one inversion serves them all)")
+    device = pipe.unet.conv_in.weight.device
+    images = images.to(device, pipe.unet.conv_in.weight.dtype)
+    B = images.shape[0]
+    z0 = pipe.vae.encode(images) * pipe.scale_factor   # one VAE pass, in full precision: it starts the trajectory
+    with autocast(device, cfgs[0].autocast):            # the recorded probabilities stay float32 (ldm/attention.py)
+        conds, positions = [], []
+        for texts, prompts, _ in variants:
+            if len(texts) != B:
+                raise ValueError(f"extract_heatmaps_shared: {len(texts)} prompts for {B} images")
+            cond, pos = prompt_contexts(pipe, list(texts), prompts)
+            conds.append(cond)
+            positions += pos
+        layers = sorted({l for c in cfgs for l in c.resolved_layers()})
+        store = AttentionStore(layers, positions)                # batch = V * B, variant-major
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+        # the conditional branch sees the V variants stacked on the batch axis, the trajectory stays (B, ...)
+        invert_and_record(pipe, z0, torch.cat(conds), uncond, store, cfgs[0], fast=fast)
+    out = []
+    for v, (_, _, cs) in enumerate(variants):
+        sl = slice(v * B, (v + 1) * B)
+        maps_v = []
+        for c in cs:
+            sub = AttentionStore(c.resolved_layers(), positions[sl])
+            sub.store = {k: m[sl] for k, m in store.store.items() if k[1] in sub.layers}
+            maps_v.append(heatmap_from_maps(sub, tuple(images.shape[-2:]), c).float().cpu())
+        out.append(maps_v)
+    return out
+

@@ -222,7 +222,7 @@ def release_lock(path):
 
 # settings that may change on --resume without changing what the run learns
 RESUME_FREE_KEYS = ("out_dir", "device", "threads", "max_steps", "ckpt_every", "val_every", "val_pairs",
-                    "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "log_every", "latent_cache_mb")
+                    "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "eval_swap", "log_every", "latent_cache_mb")
 
 
 def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):

@@ -43,6 +43,7 @@ def test_train_then_evaluate(setup):
         assert os.path.exists(os.path.join(out, name)), name
     table = open(os.path.join(out, "eval_frozen_vs_tuned.md")).read()
     assert "Average" in table and "cnr tuned" in table
+    assert "Location-swap test" in table and "side share true tuned" in table   # eval_swap defaults to on
     rows = [json.loads(l) for l in open(os.path.join(out, "eval_tuned.jsonl"))]
     assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou"] <= 1 for r in rows)
     assert all(r["protocol"] == "reference" and 0 <= r["auc_binned5"] <= 1 for r in rows)  # the default reached it
@@ -184,3 +185,35 @@ def test_evaluation_refuses_rows_of_other_prompts(setup):
     assert "rows_tuned.jsonl holds rows made by something else (prompts:" in msg and "Refusing to mix" in msg
     log = run(args + ["--prompts", "rows_a.safetensors"], cwd=root)
     assert "resuming: 2 of 2 pairs already scored" in log
+
+
+def test_evaluate_swap_and_untuned_in_one_pass(setup):
+    """evaluate.py --baseline --untuned --prompts --swap: one inversion serves three models and the swapped prompts.
+
+    With learned rows equal to the ORIGINAL embeddings, "tuned" and "untuned" read the same maps (same rows, same
+    layers), so their rows must agree exactly; the swap columns exist for exactly the one-sided prompts.
+    """
+    from grounding.prompts import LearnablePrompts
+    from grounding.swap import prompt_side
+    from ldm.pipeline import load_pipeline
+    root = setup["root"]
+    pipe = load_pipeline(setup["model"])
+    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").save(
+        os.path.join(root, "rows_init.safetensors"))
+    log = run([os.path.join(REPO, "evaluate.py"), "--split", "phantom", "--config", setup["config"], "--baseline",
+               "--untuned", "--prompts", os.path.join(root, "rows_init.safetensors"), "--swap", "--limit", "8",
+               "--out", "ev_swap", "--bootstrap", "100", "--overlays", "0"], cwd=root)
+    ev = os.path.join(root, "ev_swap")
+    rows = {m: [json.loads(l) for l in open(os.path.join(ev, f"rows_{m}.jsonl"))] for m in ("frozen", "untuned", "tuned")}
+    assert all(len(r) == 8 for r in rows.values())
+    for a, b in zip(rows["untuned"], rows["tuned"]):
+        assert a["pair_id"] == b["pair_id"] and a["cnr"] == b["cnr"] and a["miou"] == b["miou"]
+    one_sided = [r for r in rows["tuned"] if prompt_side(r["prompt"])[0]]
+    assert one_sided, "the tiny world should hold one-sided prompts"
+    for r in rows["tuned"]:
+        assert ("true_side" in r) == (prompt_side(r["prompt"])[0] is not None)
+        if "true_side" in r:
+            assert r["true_side"] in (0.0, 0.5, 1.0) and r["swapped_prompt"] != r["prompt"]
+            assert abs(r["miou_drop"] - (r["miou_true"] - r["miou_swap"])) < 1e-12
+    swap_md = open(os.path.join(ev, "swap.md")).read()
+    assert "side share swapped untuned" in swap_md and "Location-swap test" in log

@@ -29,7 +29,8 @@ def _model_map():
 @pytest.fixture
 def fake_extraction(monkeypatch):
     monkeypatch.setattr(ev, "preprocess", lambda path, image_cfg: torch.zeros(1, 4, 4))
-    monkeypatch.setattr(ev, "extract_heatmaps", lambda pipe, images, texts, cfg, prompts: [_model_map()] * len(texts))
+    monkeypatch.setattr(ev, "extract_heatmaps_shared", lambda pipe, images, variants: [
+        [torch.stack([_model_map()] * len(texts))] * len(cfgs) for texts, _, cfgs in variants])
 
 
 class _Pipe:
