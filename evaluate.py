@@ -1,4 +1,4 @@
-"""Phrase-grounding evaluation with the paper's protocol (PAPER.md sections 6-8).
+"""Phrase-grounding evaluation with the paper's protocol (docs/paper.md sections 6-8).
 
     python evaluate.py --split mscxr-loc --prompts runs/tune/learned_rows.safetensors --baseline
     python evaluate.py --split vindr --config configs/mimic_monai.yaml --prompts ...

@@ -9,8 +9,8 @@
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig below with its default and a
 comment; YAML files and key=value overrides fill it (unknown keys and wrong types are errors).
 Mode "tune": the whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from L_div + L_loc on the
-cross-attention maps of 4 layers at T timesteps (PAPER.md section 5). Mode "pretrain": VAE, then text encoder + UNet,
-trained from scratch on the phantom world's training split (DESIGN.md "The embedded default").
+cross-attention maps of 4 layers at T timesteps (docs/paper.md section 5). Mode "pretrain": VAE, then text encoder + UNet,
+trained from scratch on the phantom world's training split (docs/phantom.md "The embedded default").
 """
 import argparse
 import dataclasses
@@ -70,7 +70,7 @@ class TrainConfig:
     on_missing: str = "error"                # a missing/unreadable image or a wrong recorded size: "error" | "skip" (counted)
     # --- model -------------------------------------------------------------------------------------------------
     weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
-    # --- prompt tuning (paper defaults, PAPER.md sections 4-5 and 10) -------------------------------------------
+    # --- prompt tuning (paper defaults, docs/paper.md sections 4-5 and 10) -------------------------------------------
     max_steps: int = 600                     # optimiser steps (paper: epochs not stated; ~3 h on an RTX 3090)
     batch_size: int = 1                      # images per step (paper: 1)
     lr: float = 1e-4                         # paper: 1e-4
@@ -181,7 +181,7 @@ def tune(cfg, resume=False):
     if cfg.val_every:
         say(data.val_note)
 
-    # the learnable anatomy rows; everything else frozen (PAPER.md section 4)
+    # the learnable anatomy rows; everything else frozen (docs/paper.md section 4)
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
         module.eval().requires_grad_(False)
     prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens,

@@ -1,6 +1,6 @@
 """The anatomy vocabulary of the paper and its location -> Gaussian look-up table (LUT).
 
-Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (PAPER.md section 3):
+Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (docs/paper.md section 3):
 - 27 locations: {left, right, bilateral} x {"", apical, upper, middle, lower, costophrenic, pleural, base}
   ("bilateral base" is called "bibasilar"), plus "lingular", "cardiomegaly" (the heart) and "pulmonary"
   (both lungs, used for edema);
@@ -10,7 +10,7 @@ Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (PAPER.md section 3):
 - the LUT: every gold ImaGenome box rescaled to the 512x512 model frame, mu = box centre, sigma = side / 6
   (the +-3 sigma rule), averaged per region name;
 - Gaussian rendering (the L_loc target G), +-5% jitter, and the nearest-Gaussian match (squared
-  2-Wasserstein) used to synthesise VinDr-CXR prompts (PAPER.md section 8).
+  2-Wasserstein) used to synthesise VinDr-CXR prompts (docs/paper.md section 8).
 """
 import json
 import os
@@ -38,7 +38,7 @@ def location_name(side, zone):
 LOCATIONS = tuple(location_name(s, z) for s in SIDES for z in ZONES) + ("lingular", "cardiomegaly", "pulmonary")
 assert len(LOCATIONS) == 27
 
-# MS-CXR category names, in the order FORMATS.md lists them.
+# MS-CXR category names, in the order docs/formats.md lists them.
 PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
                "Pneumonia", "Pneumothorax")
 # The word(s) a standardised prompt uses for each pathology: the category name in lower case.
@@ -212,7 +212,7 @@ def nearest_location(box_gaussian_, lut, candidates=SINGLE_BOX_LOCATIONS):
     """The candidate location whose Gaussian is nearest a box's (mu_x, mu_y, sigma_x, sigma_y).
 
     Distance: squared 2-Wasserstein between axis-aligned Gaussians = squared Euclidean distance over the
-    4 numbers (PAPER.md section 8). Ties go to the earlier candidate.
+    4 numbers (docs/paper.md section 8). Ties go to the earlier candidate.
     """
     best, best_d = None, float("inf")
     for loc in candidates:

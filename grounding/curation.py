@@ -1,6 +1,6 @@
 """Weak supervision from the records of grounding/datasets.py: the curated tuning set, MS-CXR-loc, VinDr prompts.
 
-Method: PAPER.md sections 3 (weak supervision: report sentences -> location + pathology prompts) and 8
+Method: docs/paper.md sections 3 (weak supervision: report sentences -> location + pathology prompts) and 8
 (evaluation sets: MS-CXR-loc, VinDr-CXR with synthesised prompts). Records are plain dicts (ARCHITECTURE.md
 "Grounding data records"); a tuning sample is: dicom_id, subject_id, study_id, image_path, pathology,
 locations, prompt, sentence. Every step returns or fills a DataReport: nothing is dropped without being counted.
@@ -101,7 +101,7 @@ def class_counts(pairs):
 
 
 def mscxr_loc(pairs):
-    """MS-CXR -> MS-CXR-loc (PAPER.md section 8): keep pairs whose phrase names a location, prompt rewritten
+    """MS-CXR -> MS-CXR-loc (docs/paper.md section 8): keep pairs whose phrase names a location, prompt rewritten
     to "{location} {pathology}". Dropped pairs are counted per class."""
     report = DataReport("MS-CXR-loc")
     out = []
@@ -146,7 +146,7 @@ def drop_cropped_boxes(pairs, size, name="grounding pairs"):
 
 
 def vindr_prompts(pairs, lut, frame=512, mode="crop", merge=True):
-    """Synthesise VinDr prompts (PAPER.md section 8): each box -> its Gaussian in the 512 frame -> nearest
+    """Synthesise VinDr prompts (docs/paper.md section 8): each box -> its Gaussian in the 512 frame -> nearest
     LUT location (squared 2-Wasserstein) -> "{location} {class}", boxes joined with "and".
 
     Cardiomegaly boxes get "cardiomegaly"; other classes match single-region locations only (not the heart).

@@ -1,6 +1,6 @@
 """Readers for MIMIC-CXR-JPG (+ reports), MS-CXR (CSV and JSON), Chest ImaGenome and VinDr-CXR.
 
-Formats: FORMATS.md "Datasets". Evaluation sets: PAPER.md section 8.
+Formats: docs/formats.md "Datasets". Evaluation sets: docs/paper.md section 8.
 Records are plain dicts (ARCHITECTURE.md "Grounding data records"):
 - grounding pair: pair_id, dicom_id, image_path, category, phrase, prompt, locations, boxes [(x, y, w, h)
   in ORIGINAL pixels], image_width, image_height, split, source;

@@ -1,6 +1,6 @@
 """Phrase-grounding evaluation: heatmaps for (image, prompt, boxes) pairs, per-pair metrics, per-class tables.
 
-The paper's protocol (PAPER.md sections 6-7): the heatmap is extracted in the model frame, mapped back to the
+The paper's protocol (docs/paper.md sections 6-7): the heatmap is extracted in the model frame, mapped back to the
 original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
 (signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC (exact, and
 the predecessor's 5-threshold binned one) and the pointing game. `protocol` (config key metric_protocol) picks how

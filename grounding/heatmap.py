@@ -1,7 +1,7 @@
 """Phrase-grounding heatmaps from cross-attention during DDIM inversion, and training-time noisy latents.
 
 Mirrors the predecessor's extraction (Vilouras et al., "Zero-Shot Medical Phrase Grounding with
-Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (../shared/PAPER.md section 6):
+Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (docs/paper.md section 6):
   1. z0 = VAE mean x scale factor;
   2. DDIM inversion over 100 "trailing" steps, guidance 0: the trajectory follows the UNCONDITIONAL ("")
      prediction while the prompt branch's cross-attention probabilities are recorded;
@@ -12,7 +12,7 @@ Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (../s
   5. Gaussian filter (sigma 2.5 px at 512, scaled with the image size), min-max, optional Otsu mask, min-max.
 (Step 6, back to the original image with NaN padding, is grounding/preprocess.py `to_original`.)
 
-Step index direction (PAPER.md section 5): the paper counts steps along the reverse process (index 0 =
+Step index direction (docs/paper.md section 5): the paper counts steps along the reverse process (index 0 =
 noisiest). With 100 trailing steps (t = 999, 989, ..., 9), indices [40, 60) are t = 599 .. 409 and the
 training indices [30, 60) are t = 699 .. 409. Windows are therefore given in TIMESTEP units, half-open
 [lo, hi): test (400, 600), training (400, 700). The inversion-order reading of [30, 60) would be (300, 600).
@@ -149,7 +149,7 @@ def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
 
 
 def training_latents(pipe, z0, timesteps, mode="inversion", generator=None, uncond=None, cfg=None):
-    """Noisy latents (T, B, C, h, w) at `timesteps` (order kept) for prompt tuning (PAPER.md section 5).
+    """Noisy latents (T, B, C, h, w) at `timesteps` (order kept) for prompt tuning (docs/paper.md section 5).
 
     mode "inversion" (default; the paper does not say, and the test-time procedure inverts): DDIM inversion
         following the "" prompt; the latent returned for t is the one the test-time procedure feeds to the

@@ -1,7 +1,7 @@
 """The anatomy-grounding losses: diversity L_div (Eq. 2) and localisation L_loc (Eqs. 3-4).
 
 Mirrors Vilouras et al., "Anatomy-Grounded Weakly Supervised Prompt Tuning for Chest X-ray Latent
-Diffusion Models" (MIDL 2026), Sec. 3.2; restated in ../shared/PAPER.md section 5.
+Diffusion Models" (MIDL 2026), Sec. 3.2; restated in docs/paper.md section 5.
 
 Shapes: `maps` are cross-attention probabilities as the AttentionStore gives them, (T, L, B, N, S):
 T recorded steps, L recorded layers, B batch, N = h*w pixels of the map, S the prompt's tokens

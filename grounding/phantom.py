@@ -1,9 +1,9 @@
 """The phantom chest X-ray world: a seeded, SYNTHETIC stand-in for MIMIC-CXR, MS-CXR, Chest ImaGenome and VinDr-CXR.
 
-DESIGN.md "The embedded default"; lessons from notes/phantom-feasibility.md (the text must be needed to
+docs/phantom.md "The embedded default"; lessons from docs/phantom.md (the text must be needed to
 denoise: findings vary in kind AND place, and the report names both). This file is the world as datasets:
 its config, the per-case sampling of anatomy and findings (the 8 MS-CXR findings at anatomical locations),
-the report wording, and the writer of the REAL formats (FORMATS.md) so that grounding/datasets.py reads it
+the report wording, and the writer of the REAL formats (docs/formats.md) so that grounding/datasets.py reads it
 exactly like the credentialed data. The drawing of each frontal radiograph from a sampled case is in
 grounding/phantom_render.py.
 

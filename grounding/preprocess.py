@@ -1,9 +1,9 @@
 """Image loading and the paper's per-family preprocessing, with the box transforms that go with it.
 
-PAPER.md section 2: every family resizes the shortest side to the model size and centre-crops;
+docs/paper.md section 2: every family resizes the shortest side to the model size and centre-crops;
 the MONAI CXR LDM (and our phantom LDM) takes 1 grey channel in [0,1], SD 1.x/2.x and RoentGen take
 3 channels in [-1,1]. The parameters come from a pipeline's `image` dict {channels, size, range}.
-PAPER.md section 6 step 6: a heatmap in the model frame goes back to the original image by nearest
+docs/paper.md section 6 step 6: a heatmap in the model frame goes back to the original image by nearest
 upsampling to the original shortest side and NaN padding of the cropped-away borders (`to_original`).
 
 Geometry: an original W x H image is resized to (rw, rh) = round(W s), round(H s) with s = size / min(W, H),
@@ -109,7 +109,7 @@ def to_original(heatmap, orig_w, orig_h):
     """Model-frame heatmap (S, S) -> (orig_h, orig_w): nearest upsampling to the shortest side, NaN padding.
 
     The crop covered a min(W, H)-sided square of the original; the cropped-away borders get NaN, which the
-    metrics ignore (PAPER.md section 6 step 6).
+    metrics ignore (docs/paper.md section 6 step 6).
     """
     if heatmap.dim() != 2 or heatmap.shape[0] != heatmap.shape[1]:
         raise ValueError(f"to_original expects a square (S, S) heatmap, got {tuple(heatmap.shape)}")

@@ -1,10 +1,10 @@
 """Pretraining of the tiny phantom LDM: VAE first, then CLIP-style text encoder + UNet, from scratch.
 
-The embedded default world (DESIGN.md) needs a base model that, like the paper's MONAI CXR LDM, denoises chest
+The embedded default world (docs/phantom.md) needs a base model that, like the paper's MONAI CXR LDM, denoises chest
 X-ray latents conditioned on report text, and whose cross-attention is only loosely tied to anatomy. Same code as
 the big models (ldm/), small configs: 64x64 one-channel images in [0, 1], 32x32x3 latents, a two-level UNet whose
 cross-attention layers 4-7 sit at 16x16, v-prediction with the MONAI CXR noise schedule, a BPE vocabulary learned
-from the phantom captions. Lessons from shared/notes/phantom-feasibility.md: the text must be needed to denoise, so
+from the phantom captions. Lessons from docs/phantom.md: the text must be needed to denoise, so
 the captions name the finding's location, and training runs long enough (thousands of steps); the result is
 committed (assets/phantom_ldm) so the quickstart only tunes and evaluates.
 """

@@ -1,6 +1,6 @@
 """LearnablePrompts: the codebook of token embeddings the prompts use, with only the ANATOMY rows trainable.
 
-Mirrors Vilouras et al., MIDL 2026, Sec. 3.2 (../shared/PAPER.md section 4): a codebook of the token
+Mirrors Vilouras et al., MIDL 2026, Sec. 3.2 (docs/paper.md section 4): a codebook of the token
 embeddings of the location sub-tokens, the pathology sub-tokens and the special tokens (BOS, EOS, pad,
 "and"), initialised from the frozen text encoder's input embedding table. Only the location rows are
 trained; everything else (pathology and special rows, text encoder, UNet, VAE) stays frozen. The tuned
@@ -9,7 +9,7 @@ vectors replace rows of the token lookup and go through the frozen text transfor
 As in CoOp / textual inversion: ONE trainable parameter holds the learned vectors (`anatomy`), and
 `nearest_tokens` reports the closest real tokens of each.
 
-Paper gaps (PAPER.md section 10), as options:
+Paper gaps (docs/paper.md section 10), as options:
 - shared_tokens: with the real CLIP vocabulary 6 sub-tokens (ple, ural</w>, cardi, ome, gal, y</w>) are both
   location and pathology sub-tokens ("pleural", "cardiomegaly").
   "positional" (default): location OCCURRENCES get their own trainable rows, substituted by position in the
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - anatomy.py is a sibling part; the list
 SHARED_MODES = ("frozen", "trainable", "positional")
 # prompts say the pathology in lower case; "opacity" alone is how "lung opacity" is often written
 PATHOLOGY_PHRASES = tuple(p.lower() for p in PATHOLOGIES) + ("opacity",)
-JOIN_WORDS = ("and",)   # several locations are joined with "and" (PAPER.md section 3)
+JOIN_WORDS = ("and",)   # several locations are joined with "and" (docs/paper.md section 3)
 
 
 class LearnablePrompts(nn.Module):

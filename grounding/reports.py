@@ -1,6 +1,6 @@
 """Radiology report text -> weak supervision: sections, sentences, pathologies, locations, prompts.
 
-Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 / App. D (PAPER.md section 3). The paper tags location
+Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 / App. D (docs/paper.md section 3). The paper tags location
 words with RadGraph-XL ("ANAT-DP" entities), a model we cannot ship; here a transparent rule-based
 lexicon does the same job, and `load_radgraph_entities` accepts precomputed RadGraph-XL output instead.
 

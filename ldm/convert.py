@@ -3,7 +3,7 @@
 All renaming rules live in ldm/, built by loops with a comment per rule (the diffusers convert scripts are the
 model; no hand-written tables of 1,000 keys). This file: CompVis / LDM single files (SD 1.x with HF CLIP text
 keys, SD 2.x with OpenCLIP text keys), mirroring diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py
-(reference/keys/*_ldm_map.txt); legacy diffusers VAE attention names; architecture configs derived from shapes
+(tests/data/keys/*_ldm_map.txt); legacy diffusers VAE attention names; architecture configs derived from shapes
 where a source has no config files. The MONAI rules (DiffusionModelUNet, AutoencoderKL) are in ldm/convert_monai.py.
 Each function takes a flat state dict and returns a new one; nothing is copied (tensors are shared).
 """
@@ -13,7 +13,7 @@ import re
 # ================================================================================================================
 # CompVis / LDM single files (.ckpt / .safetensors: SD 1.x, SD 2.x) and legacy diffusers names
 # ================================================================================================================
-# One file holds everything under four prefixes (FORMATS.md "CompVis / LDM single file"):
+# One file holds everything under four prefixes (docs/formats.md "CompVis / LDM single file"):
 #   model.diffusion_model.   UNet             first_stage_model.   VAE
 #   cond_stage_model.transformer.   SD1 text (HF CLIPTextModel names)   cond_stage_model.model.   SD2 text (OpenCLIP)
 # plus things we drop: EMA copies (model_ema.), the DDPM schedule buffers, the VAE's training loss, CLIP's

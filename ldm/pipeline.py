@@ -42,7 +42,7 @@ FAMILIES = ("sd1", "sd2", "monai_cxr", "phantom")
 # component name -> (config class, module class); also the weight file names
 COMPONENTS = {"text_encoder": (TextEncoderConfig, TextEncoder), "vae": (VAEConfig, AutoencoderKL),
               "unet": (UNetConfig, UNet2DConditionModel)}
-# family facts that no weight file records (FORMATS.md): pad id, latent scale, image channels and range
+# family facts that no weight file records (docs/formats.md): pad id, latent scale, image channels and range
 # SD1 pads with <|endoftext|> (id 49407 in the real vocabulary); SD2 and the MONAI CXR LDM with "!" (id 0)
 PAD_TOKENS = {"sd1": "<|endoftext|>", "sd2": "!", "monai_cxr": "!"}
 SCALE_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "monai_cxr": 0.3}

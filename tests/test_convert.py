@@ -2,7 +2,7 @@
 
 Tiny random models from diffusers / transformers / MONAI are written in every supported source layout (diffusers
 folders with .bin, .safetensors, sharded, legacy VAE names; CompVis single files built with the INVERSE rules
-written out below from FORMATS.md, with a pickled foreign object; MONAI .pth in both namings), converted with the
+written out below from docs/formats.md, with a pickled foreign object; MONAI .pth in both namings), converted with the
 CLI in a subprocess, loaded with load_pipeline, and compared output by output with the reference models.
 """
 import json
@@ -108,7 +108,7 @@ def write_diffusers(folder, models, pad, safe=True, shard_unet=False, legacy_vae
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inverse rules: diffusers names -> CompVis names (written from FORMATS.md, independently of ldm/convert.py)
+# Inverse rules: diffusers names -> CompVis names (written from docs/formats.md, independently of ldm/convert.py)
 
 _RESNET_INV = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]

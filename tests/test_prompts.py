@@ -78,7 +78,7 @@ def test_real_vocab_codebook_counts_and_shared_modes():
     frozen = LearnablePrompts(tok, te, shared_tokens="frozen")
     table = frozen.codebook_table()
     print(frozen.format_codebook())
-    # PAPER.md section 10: 26 location + 23 pathology sub-tokens, 6 shared, + BOS, EOS, pad, "and" = 47
+    # docs/paper.md section 10: 26 location + 23 pathology sub-tokens, 6 shared, + BOS, EOS, pad, "and" = 47
     assert len(table) == 47
     assert sorted(t for t, r, _ in table if r == "shared") == sorted(
         ["ple", "ural</w>", "cardi", "ome", "gal", "y</w>"])

@@ -101,7 +101,7 @@ def test_real_vocab_layout(real):
 
 
 def test_real_vocab_radiology_example(real):
-    """The worked example in FORMATS.md (ids from the real tokenizer)."""
+    """The worked example in docs/formats.md (ids from the real tokenizer)."""
     assert real.encode("Big right-sided pleural effusion.") == [1205, 1155, 268, 21061, 926, 33948, 1490, 9364, 269]
 
 
