@@ -84,6 +84,7 @@ def main(argv=None):
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
     settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,
                     data=data.description)
+    settings.pop("limit")      # how many cases are scored does not change a row: a longer run resumes a shorter one
     header = (f"Data: {data.description}; {len(positives)} {ccfg.category} pairs vs {len(negatives)} No Finding images\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family}, {pipe.prediction_type}; the error is "
               f"taken on eps, v converted as eps = sqrt(abar) v + sqrt(1 - abar) z_t)\n"
