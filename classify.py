@@ -100,7 +100,7 @@ def main(argv=None):
         with open(settings_path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in settings if old.get(k) != json.loads(json.dumps(settings)).get(k))
+            changed = sorted(k for k in set(settings) | set(old) if old.get(k) != json.loads(json.dumps(settings)).get(k))
             raise ValueError(f"{args.out} holds rows made with other settings ({changed}): use another --out or "
                              "delete it")
     with open(settings_path, "w") as f:

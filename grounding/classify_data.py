@@ -56,6 +56,7 @@ def classification_cases(train_cfg, data, ccfg):
     pos = [p for p in data.mscxr_loc if p["category"] == ccfg.category]
     n_other = sum(p["category"] != ccfg.category for p in data.mscxr_loc)
     lines.append(f"{ccfg.category}: {len(pos)} MS-CXR-loc test pairs ({n_other} pairs of other classes not used)")
+    n_pool = ccfg.n_normals or len(pos)   # the phantom builds this many normals, whatever the limit (stable pairing)
     if ccfg.limit:
         pos = pos[:ccfg.limit]
         lines.append(f"limit={ccfg.limit}: scoring the first {len(pos)} pairs")
@@ -63,7 +64,7 @@ def classification_cases(train_cfg, data, ccfg):
         raise ValueError(f"classification needs at least 2 {ccfg.category} pairs, found {len(pos)}")
     n = ccfg.n_normals or len(pos)
     if train_cfg.data == "phantom":
-        root = phantom.build_normal_set(train_cfg.phantom_root, n)
+        root = phantom.build_normal_set(train_cfg.phantom_root, max(n, n_pool))
         csv_path = os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv")
         lines.append(f"No Finding images: SYNTHETIC phantom test studies without findings at {root}")
     else:
