@@ -29,6 +29,7 @@ from grounding.classify_data import classification_cases
 from grounding.config import load_config
 from grounding.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
+from grounding.provenance import code_version
 from train import TrainConfig
 
 
@@ -50,8 +51,6 @@ def split_overrides(overrides):
 
 
 def main(argv=None):
-    from evaluate import code_version
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tune.yaml", help="train.py config giving data paths and weights")
     p.add_argument("--weights", default=None, help="converted model folder (default: the config's weights)")
