@@ -10,9 +10,11 @@ the boxes by nearest LUT Gaussian), "phantom" (= mscxr-loc of the embedded synth
 the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world). Writes, under --out:
 rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only when its .provenance.json names the same
 weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
-CIs), comparison.md (frozen vs tuned), swap.md (--swap: the location-swap test), overlays/<model>/*.png, and a header naming data, weights, prompts, code and
-the layers/steps of each model. key=value overrides may go anywhere on the command line. One inversion per image
-batch serves every model evaluated (--baseline, --untuned, --prompts) and the swapped prompts.
+CIs), comparison.md (frozen vs tuned), swap.md (--swap: the location-swap test), overlays/<model>/*.png,
+report.html (one self-contained page: header, tables, best and worst overlays per class; grounding/report.py),
+and a header naming data, weights, prompts, code and the layers/steps of each model. key=value overrides may go
+anywhere on the command line. One inversion per image batch serves every model evaluated (--baseline, --untuned,
+--prompts) and the swapped prompts. `--task classify` runs the grounded classification instead (classify.py).
 """
 import argparse
 import json
@@ -33,6 +35,12 @@ from train import TrainConfig
 
 
 def main(argv=None):
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="ground", choices=["ground", "classify"])
+    known, rest = task.parse_known_args(argv)
+    if known.task == "classify":  # grounded classification (paper App. K): classify.py takes the other arguments
+        import classify
+        return classify.main(rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"])
     p.add_argument("--config", default="tune.yaml", help="train.py config giving the data paths (default tune.yaml)")
@@ -49,6 +57,10 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")
     p.add_argument("--overlays", type=int, default=8, help="heatmap overlay PNGs written per model")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--task", default="ground", choices=["ground", "classify"],
+                   help="ground (this page) | classify: grounded classification, see classify.py")
+    p.add_argument("--report-pairs", type=int, default=2, help="report.html: best and worst pairs shown per class "
+                   "(by tuned-minus-frozen mIoU); 0 = no report.html")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
     for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
@@ -139,6 +151,12 @@ def main(argv=None):
         with open(os.path.join(out, "comparison.md"), "w") as f:
             f.write(header + "\n" + table + "\n")
         print(f"\n{table}")
+    if rank == 0 and args.report_pairs:  # one self-contained page: header, tables, best/worst overlays
+        from grounding.report import model_column, write_report
+        columns = [model_column(pipe, name, hcfgs[name], pr, args.batch) for name, pr in models]
+        size = write_report(os.path.join(out, "report.html"), header, summaries, rows, pairs, columns,
+                            n_show=args.report_pairs, title=f"Phrase grounding, split {args.split}")
+        print(f"wrote {os.path.join(out, 'report.html')} ({size / 1e6:.1f} MB)")
     if world > 1:
         dist.destroy_process_group()
 

@@ -165,7 +165,7 @@ def write_report(rng, findings, resolved=None):
 # ---------------------------------------------------------------------------------------------------
 # Case sampling (all randomness is drawn here, from a per-case seed, so rendering is a pure function)
 
-_KIND = {"train": 1, "validate": 2, "test": 3, "vindr": 4}
+_KIND = {"train": 1, "validate": 2, "test": 3, "vindr": 4, "normal": 5}  # "normal": the classification set (own seeds)
 
 
 def _render_zones(pathology, location):
@@ -212,6 +212,8 @@ def sample_case(cfg, kind, index):
     r = rng.random()
     n_find = 1 if kind in ("test", "vindr") else (0 if r < cfg.normal_frac else 2 if r > 1 - cfg.multi_frac else 1)
     if kind == "vindr" and rng.random() < cfg.normal_frac:
+        n_find = 0
+    if kind == "normal":  # held-out "No Finding" test studies (build_normal_set); no other kind's draws change
         n_find = 0
     findings = []
     choices = [p for p in PATHOLOGIES if not (vindr and p == "Edema")]  # VinDr test has no edema (paper)
@@ -395,4 +397,49 @@ def training_captions(root, splits=("train",), prompt_frac=0.5, seed=0):
         else:
             caption = " ".join(dict.fromkeys(sentences.values()))
         out.append(dict(dicom_id=r["dicom_id"], image_path=r["image_path"], caption=caption))
+    return out
+
+
+CHEXPERT_COLUMNS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                    "Pneumothorax", "Support Devices"]
+
+
+def build_normal_set(root, n):
+    """The "No Finding" test images of the grounded classification (paper App. K), as a SEPARATE small
+    MIMIC-CXR-JPG tree at root/classify-normals (images, reports, metadata, split and chexpert CSVs in the real
+    formats), so that the classification reads it with the real readers and no file of the world changes.
+
+    Why new cases: the world's own normal studies are training images the phantom LDM was pretrained on (with
+    normal captions), and its test studies all carry a finding. These are drawn like any other study (the
+    world's config), from their own per-case seeds (kind "normal"), with no finding. Rebuilt when n changes.
+    """
+    out = os.path.join(root, "classify-normals")
+    marker = os.path.join(out, "normals.json")
+    with open(os.path.join(root, "world.json")) as fh:
+        cfg = PhantomConfig(**json.load(fh)["config"])
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            done = json.load(fh)
+        if done["n"] == n and done["seed"] == cfg.seed:
+            return out
+    print(f"building {n} phantom 'No Finding' test images (SYNTHETIC) into {out} ...")
+    cases = [sample_case(cfg, "normal", i) for i in range(n)]
+    meta, split, labels = [], [], []
+    for c in cases:
+        s, a = c["subject_id"], c["anat"]
+        rel = os.path.join("files", f"p{s[:2]}", f"p{s}", f"s{c['study_id']}")
+        _render_job((c, os.path.join(out, rel, c["dicom_id"] + ".jpg")))
+        with open(os.path.join(out, rel + ".txt"), "w") as fh:
+            fh.write(c["report"])
+        meta.append([c["dicom_id"], s, c["study_id"], "PA", a["H"], a["W"]])
+        split.append([c["dicom_id"], c["study_id"], s, "test"])
+        labels.append([s, c["study_id"]] + ["1.0" if col == "No Finding" else "" for col in CHEXPERT_COLUMNS])
+    _write_csv(os.path.join(out, "mimic-cxr-2.0.0-metadata.csv"),
+               ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
+    _write_csv(os.path.join(out, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    _write_csv(os.path.join(out, "mimic-cxr-2.0.0-chexpert.csv"), ["subject_id", "study_id"] + CHEXPERT_COLUMNS,
+               labels)
+    with open(marker, "w") as fh:
+        json.dump(dict(notice=SYNTHETIC_NOTICE, seed=cfg.seed, n=n, kind="normal"), fh)
     return out

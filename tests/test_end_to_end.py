@@ -61,6 +61,9 @@ def test_train_then_evaluate(setup):
     assert len(os.listdir(os.path.join(ev, "overlays", "tuned"))) == 2
     header = open(os.path.join(ev, "table_tuned.md")).read()
     assert "Weights:" in header and "Prompts:" in header and "Code:" in header
+    page = open(os.path.join(ev, "report.html")).read()        # the one-page report, both models as columns
+    assert "<th>frozen</th>" in page and "<th>tuned</th>" in page and "Weights:" in page
+    assert page.count('src="data:image/png;base64,') >= 3 and "http" not in page.split("<body>")[1]
 
 
 def test_killed_training_resumes_to_the_same_result(setup):

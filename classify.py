@@ -1,0 +1,140 @@
+"""Grounded pneumothorax classification with the frozen LDM (paper App. K, Table 6).
+
+    python classify.py                                   # phantom world, frozen heatmaps + runs/tune's learned rows
+    python classify.py --prompts runs/tune14/learned_rows.safetensors n_draws=32
+    python classify.py --config configs/mimic_monai.yaml --prompts ... chexpert_csv=.../mimic-cxr-2.0.0-chexpert.csv
+    python evaluate.py --task classify ...               # the same script
+
+The frozen LDM scores "pneumothorax" against "No acute cardiopulmonary process" on the MS-CXR-loc pneumothorax pairs
+and as many MIMIC-CXR "No Finding" test images, by its noise-prediction error weighted by each prompt's heatmap
+(grounding/classify.py), with heatmaps from the frozen model (fixed or standardised prompt) or the tuned rows, and
+without weights (the plain zero-shot diffusion classifier). AUROC overall and per mIoU half with 95% bootstrap CIs,
+and a one-sided test that the high half's AUROC is the larger (grounding/auroc.py).
+Keys: the data/weights keys of train.py's TrainConfig (--config) and ClassifyConfig's (grounding/classify.py), both
+as key=value. Writes under --out (default runs/classify): rows.jsonl (per image, appended; a rerun resumes),
+table.md / table.json (Table 6's layout) with a header naming data, weights, prompts, code and settings.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from ldm.pipeline import load_pipeline
+from grounding import sources
+from grounding.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
+from grounding.classify_data import classification_cases
+from grounding.config import load_config
+from grounding.evaluation import read_rows
+from grounding.prompts import LearnablePrompts
+from grounding.provenance import code_version
+from train import TrainConfig
+
+
+def split_overrides(overrides):
+    """key=value strings -> (TrainConfig ones, ClassifyConfig ones); a key known to neither is an error."""
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    cls_keys = {f.name for f in dataclasses.fields(ClassifyConfig)}
+    train, cls = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in cls_keys:
+            cls.append(item)
+        elif key in train_keys:
+            train.append(item)
+        else:
+            raise ValueError(f"unknown key {key!r}: classification keys are {sorted(cls_keys)}; data and model keys "
+                             f"are train.py's TrainConfig fields")
+    return train, cls
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tune.yaml", help="train.py config giving data paths and weights")
+    p.add_argument("--weights", default=None, help="converted model folder (default: the config's weights)")
+    p.add_argument("--prompts", default=None, help="learned anatomy rows for the 'tuned' heatmaps (default: "
+                   "<config out_dir>/learned_rows.safetensors if it exists; else the tuned source is left out)")
+    p.add_argument("--out", default="runs/classify", help="output folder")
+    p.add_argument("overrides", nargs="*", help="key=value: TrainConfig or ClassifyConfig keys")
+    args = p.parse_args(argv)
+    train_over, cls_over = split_overrides(args.overrides)
+    cfg = load_config(TrainConfig, args.config, train_over)
+    ccfg = load_config(ClassifyConfig, None, cls_over)
+    if args.weights:
+        cfg.weights = args.weights
+    if args.prompts is None:
+        default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
+        args.prompts = default if os.path.exists(default) else None
+    if args.prompts is None and "tuned" in ccfg.sources:
+        print("no learned rows (--prompts) found: the 'tuned' heatmap source is left out")
+        ccfg.sources = [s for s in ccfg.sources if s != "tuned"]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(args.out, exist_ok=True)
+
+    pipe = load_pipeline(cfg.weights, device=cfg.device)
+    prompts = None
+    if args.prompts:
+        prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
+        prompts.load(args.prompts)
+    data = sources.load(cfg, family=pipe.family, need_samples=False)
+    positives, negatives, lines = classification_cases(cfg, data, ccfg)
+    settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,
+                    data=data.description)
+    settings.pop("limit")      # how many cases are scored does not change a row: a longer run resumes a shorter one
+    header = (f"Data: {data.description}; {len(positives)} {ccfg.category} pairs vs {len(negatives)} No Finding images\n"
+              f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family}, {pipe.prediction_type}; the error is "
+              f"taken on eps, v converted as eps = sqrt(abar) v + sqrt(1 - abar) z_t)\n"
+              f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n"
+              f"Settings: {ccfg.n_draws} paired (t, eps) draws per image (t stratified, seed {ccfg.draw_seed}), "
+              f"{ccfg.error_norm} error, normals binned {ccfg.normal_bins}, {ccfg.test} test, "
+              f"{ccfg.n_boot} bootstrap resamples\n")
+    print(header + data.report + "\n" + "\n".join(lines))
+
+    # a rerun resumes only with the same settings (rows of other settings would mix silently otherwise)
+    settings_path, rows_path = os.path.join(args.out, "settings.json"), os.path.join(args.out, "rows.jsonl")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in set(settings) | set(old) if old.get(k) != json.loads(json.dumps(settings)).get(k))
+            raise ValueError(f"{args.out} holds rows made with other settings ({changed}): use another --out or "
+                             "delete it")
+    with open(settings_path, "w") as f:
+        json.dump(settings, f, indent=1)
+    done = read_rows(rows_path)
+    cases = [c for pair in zip(positives, negatives) for c in pair]       # mixed batches, any interruption fair
+    cases += positives[len(negatives):] + negatives[len(positives):]
+    todo = [c for c in cases if c["pair_id"] not in done]
+    if done:
+        print(f"resuming: {len(cases) - len(todo)} of {len(cases)} images already scored in {rows_path}")
+    t0 = time.time()
+    with open(rows_path, "a") as out:
+        for start in range(0, len(todo), ccfg.batch):
+            chunk = todo[start:start + ccfg.batch]
+            for row in score_batch(pipe, chunk, ccfg, prompts):
+                done[row["pair_id"]] = row
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"scored {min(start + ccfg.batch, len(todo))}/{len(todo)} images, "
+                  f"{(time.time() - t0) / min(start + ccfg.batch, len(todo)):.2f} s/image", flush=True)
+    seconds = time.time() - t0
+    rows = [done[c["pair_id"]] for c in cases]
+    summary = classification_summary(rows, ccfg)
+    table = summary_markdown(summary, ccfg)
+    timing = (f"Wall time: {seconds:.1f} s for {len(todo)} images ({seconds / max(len(todo), 1):.2f} s per image: "
+              f"every source's heatmaps + {ccfg.n_draws} UNet calls per prompt text, on {cfg.device})\n"
+              if todo else "")
+    fallbacks = sum(len(r["fallback"]) for r in rows)
+    note = (f"{fallbacks} (image, source) heatmaps were constant and were scored unweighted\n" if fallbacks else "")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(header + timing + note + "\n" + table + "\n")
+    with open(os.path.join(args.out, "table.json"), "w") as f:
+        json.dump({"header": header, "seconds": seconds, "images_scored": len(todo), "summary": summary}, f, indent=1)
+    print("\n" + timing + note + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""report.html: one self-contained page (inline PNGs, no external resources), with the per-class table, the
+best/worst overlay grid and an optional extra column; checked in a headless browser when one is installed."""
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grounding.metrics import summarise
+from grounding.report import Column, select_pairs, write_report
+
+
+def _fixture(tmp_path):
+    pairs, rows = [], {"frozen": [], "tuned": []}
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((rng.random((80, 64)) * 255).astype(np.uint8)).save(path)
+        cat = "Pneumothorax" if i < 3 else "Edema"
+        pairs.append(dict(pair_id=f"p{i}", image_path=str(path), category=cat, prompt=f"left {cat.lower()}",
+                          boxes=[(10, 12, 20, 30)], image_width=64, image_height=80))
+        for m, base in (("frozen", 0.1), ("tuned", 0.1 + 0.05 * i)):
+            rows[m].append(dict(pair_id=f"p{i}", category=cat, cnr=float(rng.random()), miou=base,
+                                auc=0.5, pointing=1.0))
+    summaries = {m: summarise(r, ["cnr", "miou", "auc", "pointing"], n=200) for m, r in rows.items()}
+    fake = lambda ps: [torch.rand(p["image_height"], p["image_width"]) for p in ps]   # noqa: E731
+    columns = [Column("frozen", fake), Column("tuned", fake),
+               Column("swapped", fake, prompt=lambda p: p["prompt"].replace("left", "right"))]
+    return pairs, rows, summaries, columns
+
+
+def test_select_pairs_best_and_worst():
+    pairs = [dict(pair_id=f"p{i}", category="A") for i in range(5)]
+    rows = {"frozen": [dict(pair_id=f"p{i}", miou=0.2) for i in range(5)],
+            "tuned": [dict(pair_id=f"p{i}", miou=m) for i, m in enumerate([0.1, 0.5, 0.3, 0.0, 0.4])]}
+    got = select_pairs(pairs, rows, n_show=2)["A"]
+    assert [(p["pair_id"], tag) for p, tag, _ in got] == [("p1", "best"), ("p4", "best"), ("p3", "worst"),
+                                                          ("p0", "worst")]
+    assert got[0][2] == pytest.approx(0.3)
+
+
+def test_report_is_self_contained(tmp_path):
+    pairs, rows, summaries, columns = _fixture(tmp_path)
+    path = tmp_path / "report.html"
+    size = write_report(str(path), "Data: test\nCode: abc", summaries, rows, pairs, columns, n_show=1)
+    page = path.read_text()
+    assert size == path.stat().st_size < 2_000_000
+    assert not re.search(r"(src|href)=\"(?!data:)", page)                  # nothing fetched from elsewhere
+    assert "<script" not in page and "<link" not in page
+    # 2 classes x 2 pairs (1 best + 1 worst) x (image + 3 columns)
+    assert page.count('src="data:image/png;base64,') == 16
+    assert "right pneumothorax" in page and "Pneumothorax" in page and "Edema" in page and "swapped" in page
+    assert "Data: test" in page and page.count("<table") == 3
+
+
+def _browser():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless browser installed (e.g. apt-get install chromium)")
+def test_report_opens_in_headless_browser(tmp_path):
+    pairs, rows, summaries, columns = _fixture(tmp_path)
+    path = tmp_path / "report.html"
+    write_report(str(path), "Data: test", summaries, rows, pairs, columns, n_show=1)
+    # a COPY with a probe script counts the images the browser really decoded (the report itself has no script)
+    probe = tmp_path / "probe.html"
+    probe.write_text(path.read_text().replace("</body>", "<script>window.onload=function(){var ok=0;"
+                     "document.querySelectorAll('img').forEach(function(i){if(i.naturalWidth>0)ok++;});"
+                     "document.body.setAttribute('data-decoded', ok);};</script></body>"))
+    out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert "<table" in dom and "Pneumothorax" in dom, out.stderr[-2000:]
+    assert 'data-decoded="16"' in dom
+    assert dom.count("<tr>") >= 2 + 2 + 2 * 2
