@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from grounding import provenance
 from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared
-from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game, summarise, summary_markdown
+from grounding.metrics import (auc_binned5, auc_roc, cnr, miou, models_markdown, pointing_game, summarise,
+                               summary_markdown)
 from grounding.preprocess import preprocess, to_original
 from grounding.swap import prompt_side, swap_row, swap_sides
 
@@ -181,17 +182,5 @@ def summary_table(rows, n_boot=10000, seed=0):
 
 
 def comparison_markdown(summaries, metrics=("cnr", "miou")):
-    """One table with a column pair per model: {"frozen": summary, "tuned": summary} -> Markdown."""
-    names = list(summaries)
-    classes = list(next(iter(summaries.values())))
-    head = "| class | n | " + " | ".join(f"{m} {n}" for n in names for m in metrics) + " |"
-    lines = [head, "|---|---|" + "---|" * (len(names) * len(metrics))]
-    for c in classes:
-        cells = []
-        for n in names:
-            for m in metrics:
-                mean, lo, hi = summaries[n][c][m]
-                k = 100 if m == "miou" else 1
-                cells.append(f"{mean * k:.2f} [{lo * k:.2f}, {hi * k:.2f}]")
-        lines.append(f"| {c} | {summaries[names[0]][c]['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """One table with a column pair per model: {"frozen": summary, "tuned": summary} -> Markdown (mIoU in %)."""
+    return models_markdown(summaries, metrics, scale={"miou": 100})

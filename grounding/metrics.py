@@ -314,3 +314,24 @@ def summary_markdown(summary, metric_names, scale=None):
             cells.append("nan" if math.isnan(mean) else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]")
         lines.append(f"| {c} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def models_markdown(summaries, metric_names, labels=None, scale=None):
+    """One Markdown table with a column per (model, metric): {"frozen": summary, "tuned": summary} of `summarise`.
+
+    labels: optional {metric: column label}; scale: optional {metric: factor} (e.g. {"miou": 100}).
+    """
+    labels, scale = labels or {}, scale or {}
+    names = list(summaries)
+    classes = list(next(iter(summaries.values())))
+    head = "| class | n | " + " | ".join(f"{labels.get(m, m)} {n}" for n in names for m in metric_names) + " |"
+    lines = [head, "|---|---|" + "---|" * (len(names) * len(metric_names))]
+    for c in classes:
+        cells = []
+        for n in names:
+            for m in metric_names:
+                k = scale.get(m, 1)
+                mean, lo, hi = summaries[n][c][m]
+                cells.append(f"{mean * k:.2f} [{lo * k:.2f}, {hi * k:.2f}]")
+        lines.append(f"| {c} | {summaries[names[0]][c]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

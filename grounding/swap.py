@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from grounding.metrics import summarise
+from grounding.metrics import models_markdown, summarise
 
 SIDE_WORDS = ("left", "right")
 BOTH_SIDES_WORDS = ("bilateral", "bibasilar", "bibasal", "both")
@@ -144,17 +144,5 @@ def swap_caption(excluded):
 def swap_markdown(summaries):
     """{model: swap_summary} -> one Markdown table: per model, true-side share (true prompt), true-side share
     (swapped prompt), mIoU drop under the swap (percentage points)."""
-    names = list(summaries)
-    classes = list(next(iter(summaries.values())))
     labels = {"true_side": "side share true", "swap_side": "side share swapped", "miou_drop": "mIoU drop"}
-    head = "| class | n | " + " | ".join(f"{labels[m]} {n}" for n in names for m in SWAP_METRICS) + " |"
-    lines = [head, "|---|---|" + "---|" * (len(names) * len(SWAP_METRICS))]
-    for c in classes:
-        cells = []
-        for n in names:
-            for m in SWAP_METRICS:
-                mean, lo, hi = summaries[n][c][m]
-                k = 100 if m == "miou_drop" else 1
-                cells.append(f"{mean * k:.2f} [{lo * k:.2f}, {hi * k:.2f}]")
-        lines.append(f"| {c} | {summaries[names[0]][c]['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return models_markdown(summaries, SWAP_METRICS, labels=labels, scale={"miou_drop": 100})
