@@ -26,7 +26,6 @@ none of the 8 labels, "No finding" rows with empty boxes, classes outside the 8.
 world.json["expected"] holds what a correct reading must find, counted here from the generated cases.
 """
 import collections
-import csv
 import dataclasses
 import hashlib
 import json
@@ -59,14 +58,6 @@ def _save(img, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     im = Image.fromarray(np.round(img * 255).astype(np.uint8))
     im.save(path, quality=95) if path.endswith(".jpg") else im.save(path)
-
-
-def _write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _band(W, H):
@@ -200,23 +191,23 @@ def build_real_world(root, cfg=None, wholly_in_band=True):
         expected["vindr_dropped_infiltration"] += 1
 
     # --- the CSVs --------------------------------------------------------------------------------------------------
-    _write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-metadata.csv"),
+    ph._write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-metadata.csv"),
                ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
                 "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                 "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta)
-    _write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    ph._write_csv(os.path.join(mimic, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
     head = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
-    _write_csv(os.path.join(root, "ms-cxr", "1.1.0", "MS_CXR_Local_Alignment_v1.1.0.csv"), head + ["split"], mscxr)
-    _write_csv(os.path.join(root, "ms-cxr", "0.1", "MS_CXR_Local_Alignment_v1.0.0.csv"), head,
+    ph._write_csv(os.path.join(root, "ms-cxr", "1.1.0", "MS_CXR_Local_Alignment_v1.1.0.csv"), head + ["split"], mscxr)
+    ph._write_csv(os.path.join(root, "ms-cxr", "0.1", "MS_CXR_Local_Alignment_v1.0.0.csv"), head,
                [r[:-1] for r in mscxr])
-    _write_csv(os.path.join(root, "chest-imagenome", "1.0.0", "gold_dataset",
+    ph._write_csv(os.path.join(root, "chest-imagenome", "1.0.0", "gold_dataset",
                             "gold_bbox_coordinate_annotations_1000images.csv"),
                ["image_id", "x1", "y1", "x2", "y2", "width", "height", "bbox_name", "annot_id", "original_x1",
                 "original_x2", "original_y1", "original_y2", "original_width", "original_height", "annotator",
                 "coord224", "coord_original"], gold)
-    _write_csv(os.path.join(vdir, "annotations", "annotations_test.csv"),
+    ph._write_csv(os.path.join(vdir, "annotations", "annotations_test.csv"),
                ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"], vindr)
-    _write_csv(os.path.join(vdir, "annotations", "image_labels_test.csv"), ["image_id"] + VINDR_LABELS, labels)
+    ph._write_csv(os.path.join(vdir, "annotations", "image_labels_test.csv"), ["image_id"] + VINDR_LABELS, labels)
 
     expected = json.loads(json.dumps(expected))  # Counters -> plain dicts
     summary = dict(synthetic=True, notice=ph.SYNTHETIC_NOTICE + ", written in the layout of the real releases",
