@@ -152,7 +152,7 @@ def score_batch(pipe, cases, ccfg, prompts=None):
 
     Each row: pair_id, label, unit, prompt, score {source: err_normal - err_class}, miou {source: mIoU of the
     class heatmap, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
-    from grounding.heatmap import HeatmapConfig, extract_heatmaps, prompt_contexts
+    from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared, prompt_contexts
     from grounding.metrics import miou
     from grounding.preprocess import preprocess, to_original
 
@@ -161,16 +161,15 @@ def score_batch(pipe, cases, ccfg, prompts=None):
     texts = {"normal": [ccfg.normal_prompt] * B, "fixed": [ccfg.fixed_prompt] * B,
              "standardised": [c["prompt"] for c in cases]}
     models, kinds = _needed(ccfg)
+    if "tuned" in models and prompts is None:
+        raise ValueError("classify: the 'tuned' source needs learned rows (--prompts)")
+    # every (model, prompt kind) heatmap of the batch from ONE inversion (it follows "", so it is shared)
+    keys = [(model, k) for model, model_kinds in models.items() for k in ["normal"] + model_kinds]
+    variants = [(texts[k], prompts if model == "tuned" else None,
+                 [HeatmapConfig(family=pipe.family, tuned=model == "tuned")]) for model, k in keys]
     heat = {}                                                     # (model, kind) -> (B, S, S) model-frame heatmaps
-    for model, model_kinds in models.items():
-        if model == "tuned" and prompts is None:
-            raise ValueError("classify: the 'tuned' source needs learned rows (--prompts)")
-        order = ["normal"] + model_kinds
-        hcfg = HeatmapConfig(family=pipe.family, tuned=model == "tuned")
-        hm = extract_heatmaps(pipe, images.repeat(len(order), 1, 1, 1), sum((texts[k] for k in order), []), hcfg,
-                              prompts if model == "tuned" else None)
-        for i, k in enumerate(order):
-            heat[(model, k)] = hm[i * B:(i + 1) * B]
+    if variants:
+        heat = {key: maps[0] for key, maps in zip(keys, extract_heatmaps_shared(pipe, images, variants))}
     # error maps: the FROZEN model's prediction for each prompt text, the same (t, eps) draws for all of them
     device = pipe.unet.conv_in.weight.device
     z0 = pipe.vae.encode(images.to(device, pipe.unet.conv_in.weight.dtype)) * pipe.scale_factor
