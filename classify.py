@@ -29,7 +29,7 @@ from grounding.classify_data import classification_cases
 from grounding.config import load_config
 from grounding.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
-from grounding.provenance import code_version
+from grounding.provenance import code_version, describe_heatmap, eval_heatmap_config
 from train import TrainConfig
 
 
@@ -81,8 +81,11 @@ def main(argv=None):
         prompts.load(args.prompts)
     data = sources.load(cfg, family=pipe.family, need_samples=False)
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
+    # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config
+    hcfgs = {m: eval_heatmap_config(cfg, pipe.family, m == "tuned") for m in ("frozen", "tuned")}
+    heatmaps = "; ".join(describe_heatmap(m, h) for m, h in hcfgs.items())
     settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,
-                    data=data.description)
+                    data=data.description, heatmaps=heatmaps)
     settings.pop("limit")      # how many cases are scored does not change a row: a longer run resumes a shorter one
     header = (f"Data: {data.description}; {len(positives)} {ccfg.category} pairs vs {len(negatives)} No Finding images\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family}, {pipe.prediction_type}; the error is "
@@ -90,7 +93,7 @@ def main(argv=None):
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n"
               f"Settings: {ccfg.n_draws} paired (t, eps) draws per image (t stratified, seed {ccfg.draw_seed}), "
               f"{ccfg.error_norm} error, normals binned {ccfg.normal_bins}, {ccfg.test} test, "
-              f"{ccfg.n_boot} bootstrap resamples\n")
+              f"{ccfg.n_boot} bootstrap resamples\nHeatmaps: {heatmaps}\n")
     print(header + data.report + "\n" + "\n".join(lines))
 
     # a rerun resumes only with the same settings (rows of other settings would mix silently otherwise)
@@ -114,7 +117,7 @@ def main(argv=None):
     with open(rows_path, "a") as out:
         for start in range(0, len(todo), ccfg.batch):
             chunk = todo[start:start + ccfg.batch]
-            for row in score_batch(pipe, chunk, ccfg, prompts):
+            for row in score_batch(pipe, chunk, ccfg, prompts, hcfgs):
                 done[row["pair_id"]] = row
                 out.write(json.dumps(row) + "\n")
             out.flush()

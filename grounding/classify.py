@@ -147,8 +147,10 @@ def _needed(ccfg):
     return models, sorted({SOURCES[s][1] for s in ccfg.sources})
 
 
-def score_batch(pipe, cases, ccfg, prompts=None):
+def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None):
     """Rows for a batch of cases (dicts with pair_id, image_path, prompt, label, boxes, image size).
+    hcfgs: {"frozen": HeatmapConfig, "tuned": HeatmapConfig} (classify.py passes its run's evaluation settings);
+    default the family's presets with the paper's 100 steps.
 
     Each row: pair_id, label, unit, prompt, score {source: err_normal - err_class}, miou {source: mIoU of the
     class heatmap, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
@@ -165,8 +167,8 @@ def score_batch(pipe, cases, ccfg, prompts=None):
         raise ValueError("classify: the 'tuned' source needs learned rows (--prompts)")
     # every (model, prompt kind) heatmap of the batch from ONE inversion (it follows "", so it is shared)
     keys = [(model, k) for model, model_kinds in models.items() for k in ["normal"] + model_kinds]
-    variants = [(texts[k], prompts if model == "tuned" else None,
-                 [HeatmapConfig(family=pipe.family, tuned=model == "tuned")]) for model, k in keys]
+    hcfgs = hcfgs or {m: HeatmapConfig(family=pipe.family, tuned=m == "tuned") for m in ("frozen", "tuned")}
+    variants = [(texts[k], prompts if model == "tuned" else None, [hcfgs[model]]) for model, k in keys]
     heat = {}                                                     # (model, kind) -> (B, S, S) model-frame heatmaps
     if variants:
         heat = {key: maps[0] for key, maps in zip(keys, extract_heatmaps_shared(pipe, images, variants))}

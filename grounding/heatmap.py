@@ -358,7 +358,9 @@ def extract_heatmaps_shared(pipe, images, variants, fast=True):
         for c in cs:
             sub = AttentionStore(c.resolved_layers(), positions[sl])
             sub.store = {k: m[sl] for k, m in store.store.items() if k[1] in sub.layers}
-            maps_v.append(heatmap_from_maps(sub, tuple(images.shape[-2:]), c).float().cpu())
+            # the shared store pads every prompt to the longest of ALL variants: slice its mask, do not rebuild it
+            maps_v.append(heatmap_from_maps(sub, tuple(images.shape[-2:]), c, token_mask=store.token_mask()[sl])
+                          .float().cpu())
         out.append(maps_v)
     return out
 

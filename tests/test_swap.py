@@ -122,3 +122,16 @@ def test_shared_extraction_equals_per_model_path():
     assert worst <= 1e-5
     # the swapped prompt gives a different map (the variants are not mixed up)
     assert (shared[0][0] - extract_heatmaps(pipe, images, swapped, frozen)).abs().max() > 1e-4
+
+
+def test_shared_extraction_with_prompts_of_different_lengths():
+    # the shared store pads every prompt to the longest of ALL variants; a variant of short prompts must still read
+    # only its own tokens (grounded classification mixes "pneumothorax" with "No acute cardiopulmonary process")
+    pipe = tiny_pipe()
+    torch.manual_seed(4)
+    images = torch.rand(2, 1, pipe.image_size, pipe.image_size)
+    cfg = HeatmapConfig.tiny(layers=(1, 2, 4))
+    long, short = ["no acute cardiopulmonary process"] * 2, ["pneumothorax", "left pneumothorax"]
+    shared = extract_heatmaps_shared(pipe, images, [(long, None, [cfg]), (short, None, [cfg])])
+    for texts, (m,) in zip((long, short), shared):
+        assert cmp(f"shared vs alone: {texts[0]!r}", m, extract_heatmaps(pipe, images, texts, cfg), atol=1e-5) <= 1e-5
