@@ -30,7 +30,7 @@ from grounding.config import check_layers, load_config
 from grounding.curation import class_counts
 from grounding.evaluation import Model, comparison_markdown, evaluate_models, summary_table
 from grounding.prompts import LearnablePrompts
-from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
+from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_sides, swap_summary
 from train import TrainConfig
 
 
@@ -154,6 +154,10 @@ def main(argv=None):
     if rank == 0 and args.report_pairs:  # one self-contained page: header, tables, best/worst overlays
         from grounding.report import model_column, write_report
         columns = [model_column(pipe, name, hcfgs[name], pr, args.batch) for name, pr in models]
+        if args.swap:  # the last model's (tuned, when given) map of the left/right-swapped prompt
+            name, pr = models[-1]
+            columns.append(model_column(pipe, f"{name}, swapped prompt", hcfgs[name], pr, args.batch,
+                                        prompt=lambda p: swap_sides(p["prompt"])))
         size = write_report(os.path.join(out, "report.html"), header, summaries, rows, pairs, columns,
                             n_show=args.report_pairs, title=f"Phrase grounding, split {args.split}")
         print(f"wrote {os.path.join(out, 'report.html')} ({size / 1e6:.1f} MB)")
