@@ -72,6 +72,8 @@ def main(argv=None):
         p.error(str(e))
     if args.weights:
         cfg.weights = args.weights
+    if cfg.threads:  # the config key train.py and classify.py honour too (it was silently ignored here)
+        torch.set_num_threads(cfg.threads)
     if not args.prompts and not args.baseline:  # default: the frozen model, plus the config's tuned rows if present
         args.baseline = True
         default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
