@@ -7,10 +7,10 @@
 
 The frozen LDM scores "pneumothorax" against "No acute cardiopulmonary process" on the MS-CXR-loc pneumothorax pairs
 and as many MIMIC-CXR "No Finding" test images, by its noise-prediction error weighted by each prompt's heatmap
-(grounding/classify.py), with heatmaps from the frozen model (fixed or standardised prompt) or the tuned rows, and
+(grounding/experiment/classify.py), with heatmaps from the frozen model (fixed or standardised prompt) or the tuned rows, and
 without weights (the plain zero-shot diffusion classifier). AUROC overall and per mIoU half with 95% bootstrap CIs,
 and a one-sided test that the high half's AUROC is the larger (grounding/auroc.py).
-Keys: the data/weights keys of train.py's TrainConfig (--config) and ClassifyConfig's (grounding/classify.py), both
+Keys: the data/weights keys of train.py's TrainConfig (--config) and ClassifyConfig's (grounding/experiment/classify.py), both
 as key=value. Writes under --out (default runs/classify): rows.jsonl (per image, appended; a rerun resumes),
 table.md / table.json (Table 6's layout) with a header naming data, weights, prompts, code and settings.
 """
@@ -22,15 +22,14 @@ import time
 
 import torch
 
-from ldm.pipeline import load_pipeline
-from grounding import sources
-from grounding.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
-from grounding.classify_data import classification_cases
-from grounding.config import load_config
-from grounding.evaluation import read_rows
+from ldm.weights.folder import load_pipeline
+from grounding.experiment import sources
+from grounding.experiment.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
+from grounding.experiment.classify_data import classification_cases
+from grounding.experiment.config import load_config, TrainConfig
+from grounding.experiment.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
-from grounding.provenance import code_version, describe_heatmap, eval_heatmap_config
-from train import TrainConfig
+from grounding.experiment.provenance import code_version, describe_heatmap, eval_heatmap_config
 
 
 def split_overrides(overrides):

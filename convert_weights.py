@@ -6,10 +6,10 @@
   python convert_weights.py cxr_bundle/ weights/monai_cxr --text-encoder sd21-base   # MONAI CXR LDM bundle folder
 
 A MONAI bundle folder holds models/autoencoder.pth, models/diffusion_model.pth and configs/inference.json; the json
-gives what the weights cannot show (heads, group counts, eps, the noise schedule: ldm/monai_bundle.py). A bare
+gives what the weights cannot show (heads, group counts, eps, the noise schedule: ldm/weights/monai_bundle.py). A bare
 folder with the two .pth files is accepted too, with the CXR bundle's values for those (said in one line).
 
-Nothing pickled is ever executed (ldm/checkpoint.py); DST is written atomically and re-running is safe.
+Nothing pickled is ever executed (ldm/weights/checkpoint.py); DST is written atomically and re-running is safe.
 Load the result with `ldm.load_pipeline(DST)`. How to obtain each checkpoint: docs/weights.md.
 """
 import argparse
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ldm.pipeline import convert_checkpoint, load_pipeline, save_pipeline
+from ldm.weights.folder import convert_checkpoint, load_pipeline, save_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -11,7 +11,7 @@ the same config as train.py (tune.yaml by default: the SYNTHETIC phantom world).
 rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only when its .provenance.json names the same
 weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
 CIs), comparison.md (frozen vs tuned), swap.md (--swap: the location-swap test), overlays/<model>/*.png,
-report.html (one self-contained page: header, tables, best and worst overlays per class; grounding/report.py),
+report.html (one self-contained page: header, tables, best and worst overlays per class; grounding/experiment/report.py),
 and a header naming data, weights, prompts, code and the layers/steps of each model. key=value overrides may go
 anywhere on the command line. One inversion per image batch serves every model evaluated (--baseline, --untuned,
 --prompts) and the swapped prompts. `--task classify` runs the grounded classification instead (classify.py).
@@ -23,15 +23,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from ldm.pipeline import load_pipeline
-from grounding import provenance, sources
-from grounding.provenance import code_version
-from grounding.config import check_layers, load_config
-from grounding.curation import class_counts
-from grounding.evaluation import Model, comparison_markdown, evaluate_models, summary_table
+from ldm.weights.folder import load_pipeline
+from grounding.experiment import provenance, sources
+from grounding.experiment.provenance import code_version
+from grounding.experiment.config import check_layers, load_config, TrainConfig
+from grounding.data.curation import class_counts
+from grounding.experiment.evaluation import Model, comparison_markdown, evaluate_models, summary_table
 from grounding.prompts import LearnablePrompts
 from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_sides, swap_summary
-from train import TrainConfig
 
 
 def main(argv=None):
@@ -154,7 +153,7 @@ def main(argv=None):
             f.write(header + "\n" + table + "\n")
         print(f"\n{table}")
     if rank == 0 and args.report_pairs:  # one self-contained page: header, tables, best/worst overlays
-        from grounding.report import model_column, write_report
+        from grounding.experiment.report import model_column, write_report
         columns = [model_column(pipe, name, hcfgs[name], pr, args.batch) for name, pr in models]
         if args.swap:  # the last model's (tuned, when given) map of the left/right-swapped prompt
             name, pr = models[-1]

@@ -18,104 +18,24 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ldm.pipeline import load_pipeline
-from grounding import provenance, sources
+from ldm.weights.folder import load_pipeline
+from grounding.experiment import provenance, sources
 from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
-from grounding.config import check_layers, check_train_config, load_config
-from grounding.curation import class_counts
-from grounding.evaluation import Model, evaluate_models, evaluate_pairs, summary_table, comparison_markdown
+from grounding.experiment.config import check_layers, load_config, TrainConfig
+from grounding.data.curation import class_counts
+from grounding.experiment.evaluation import (Model, evaluate_models, evaluate_pairs, summary_table,
+                                             comparison_markdown)
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.losses import grounding_loss
 from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
 from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
-
-
-@dataclass
-class TrainConfig:
-    # --- what to run -------------------------------------------------------------------------------------------
-    mode: str = "tune"                       # "tune" (the paper's prompt tuning) | "pretrain" (tiny phantom base LDM)
-    out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
-    seed: int = 0                            # the paper does not report a seed (single run)
-    device: str = "cpu"                      # "cpu" | "cuda"
-    autocast: str = "none"                   # "none" | "bf16" | "fp16": text encoder + UNet forwards of the tuning step,
-                                             # inversions and heatmaps under torch.autocast; maps and losses stay fp32
-    threads: int = 0                         # torch CPU threads (0 = torch's default)
-    # --- data --------------------------------------------------------------------------------------------------
-    data: str = "phantom"                    # "phantom" (embedded synthetic world, built if missing) | "mimic"
-    phantom_root: str = "data/phantom"       # where the phantom world is written
-    phantom_seed: int = 0                    # the world's seed
-    mimic_root: str = ""                     # MIMIC-CXR-JPG root (files/, metadata and split CSVs)
-    reports_root: str = ""                   # MIMIC-CXR reports root (files/pXX/p<subject>/s<study>.txt)
-    mscxr_csv: str = ""                      # MS-CXR CSV (v0.1 or v1.1.0): its patients are excluded from tuning
-    mscxr_split: str = "all"                 # MS-CXR pairs scored: "all" (the paper's 1,043 MS-CXR-loc pairs come from
-                                             # all of MS-CXR) | "train" | "val" | "test" (v1.1.0's split column)
-    views: list = field(default_factory=lambda: ["PA"])  # tuning-set views: PA (the MONAI CXR LDM's training view);
-                                             # add "AP" to allow AP images; lateral images never enter
-    imagenome_root: str = ""                 # Chest ImaGenome gold boxes for the Gaussian LUT: the gold CSV
-                                             # (gold_dataset/gold_bbox_coordinate_annotations_1000images.csv) or a
-                                             # folder of <dicom_id>_SceneGraph.json
-    imagenome_gold_ids: str = ""             # with a scene-graph folder: file of gold dicom ids (one a line, or a CSV
-                                             # with image_id); empty = every graph in the folder
-    lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
-    vindr_csv: str = ""                      # VinDr-CXR annotations_test.csv (evaluate.py --split vindr)
-    vindr_images: str = ""                   # folder of VinDr images converted to PNG (<image_id>.png)
-    on_missing: str = "error"                # a missing/unreadable image or a wrong recorded size: "error" | "skip" (counted)
-    # --- model -------------------------------------------------------------------------------------------------
-    weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
-    # --- prompt tuning (paper defaults, docs/paper.md sections 4-5 and 10) -------------------------------------------
-    max_steps: int = 600                     # optimiser steps (paper: epochs not stated; ~3 h on an RTX 3090)
-    batch_size: int = 1                      # images per step (paper: 1)
-    lr: float = 1e-4                         # paper: 1e-4
-    optimizer: str = "adamw"                 # paper: not stated. "adamw" | "adam" | "sgd"
-    weight_decay: float = 0.0                # no decay: the rows should stay near real token embeddings
-    layers: list = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
-                                             # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
-    num_inference_steps: int = 100          # the DDIM schedule the window is taken from
-    train_window: list = field(default_factory=lambda: [400, 700])  # timesteps [lo, hi): steps [30,60) of 100, reverse order
-    timesteps_per_step: int = 0              # 0 = all T window steps per image (paper); k = a random k of them (cheaper)
-    noisy_latents: str = "inversion"         # "inversion" (DDIM inversion, as at test time) | "noise" (forward noising)
-    alpha: float = 0.1                       # weight of G in the target (Eq. 3)
-    eps: float = 1e-5                        # G > eps marks the Gaussian's support (Eq. 3)
-    jitter: float = 0.05                     # +-5% of the image size on every mu and sigma
-    merge: str = "max"                       # how several Gaussians merge into one target: "max" | "sum" (not stated)
-    w_div: float = 1.0                       # weight of L_div (Eq. 2)
-    w_loc: float = 1.0                       # weight of L_loc (Eq. 4)
-    shared_tokens: str = "positional"        # sub-tokens shared by location and pathology words ("pleural", "cardiomegaly"):
-                                             # "positional" (location occurrences get their own rows) | "frozen" | "trainable"
-    n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
-    max_train_samples: int = 0               # 0 = all curated samples
-    latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit
-    # --- validation, checkpoints ---------------------------------------------------------------------------------
-    val_every: int = 200                     # steps between short validations (CNR, mIoU on a few held-out pairs)
-    val_pairs: int = 24                      # held-out pairs used by the short validation
-    ckpt_every: int = 100                    # steps between atomic checkpoints
-    eval_at_end: bool = True                 # frozen-vs-tuned grounding on the held-out split when done
-    eval_pairs: int = 0                      # 0 = the whole held-out split
-    eval_batch: int = 16                     # images inverted together during evaluation
-    eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
-    metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
-    eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/swap.py)
-    # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
-    vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6                  # KL term of the VAE (SD used 1e-6)
-    unet_steps: int = 3000                   # text encoder + UNet steps
-    unet_lr: float = 5e-4
-    pretrain_batch: int = 32
-    caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
-    vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
-    log_every: int = 50
-
-    def __post_init__(self):  # checked when loaded, so a bad value is named before anything runs
-        check_train_config(self)
 
 
 def parse_args(argv=None):
@@ -362,7 +282,7 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.mode == "pretrain":
-        from grounding.pretrain import pretrain
+        from grounding.phantom.pretrain import pretrain
         pretrain(cfg)
     elif cfg.mode == "tune":
         tune(cfg, resume=args.resume)

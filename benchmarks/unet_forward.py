@@ -1,6 +1,6 @@
 """UNet forward (and forward + backward): ours vs diffusers (SD1.5 size) and vs MONAI (CXR LDM size).
 
-Same weights in both (the reference's state dict loaded into ours; MONAI's through ldm/convert_monai.py
+Same weights in both (the reference's state dict loaded into ours; MONAI's through ldm/weights/monai.py
 monai_unet_to_ours), same inputs, timed in alternation; prints the median time and the peak memory of one call,
 and the ratio ours / reference (< 1 = we are faster / smaller).
 
@@ -56,7 +56,7 @@ def build_ours(size, ref_state=None, device="cpu"):
     with torch.device("meta"):                                       # no init work: the weights come next
         ours = UNet2DConditionModel(cfg)
     if size == "monai":
-        from ldm.convert_monai import monai_unet_to_ours
+        from ldm.weights.monai import monai_unet_to_ours
         ref_state = monai_unet_to_ours(ref_state)
     ours.load_state_dict(ref_state, strict=True, assign=True)       # shares the reference's tensors
     return ours.to(device).eval()

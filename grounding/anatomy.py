@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from grounding.preprocess import box_to_model
+from grounding.geometry import box_to_model
 
 FRAME = 512  # the LUT lives in the paper's 512x512 model frame
 

@@ -1,6 +1,6 @@
 """AUROC of a binary classifier's scores, its bootstrap CI, the mIoU halves and the one-sided high-minus-low test.
 
-Used by the grounded classification experiment (paper App. K, Table 6; grounding/classify.py): pneumothorax cases
+Used by the grounded classification experiment (paper App. K, Table 6; grounding/experiment/classify.py): pneumothorax cases
 (positives) against "No Finding" images (negatives), AUROC reported overall and in a low and a high half of the
 positives split by their heatmap's mIoU, with 95% bootstrap CIs, plus a one-sided test that the high half's AUROC
 exceeds the low half's (the paper reports +0.118, p = 0.046 for the tuned heatmaps).

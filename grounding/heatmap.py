@@ -10,7 +10,7 @@ Off-the-shelf Diffusion Models", JBHI 2024), reused by the MIDL 2026 paper (docs
      predecessor's code averages every token between BOS and EOS, although training leaves it out of
      L_div and A_sp), min-max, resize to the image; then the mean over layers and steps;
   5. Gaussian filter (sigma 2.5 px at 512, scaled with the image size), min-max, optional Otsu mask, min-max.
-(Step 6, back to the original image with NaN padding, is grounding/preprocess.py `to_original`.)
+(Step 6, back to the original image with NaN padding, is grounding/geometry.py `to_original`.)
 
 Step index direction (docs/paper.md section 5): the paper counts steps along the reverse process (index 0 =
 noisiest). With 100 trailing steps (t = 999, 989, ..., 9), indices [40, 60) are t = 599 .. 409 and the

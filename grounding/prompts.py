@@ -212,7 +212,7 @@ class LearnablePrompts(nn.Module):
     # ---- save / load of the learned rows alone ------------------------------------------------
 
     def save(self, path):
-        from ldm.safetensors import save_file
+        from ldm.weights.safetensors import save_file
         tensors = {"anatomy": self.anatomy.detach().cpu().contiguous()}
         if self.n_ctx:
             tensors["ctx"] = self.ctx.detach().cpu().contiguous()
@@ -227,14 +227,14 @@ class LearnablePrompts(nn.Module):
         The fingerprint is a sha256 of the frozen input embedding table (fp32 bytes): rows learned against one
         text encoder mean nothing to another with the same tokenizer.
         """
-        from grounding.provenance import tensor_digest
+        from grounding.experiment.provenance import tensor_digest
         return {"vocab_size": str(self.tokenizer.vocab_size), "ids": json.dumps(self.anatomy_ids),
                 "shared_tokens": self.shared_tokens,
                 "text_encoder_sha256": tensor_digest(self.text_encoder.token_embedding.weight)}
 
     def load(self, path):
         """Load learned rows written by `save`; tokens, ids, vocabulary, mode and text encoder must all match."""
-        from ldm.safetensors import load_file, read_header
+        from ldm.weights.safetensors import load_file, read_header
         meta = read_header(path).get("__metadata__") or {}
         if "tokens" not in meta:
             raise ValueError(f"{path}: no 'tokens' in __metadata__; not a file written by LearnablePrompts.save")

@@ -10,6 +10,9 @@ __all__ = ["Pipeline", "load_pipeline", "save_pipeline"]
 def __getattr__(name):
     # imported on first use, so that `python -m ldm.tokenizer` (and friends) run without importing the whole stack
     if name in __all__:
-        from ldm import pipeline
-        return getattr(pipeline, name)
+        if name == "Pipeline":
+            from ldm.pipeline import Pipeline
+            return Pipeline
+        from ldm.weights import folder
+        return getattr(folder, name)
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

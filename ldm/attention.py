@@ -3,7 +3,7 @@
 Mirrors diffusers `models/attention_processor.py` (Attention + AttnProcessor / AttnProcessor2_0),
 `models/attention.py` (BasicTransformerBlock, FeedForward), `models/activations.py` (GEGLU) and
 `models/transformers/transformer_2d.py` (Transformer2DModel); MONAI's `SpatialTransformer` /
-`DiffusionUNetTransformerBlock` compute the same thing (their key names are mapped in ldm/convert_monai.py).
+`DiffusionUNetTransformerBlock` compute the same thing (their key names are mapped in ldm/weights/monai.py).
 
 Recording (ARCHITECTURE.md "Attention recording"): a cross-attention layer that a store `wants` computes
 probs = softmax(q k^T * scale) explicitly, in float32, shape (B, heads, N, L), and hands it to

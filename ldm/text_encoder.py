@@ -74,21 +74,6 @@ class TextEncoderConfig:
             raise ValueError(f"text encoder config: unknown keys {unknown}; expected a subset of {sorted(names)}")
         return cls(**d)
 
-    @classmethod
-    def from_hf_config(cls, d):
-        """From a transformers text_encoder/config.json dict (CLIPTextConfig, or a CLIPConfig's text_config).
-
-        Every field we use must be present: transformers' defaults are the tiny ViT-B/32 text tower, so a
-        silent default here would build the wrong model.
-        """
-        if "text_config" in d and "hidden_size" not in d:
-            d = d["text_config"]
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d and n not in ("max_position_embeddings", "layer_norm_eps")]
-        if missing:
-            raise ValueError(f"text encoder config.json lacks {missing}; is this a CLIPTextModel config?")
-        return cls(**{n: d[n] for n in names if n in d})
-
 
 def quick_gelu(x):
     # OpenAI CLIP's sigmoid approximation of GELU; SD1 text encoders were trained with it.

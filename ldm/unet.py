@@ -4,7 +4,7 @@ Mirrors diffusers `models/unets/unet_2d_condition.py` (UNet2DConditionModel with
 DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D, ResnetBlock2D, Downsample2D, Upsample2D,
 Timesteps, TimestepEmbedding), with the same module names, so a diffusers checkpoint loads with
 `load_state_dict(strict=True)`. MONAI's `DiffusionModelUNet` (the paper's CXR LDM, Pinaya et al. 2022) is the
-same network; its keys are renamed in ldm/convert_monai.py and its layout differences are config values.
+same network; its keys are renamed in ldm/weights/monai.py and its layout differences are config values.
 
 Every cross-attention layer knows its name, place (down/mid/up), cross_index and map resolution; `forward`
 passes an attention store down explicitly and can stop right after a given cross-attention layer (the heatmap
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, Transformer2DModel
+from ldm.attention import Attention, Transformer2DModel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,47 +104,6 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"UNetConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
-
-    @classmethod
-    def from_diffusers_config(cls, d):
-        """From diffusers' unet/config.json (a dict). Rejects features this UNet does not implement."""
-        down, up = list(d.get("down_block_types", [])), list(d.get("up_block_types", []))
-        levels = [{"CrossAttnDownBlock2D": True, "DownBlock2D": False}.get(t) for t in down]
-        up_levels = [{"CrossAttnUpBlock2D": True, "UpBlock2D": False}.get(t) for t in up]
-        if None in levels or None in up_levels or up_levels != levels[::-1]:
-            raise ValueError(f"unet config: unsupported block types down={down} up={up} (need mirrored "
-                             "CrossAttnDownBlock2D/DownBlock2D and CrossAttnUpBlock2D/UpBlock2D)")
-        # Settings we do not implement must have their default value.
-        defaults = {"mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
-                    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
-                    "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
-                    "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
-                    "conv_out_kernel": 3, "center_input_sample": False, "act_fn": "silu", "downsample_padding": 1,
-                    "mid_block_scale_factor": 1, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-                    "attention_type": "default", "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
-                    "time_embedding_dim": None, "timestep_post_act": None, "cross_attention_norm": None,
-                    "reverse_transformer_layers_per_block": None}
-        for key, want in defaults.items():
-            got = d.get(key, want)
-            if got != want and not (isinstance(got, list) and all(g == want for g in got)):
-                raise ValueError(f"unet config: {key}={got!r} is not supported (only {want!r})")
-        lpb = d.get("layers_per_block", 2)
-        if isinstance(lpb, list):
-            if len(set(lpb)) != 1:
-                raise ValueError(f"unet config: per-level layers_per_block {lpb} is not supported")
-            lpb = lpb[0]
-        # The diffusers quirk: `attention_head_dim` is really the head COUNT when num_attention_heads is absent.
-        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-        cross = d.get("cross_attention_dim", 1280)
-        if isinstance(cross, list):
-            raise ValueError(f"unet config: per-level cross_attention_dim {cross} is not supported")
-        return cls(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                   sample_size=d.get("sample_size") or 64, block_out_channels=tuple(d.get("block_out_channels", cls.block_out_channels)),
-                   layers_per_block=lpb, attention_levels=tuple(levels), num_attention_heads=heads,
-                   cross_attention_dim=cross, use_linear_projection=d.get("use_linear_projection", False),
-                   norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
-                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-                   upcast_attention=d.get("upcast_attention", False))
 
 
 # ----------------------------------------------------------------------------------------------------------------

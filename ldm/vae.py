@@ -14,7 +14,7 @@ which are config flags here:
 | before each conv_out     | GroupNorm, SiLU                      | GroupNorm only (no activation)         |
 
 Parameter names are the diffusers keys, so a diffusers `vae/` folder loads with `load_state_dict(strict=True)`;
-MONAI checkpoints are renamed onto these names in ldm/convert_monai.py.
+MONAI checkpoints are renamed onto these names in ldm/weights/monai.py.
 Latents are UNSCALED here: multiply by `config.scale_factor` before the UNet, divide before `decode`.
 """
 from dataclasses import asdict, dataclass, field, fields
@@ -86,41 +86,6 @@ class VAEConfig:
         if unknown:
             raise ValueError(f"unknown VAE config keys {unknown}; expected a subset of {sorted(known)}")
         return cls(**d)
-
-    @classmethod
-    def from_diffusers_config(cls, d):
-        """Build from a diffusers `vae/config.json` dict (AutoencoderKL); rejects layouts this module lacks."""
-        unsupported = []
-        if any(t != "DownEncoderBlock2D" for t in d.get("down_block_types", ["DownEncoderBlock2D"])):
-            unsupported.append(f"down_block_types={d['down_block_types']}")
-        if any(t != "UpDecoderBlock2D" for t in d.get("up_block_types", ["UpDecoderBlock2D"])):
-            unsupported.append(f"up_block_types={d['up_block_types']}")
-        if d.get("act_fn", "silu") != "silu":
-            unsupported.append(f"act_fn={d['act_fn']!r}")
-        for key in ("use_quant_conv", "use_post_quant_conv"):
-            if d.get(key, True) is not True:
-                unsupported.append(f"{key}={d[key]}")
-        for key in ("shift_factor", "latents_mean", "latents_std"):
-            if d.get(key) is not None:
-                unsupported.append(f"{key}={d[key]}")
-        ignored = {"sample_size", "force_upcast", "scaling_factor", "mid_block_add_attention", "down_block_types",
-                   "up_block_types", "act_fn", "use_quant_conv", "use_post_quant_conv", "shift_factor",
-                   "latents_mean", "latents_std"}
-        mapped = {"in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-                  "norm_num_groups"}
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in ignored | mapped)
-        if unsupported or unknown:
-            raise ValueError(f"diffusers VAE config not supported by ldm/vae.py: unsupported {unsupported}, "
-                             f"unknown keys {unknown}. Only the SD-style AutoencoderKL is implemented.")
-        layers = d.get("layers_per_block", 1)
-        attention = d.get("mid_block_add_attention", True)
-        # diffusers defaults (AutoencoderKL.__init__) for keys a minimal config.json may omit
-        return cls(in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
-                   latent_channels=d.get("latent_channels", 4), block_out_channels=list(d.get("block_out_channels", [64])),
-                   layers_per_block=layers, decoder_layers_per_block=layers + 1,
-                   norm_num_groups=d.get("norm_num_groups", 32), norm_eps=1e-6, mid_block=True,
-                   mid_block_attention=attention, quant="joint", silu_before_conv_out=True,
-                   scale_factor=d.get("scaling_factor", 0.18215))
 
 
 # ----------------------------------------------------------------------------------------------------------------

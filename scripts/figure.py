@@ -20,14 +20,15 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm import load_pipeline  # noqa: E402
 from ldm.sampling import sample, to_pil  # noqa: E402
-from grounding import sources  # noqa: E402
+from grounding.experiment import sources  # noqa: E402
 from grounding.heatmap import extract_heatmaps_shared  # noqa: E402
-from grounding.provenance import eval_heatmap_config  # noqa: E402
+from grounding.experiment.provenance import eval_heatmap_config  # noqa: E402
 from grounding.swap import prompt_side, swap_sides  # noqa: E402
-from grounding.preprocess import box_to_model, preprocess  # noqa: E402
+from grounding.geometry import box_to_model  # noqa: E402
+from grounding.data.images import preprocess  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
-from train import TrainConfig  # noqa: E402
-from grounding.config import load_config  # noqa: E402
+from grounding.experiment.config import TrainConfig  # noqa: E402
+from grounding.experiment.config import load_config  # noqa: E402
 
 
 def tile(grey, heat=None, box=None, scale=3):

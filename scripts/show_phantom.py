@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grounding.phantom import PATHOLOGIES, SYNTHETIC_NOTICE, PhantomConfig, sample_case  # noqa: E402
-from grounding.phantom_render import render_case  # noqa: E402
+from grounding.phantom.world import PATHOLOGIES, SYNTHETIC_NOTICE, PhantomConfig, sample_case  # noqa: E402
+from grounding.phantom.render import render_case  # noqa: E402
 
 ANATOMY_COLOURS = {"lung": (80, 160, 255), "apical zone": (120, 220, 255), "upper lung zone": (80, 220, 120),
                    "mid lung zone": (240, 220, 60), "lower lung zone": (255, 150, 40),

@@ -10,6 +10,7 @@ import torch
 from conftest import cmp, need
 from ldm.attention import Attention, BasicTransformerBlock
 from ldm.unet import UNet2DConditionModel, UNetConfig
+from ldm.weights.configs import unet_config_from_diffusers
 
 
 class Store:
@@ -157,7 +158,7 @@ def test_cross_index_order_and_names_follow_diffusers_execution_order():
             m.register_forward_hook(lambda mod, args, kwargs, out, name=name: called.append(name), with_kwargs=True)
     ref(torch.randn(1, 4, 16, 16), 5, torch.randn(1, 3, 16))
 
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(dict(ref.config)))
+    unet = UNet2DConditionModel(unet_config_from_diffusers(dict(ref.config)))
     layers = unet.cross_attention_layers()
     assert [l.name for l in layers] == called
     assert [l.cross_index for l in layers] == list(range(len(called)))

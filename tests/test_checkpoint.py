@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, load_state_dict
-from ldm.safetensors import save_file
+from ldm.weights.checkpoint import CheckpointError, load_state_dict
+from ldm.weights.safetensors import save_file
 
 
 class ModelCheckpoint:

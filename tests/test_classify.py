@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_heatmap import tiny_pipe
 
 from grounding.auroc import auroc, bin_aurocs, bootstrap_auroc, high_minus_low_test, miou_halves
-from grounding.classify import case_generator, draw, error_maps, latent_weights, scores, weighted_error
-from test_heatmap import tiny_pipe
+from grounding.experiment.classify import case_generator, draw, error_maps, latent_weights, scores, weighted_error
 
 
 # ---- weighted error ----------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_bootstrap_test_and_all_mode():
 
 
 def test_read_no_finding_keeps_frontal_studies_labelled_one(tmp_path):
-    from grounding.classify_data import read_no_finding
+    from grounding.experiment.classify_data import read_no_finding
     csv = tmp_path / "mimic-cxr-2.0.0-chexpert.csv"
     csv.write_text("subject_id,study_id,No Finding,Pneumothorax\n1,100,1.0,\n2,200,,1.0\n3,300,-1.0,\n4,400,1.0,\n")
     recs = [dict(dicom_id=d, study_id=s, view=v) for d, s, v in

@@ -108,7 +108,7 @@ def write_diffusers(folder, models, pad, safe=True, shard_unet=False, legacy_vae
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inverse rules: diffusers names -> CompVis names (written from docs/formats.md, independently of ldm/convert.py)
+# Inverse rules: diffusers names -> CompVis names (written from docs/formats.md, independently of ldm/weights/compvis.py)
 
 _RESNET_INV = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -202,7 +202,7 @@ def write_compvis(path, models, flavour):
                     "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1)}},
                     "hparams": ModelCheckpoint()}, path)
     else:
-        from ldm.safetensors import save_file
+        from ldm.weights.safetensors import save_file
         save_file(sd, path)
 
 
@@ -233,7 +233,7 @@ def compare_sd(pipe, models, tok_dir, name):
 
 @pytest.mark.parametrize("layout", ["sd1-bin", "sd1-safetensors", "sd2-sharded", "sd1-legacy-vae"])
 def test_diffusers_folder_round_trip(tmp_path, layout):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     flavour = layout.split("-")[0]
     models = tiny_sd(flavour)
     src = tmp_path / "src"
@@ -256,13 +256,13 @@ def test_diffusers_folder_round_trip(tmp_path, layout):
     convert_ok(src, tmp_path / "dst", "--dtype", "fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
     assert P.load_pipeline(tmp_path / "dst").unet.conv_in.weight.dtype == torch.float32  # loads in the asked dtype
-    from ldm.safetensors import read_header
+    from ldm.weights.safetensors import read_header
     assert read_header(tmp_path / "dst" / "unet.safetensors")["conv_in.weight"]["dtype"] == "F16"
 
 
 @pytest.mark.parametrize("flavour, suffix", [("sd1", ".ckpt"), ("sd2", ".safetensors")])
 def test_compvis_single_file_round_trip(tmp_path, flavour, suffix):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     models = tiny_sd(flavour)
     src = tmp_path / f"model{suffix}"
     write_compvis(src, models, flavour)
@@ -317,7 +317,7 @@ def to_generative_models_names(sd):
 
 @pytest.mark.parametrize("naming", ["monai14", "generative"])
 def test_monai_pair_round_trip(tmp_path, naming):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     ae, unet = tiny_monai()
     sd2 = tiny_sd("sd2")
     write_diffusers(tmp_path / "sd21base", sd2, pad="!")
@@ -355,8 +355,8 @@ def test_monai_pair_round_trip(tmp_path, naming):
 # Strict loading, atomic saving, rule checks against the real key lists
 
 def test_strict_loading_lists_every_problem_once(tmp_path):
-    from ldm import pipeline as P
-    from ldm.safetensors import load_file, save_file
+    from ldm.weights import folder as P
+    from ldm.weights.safetensors import load_file, save_file
     models = tiny_sd("sd1")
     write_diffusers(tmp_path / "src", models, pad="eos")
     P.save_pipeline(P.convert_checkpoint(tmp_path / "src", log=lambda s: None), tmp_path / "dst")
@@ -379,7 +379,7 @@ def test_strict_loading_lists_every_problem_once(tmp_path):
 
 
 def test_save_is_atomic_and_never_clobbers_other_folders(tmp_path, monkeypatch):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     models = tiny_sd("sd1")
     write_diffusers(tmp_path / "src", models, pad="eos")
     pipe = P.convert_checkpoint(tmp_path / "src", log=lambda s: None)
@@ -409,7 +409,7 @@ def test_bad_sources_are_clear_errors(tmp_path):
                                          ("vae_ldm_map.txt", "compvis_vae_to_ours")])
 def test_compvis_rules_reproduce_the_real_sd15_key_map(fname, func):
     """Every CompVis key of real SD 1.5 maps to the diffusers key and shape listed by the real libraries."""
-    from ldm import convert
+    from ldm.weights import compvis as convert
     prefix = "model.diffusion_model." if "unet" in fname else "first_stage_model."
     src, want = {}, {}
     for line in (KEYS / fname).read_text().splitlines():
@@ -425,7 +425,7 @@ def test_compvis_rules_reproduce_the_real_sd15_key_map(fname, func):
 
 
 def test_sd1_text_keys_without_text_model_level():
-    from ldm.convert import sd1_text_to_ours
+    from ldm.weights.compvis import sd1_text_to_ours
     w = torch.zeros(1)
     out = sd1_text_to_ours({"embeddings.position_ids": w, "encoder.layers.0.mlp.fc1.weight": w,
                             "text_model.final_layer_norm.weight": w})
@@ -441,7 +441,7 @@ def test_real_weights(tmp_path, var):
     src = os.environ.get(var)
     if not src:
         pytest.skip(f"set {var} to a real checkpoint folder to run this test")
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     g = torch.Generator().manual_seed(0)
     if var == "LDM_REAL_MONAI_CXR":
         sd21 = os.environ.get("LDM_REAL_SD21_BASE") or pytest.skip("LDM_REAL_SD21_BASE (SD 2.1-base folder) not set")

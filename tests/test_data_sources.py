@@ -10,13 +10,12 @@ import os
 import pytest
 from PIL import Image
 
-from grounding import curation as cu
-from grounding import datasets as ds
-from grounding import phantom as ph
-from grounding import sources
+from grounding.data import curation as cu
+from grounding.data import readers as ds
+from grounding.phantom import world as ph
+from grounding.experiment import sources
 from grounding.anatomy import REGIONS
-from grounding.config import load_config
-from train import TrainConfig
+from grounding.experiment.config import load_config, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from grounding import anatomy as an
-from grounding import curation as cu
-from grounding import datasets as ds
-from grounding.curation import drop_cropped_boxes
+from grounding.data import curation as cu
+from grounding.data import readers as ds
+from grounding.data.curation import drop_cropped_boxes
 from grounding.metrics import box_mask
-from grounding.preprocess import crop_window, to_original
+from grounding.geometry import crop_window, to_original
 
 MSCXR_COLS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
 

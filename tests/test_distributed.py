@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from ldm.safetensors import load_file
+from ldm.weights.safetensors import load_file
 from tiny_world import REPO, make_tiny_setup, run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from ldm.safetensors import load_file
+from ldm.weights.safetensors import load_file
 from tiny_world import ENV, REPO, make_tiny_setup
 from tiny_world import run as run_cmd
 
@@ -115,7 +115,7 @@ def test_evaluation_resumes_without_recomputing(setup):
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(setup):
     import shutil
 
-    from ldm.safetensors import save_file
+    from ldm.weights.safetensors import save_file
     root = setup["root"]
     bad = os.path.join(root, "model_nan")
     shutil.copytree(setup["model"], bad)
@@ -171,7 +171,7 @@ def test_train_run_dir_rules_and_final_evaluation_settings(setup):
 
 def test_evaluation_refuses_rows_of_other_prompts(setup):
     from grounding.prompts import LearnablePrompts
-    from ldm.pipeline import load_pipeline
+    from ldm.weights.folder import load_pipeline
     root = setup["root"]
     pipe = load_pipeline(setup["model"])
     prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional")
@@ -198,7 +198,7 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
     """
     from grounding.prompts import LearnablePrompts
     from grounding.swap import prompt_side
-    from ldm.pipeline import load_pipeline
+    from ldm.weights.folder import load_pipeline
     root = setup["root"]
     pipe = load_pipeline(setup["model"])
     LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").save(

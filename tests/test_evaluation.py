@@ -1,4 +1,4 @@
-"""Scoring in grounding/evaluation.py: the metric protocol reaches every metric, rows record it, resume checks it.
+"""Scoring in grounding/experiment/evaluation.py: the metric protocol reaches every metric, rows record it, resume checks it.
 
 The heatmap extraction is replaced by a fixed map (no model): these tests are about what happens after it.
 """
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from grounding import evaluation as ev
+from grounding.experiment import evaluation as ev
 from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game
-from train import TrainConfig
+from grounding.experiment.config import TrainConfig
 
 
 def _pair():

@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
+from test_convert import convert_ok, run_cli, tiny_sd, write_diffusers
 
 from conftest import cmp, need
-from test_convert import convert_ok, run_cli, tiny_sd, write_diffusers
 
 TOL = 1e-5
 # non-CXR values everywhere the weights cannot show them
@@ -112,7 +112,7 @@ def outputs(vae, unet, monai=False):
 
 @pytest.mark.parametrize("naming", ["monai14", "generative"])
 def test_bundle_folder_matches_monai(tmp_path, sd21, naming):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     from monai.networks.schedulers import DDIMScheduler
     ae, unet = monai_models()
     bundle = write_bundle(tmp_path / "bundle", ae, unet, naming, inference_json(naming))
@@ -174,7 +174,7 @@ def test_bundle_that_disagrees_with_its_weights_is_refused(tmp_path, sd21):
     ("scheduler.schedule", "cosine", "scheduler.schedule='cosine' is not supported"),
 ])
 def test_bundle_values_we_cannot_use_are_clear_errors(tmp_path, where, value, message):
-    from ldm import pipeline as P
+    from ldm.weights import folder as P
     ae, unet = monai_models()
     config = inference_json("monai14")
     section, key = where.split(".")
@@ -188,7 +188,7 @@ def test_bundle_values_we_cannot_use_are_clear_errors(tmp_path, where, value, me
 
 def test_reading_the_real_cxr_file_layout(tmp_path):
     """The CXR bundle's own inference.json (values from the model zoo) -> the CXR presets of ldm/."""
-    from ldm.monai_bundle import read_bundle
+    from ldm.weights.monai_bundle import read_bundle
     from ldm.schedulers import SchedulerConfig
     from ldm.unet import UNetConfig
     from ldm.vae import VAEConfig

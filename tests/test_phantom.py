@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from grounding import anatomy as an
-from grounding import curation as cu
-from grounding import datasets as ds
-from grounding import phantom as ph
-from grounding import phantom_render as pr
-from grounding import reports as rp
+from grounding.data import curation as cu
+from grounding.data import readers as ds
+from grounding.phantom import world as ph
+from grounding.phantom import render as pr
+from grounding.data import reports as rp
+from grounding.phantom.pretrain import training_captions
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_reports_assert_exactly_the_drawn_findings():
 
 def test_training_captions_mix_prompts_and_sentences(world):
     root, _ = world
-    caps = ph.training_captions(root, prompt_frac=0.5, seed=0)
+    caps = training_captions(root, prompt_frac=0.5, seed=0)
     assert len(caps) == 16 and all(c["caption"] for c in caps)
     kinds = {c["caption"] == c["caption"].lower() for c in caps}
     assert kinds == {True, False}  # some standardised prompts (lower case), some report sentences

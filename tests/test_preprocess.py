@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding import preprocess as pp
+from grounding.data import images as pp
+from grounding.geometry import box_to_model, box_to_original, to_original
 
 
 @pytest.mark.parametrize("W,H,size", [(2544, 3056, 512), (3056, 2544, 512), (256, 320, 64), (700, 700, 512),
@@ -17,8 +18,8 @@ def test_box_roundtrip_within_one_pixel(W, H, size):
     for _ in range(50):  # boxes inside the centre square (the part the crop keeps)
         x, y = ox + rng.uniform(0, m * 0.6), oy + rng.uniform(0, m * 0.6)
         box = (x, y, rng.uniform(5, m * 0.35), rng.uniform(5, m * 0.35))
-        model = pp.box_to_model(box, W, H, size)
-        back = pp.box_to_original(model, W, H, size)
+        model = box_to_model(box, W, H, size)
+        back = box_to_original(model, W, H, size)
         worst = max(worst, max(abs(a - b) for a, b in zip(box, back)))
         assert all(0 <= v <= size + 1e-6 for v in (model[0], model[1], model[0] + model[2], model[1] + model[3]))
     print(f"box round trip {W}x{H} -> {size}: max error {worst:.2e} px")
@@ -27,25 +28,25 @@ def test_box_roundtrip_within_one_pixel(W, H, size):
 
 def test_box_outside_crop_is_clipped():
     # a 1000x500 image cropped to 512: x is scaled by 1.024 then 256 columns are cut on each side
-    assert pp.box_to_model((0, 0, 100, 100), 1000, 500, 512) == pytest.approx((0, 0, 0, 102.4))
-    x, y, w, h = pp.box_to_model((400, 100, 200, 100), 1000, 500, 512)
+    assert box_to_model((0, 0, 100, 100), 1000, 500, 512) == pytest.approx((0, 0, 0, 102.4))
+    x, y, w, h = box_to_model((400, 100, 200, 100), 1000, 500, 512)
     assert (x, y, w, h) == pytest.approx((400 * 1.024 - 256, 102.4, 204.8, 102.4))
 
 
 def test_to_original_nearest_and_nan_padding():
     hm = torch.arange(16.0).reshape(4, 4)
-    out = pp.to_original(hm, 12, 8)  # wide image: 8 x 8 centre square, 2 NaN columns each side
+    out = to_original(hm, 12, 8)  # wide image: 8 x 8 centre square, 2 NaN columns each side
     assert out.shape == (8, 12)
     assert torch.isnan(out[:, :2]).all() and torch.isnan(out[:, 10:]).all()
     assert torch.equal(out[:, 2:10], hm.repeat_interleave(2, 0).repeat_interleave(2, 1))
-    tall = pp.to_original(hm, 8, 12)  # tall image: 8 x 8 centre square, 2 NaN rows above and below
+    tall = to_original(hm, 8, 12)  # tall image: 8 x 8 centre square, 2 NaN rows above and below
     assert torch.isnan(tall[:2]).all() and torch.isnan(tall[10:]).all() and not torch.isnan(tall[2:10]).any()
     # a model-frame box and the heatmap land on the same original pixels
     W, H, S = 300, 200, 64
     hm = torch.zeros(S, S)
     hm[10:30, 20:40] = 1
-    box = pp.box_to_original((20, 10, 20, 20), W, H, S)
-    ys, xs = torch.nonzero(pp.to_original(hm, W, H) == 1, as_tuple=True)
+    box = box_to_original((20, 10, 20, 20), W, H, S)
+    ys, xs = torch.nonzero(to_original(hm, W, H) == 1, as_tuple=True)
     assert abs(xs.min().item() - box[0]) <= 1 and abs(ys.min().item() - box[1]) <= 1
     assert abs(xs.max().item() + 1 - (box[0] + box[2])) <= 1 and abs(ys.max().item() + 1 - (box[1] + box[3])) <= 1
 

@@ -3,22 +3,22 @@
 - "and" joining locations is a special token (paper Sec. 3): it gets no L_div pair and does not enter A_sp; the
   test-time heatmap still averages it, as the predecessor's extraction averages every token between BOS and EOS.
 - With the real CLIP vocabulary, every MS-CXR pathology's standard prompts ("{location} {pathology}" for each of the
-  27 locations, as grounding/reports.py writes them) must have at least one trainable row under the shared_tokens
+  27 locations, as grounding/data/reports.py writes them) must have at least one trainable row under the shared_tokens
   setting of every shipped config; under "frozen" the 333-pair "cardiomegaly" prompt has none.
 """
 from pathlib import Path
 
 import pytest
 import torch
+from test_heatmap import _inputs, tiny_pipe
+from test_prompts import real_vocab_world
 
 from grounding.anatomy import LOCATIONS, PATHOLOGIES
 from grounding.attention_store import AttentionStore
-from grounding.config import load_config
+from grounding.experiment.config import load_config
 from grounding.losses import diversity_loss, grounding_loss, token_average
 from grounding.prompts import LearnablePrompts
-from grounding.reports import standardise_prompt
-from test_heatmap import _inputs, tiny_pipe
-from test_prompts import real_vocab_world
+from grounding.data.reports import standardise_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "left lower and right upper atelectasis"
@@ -109,19 +109,19 @@ def untrainable_prompts(prompts, texts):
 
 
 def standard_prompts():
-    """{pathology: the standardised prompt of each of the 27 locations with it} (grounding/reports.py)."""
+    """{pathology: the standardised prompt of each of the 27 locations with it} (grounding/data/reports.py)."""
     return {p: [standardise_prompt([loc], p) for loc in LOCATIONS] for p in PATHOLOGIES}
 
 
 def test_train_config_default_is_positional():
-    from train import TrainConfig
+    from grounding.experiment.config import TrainConfig
     assert TrainConfig().shared_tokens == "positional"
     assert LearnablePrompts.__init__.__defaults__[2] == "positional"   # the class agrees with the config
 
 
 @pytest.mark.parametrize("config", shipped_configs(), ids=lambda p: p.name)
 def test_every_pathology_prompt_has_a_trainable_row_in_every_shipped_config(config):
-    from train import TrainConfig
+    from grounding.experiment.config import TrainConfig
     tok, te = real_vocab_world()   # the real CLIP vocabulary (SD2 / MONAI framing)
     cfg = load_config(TrainConfig, config)
     assert cfg.shared_tokens == "positional", f"{config.name}: shared_tokens={cfg.shared_tokens!r}"

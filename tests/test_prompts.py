@@ -3,11 +3,11 @@ import functools
 
 import pytest
 import torch
+from test_heatmap import _inputs, tiny_pipe
 
 from grounding.attention_store import AttentionStore
 from grounding.losses import grounding_loss
 from grounding.prompts import LearnablePrompts
-from test_heatmap import _inputs, tiny_pipe
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,7 +138,7 @@ def test_save_load_and_nearest_tokens(tmp_path):
     with torch.no_grad():
         a.anatomy.mul_(-1.0)
     a.save(tmp_path / "anatomy.safetensors")
-    from ldm.safetensors import load_file, read_header
+    from ldm.weights.safetensors import load_file, read_header
     assert set(load_file(tmp_path / "anatomy.safetensors")) == {"anatomy"}
     meta = read_header(tmp_path / "anatomy.safetensors")["__metadata__"]
     assert "left</w>" in meta["tokens"]

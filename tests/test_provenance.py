@@ -15,16 +15,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-from grounding import datasets as ds
-from grounding import provenance
-from grounding.config import load_config
-from grounding.evaluation import evaluate_pairs
-from grounding.heatmap import LAYER_PRESETS
-from grounding.preprocess import load_image
-from grounding.prompts import LearnablePrompts
 from test_heatmap import tiny_pipe
-from train import TrainConfig, parse_args
+
+from grounding.data import readers as ds
+from grounding.experiment import provenance
+from grounding.experiment.config import load_config, TrainConfig
+from grounding.experiment.evaluation import evaluate_pairs
+from grounding.heatmap import LAYER_PRESETS
+from grounding.data.images import load_image
+from grounding.prompts import LearnablePrompts
+from train import parse_args
 
 # ---------------------------------------------------------------------------------------------------------------
 # rows files: provenance and lock
@@ -145,7 +145,7 @@ def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
 
 
 def test_layer_indices_are_checked_against_the_model():
-    from grounding.config import check_layers
+    from grounding.experiment.config import check_layers
     n = len(tiny_pipe().unet.cross_attention_layers())
     check_layers("layers", list(range(n)), n)
     with pytest.raises(ValueError, match=rf"config key 'layers'.*\[{n}\].*has {n} cross-attention layers"):
@@ -179,7 +179,7 @@ def test_learned_rows_refuse_another_encoder_vocabulary_or_mode(tmp_path):
         other.token_embedding.weight[5] += 0.01                              # one row of the table differs
     with pytest.raises(ValueError, match=r"text encoder \(input embedding table\)"):
         LearnablePrompts(pipe.tokenizer, other, shared_tokens="positional").load(path)
-    from ldm.safetensors import load_file, read_header, save_file
+    from ldm.weights.safetensors import load_file, read_header, save_file
     meta = read_header(path)["__metadata__"]
     save_file(load_file(path), path, metadata={**meta, "vocab_size": "49408"})
     with pytest.raises(ValueError, match="vocabulary size.*49408"):
@@ -242,8 +242,8 @@ def test_corrupt_or_missing_image_is_found_at_load_time(tmp_path):
 
 def test_on_missing_is_reachable_from_the_config(tmp_path):
     """sources.load passes the config key through: a world with a deleted and a corrupted image."""
-    from grounding import sources
-    from grounding.phantom import PhantomConfig, build_world
+    from grounding.experiment import sources
+    from grounding.phantom.world import PhantomConfig, build_world
     world = str(tmp_path / "world")
     build_world(world, PhantomConfig.tiny())
     cfg = TrainConfig(phantom_root=world, out_dir=str(tmp_path / "run"))
@@ -278,8 +278,9 @@ def test_float_tiff_is_read_with_its_values(tmp_path):
 
 
 def test_saved_weights_and_rows_get_the_usual_permissions(tmp_path):
-    from ldm.pipeline import Pipeline, save_pipeline
-    from ldm.safetensors import save_file
+    from ldm.pipeline import Pipeline
+    from ldm.weights.folder import save_pipeline
+    from ldm.weights.safetensors import save_file
     t = tiny_pipe()
     pipe = Pipeline(tokenizer=t.tokenizer, text_encoder=t.text_encoder, vae=t.vae, unet=t.unet, scheduler=t.scheduler,
                     scale_factor=1.0, prediction_type="v_prediction", family="phantom",

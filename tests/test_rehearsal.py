@@ -1,6 +1,6 @@
 """The rehearsal: configs/mimic_monai.yaml on a phantom world written in the exact layout of the real releases.
 
-The replica (grounding/phantom_real.py) holds the traps of the credentialed data: AP-only and lateral-only studies,
+The replica (grounding/phantom/real.py) holds the traps of the credentialed data: AP-only and lateral-only studies,
 MS-CXR v1.1.0 with train / val / test pairs (and v0.1 without a split column), tall images with boxes in the band
 the centre crop cuts, the ImaGenome gold CSV with two annotators and coordinates outside the image, VinDr boxes from
 several radiologists with pneumonia drawn as ILD / Infiltration. The weights are a tiny random model of the MONAI
@@ -19,22 +19,21 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.pipeline import Pipeline, save_pipeline
+from ldm.pipeline import Pipeline
+from ldm.weights.folder import save_pipeline
 from ldm.schedulers import DDIMScheduler, SchedulerConfig
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.tokenizer import train_bpe
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
-
-from grounding import sources
+from grounding.experiment import sources
 from grounding.anatomy import LOCATIONS, PATHOLOGIES
-from grounding.config import load_config
-from grounding.phantom import PhantomConfig, build_world
-from grounding.phantom_real import build_real_world
-from grounding.preprocess import box_to_model
+from grounding.experiment.config import load_config, TrainConfig
+from grounding.phantom.world import PhantomConfig, build_world
+from grounding.phantom.real import build_real_world
+from grounding.geometry import box_to_model
 from tiny_world import REPO
 from tiny_world import run as run_cmd
-from train import TrainConfig
 
 CONFIG = os.path.join(REPO, "configs", "mimic_monai.yaml")
 

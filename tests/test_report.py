@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from grounding.metrics import summarise
-from grounding.report import Column, select_pairs, write_report
+from grounding.experiment.report import Column, select_pairs, write_report
 
 
 def _fixture(tmp_path):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from grounding import reports as rp
+from grounding.data import reports as rp
 from grounding.anatomy import LOCATIONS
 
 REPORT = """                                 FINAL REPORT

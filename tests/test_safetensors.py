@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import cmp, need
-from ldm.safetensors import SafetensorsError, load_file, load_sharded, read_header, save_file
+from ldm.weights.safetensors import SafetensorsError, load_file, load_sharded, read_header, save_file
 
 
 def _sample_tensors():

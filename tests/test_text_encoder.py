@@ -5,6 +5,7 @@ import torch
 
 from conftest import cmp, need
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
+from ldm.weights.configs import text_config_from_hf
 
 # Two tiny configs that differ in everything the code branches on: activation, width, heads, depth, eps.
 TINY_QUICK = TextEncoderConfig.tiny()   # quick_gelu, 64 wide, 4 heads, 2 layers
@@ -118,13 +119,13 @@ def test_config_round_trips_and_bad_input_is_rejected():
           "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
           "num_attention_heads": 16, "num_hidden_layers": 23, "vocab_size": 49408, "projection_dim": 512,
           "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-    assert TextEncoderConfig.from_hf_config(hf) == TextEncoderConfig.sd21()
+    assert text_config_from_hf(hf) == TextEncoderConfig.sd21()
     with pytest.raises(ValueError, match="hidden_act"):
         TextEncoderConfig(hidden_act="relu")
     with pytest.raises(ValueError, match="unknown keys"):
         TextEncoderConfig.from_dict({"hidden_size": 64, "width": 64})
     with pytest.raises(ValueError, match="lacks"):
-        TextEncoderConfig.from_hf_config({"hidden_size": 64})
+        text_config_from_hf({"hidden_size": 64})
     model = TextEncoder(TINY_QUICK)
     with pytest.raises(ValueError, match="token ids must lie"):
         model(torch.tensor([[0, TINY_QUICK.vocab_size]]))

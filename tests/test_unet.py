@@ -12,6 +12,7 @@ import torch
 
 from conftest import cmp, need
 from ldm.unet import UNet2DConditionModel, UNetConfig
+from ldm.weights.configs import unet_config_from_diffusers
 
 KEYS = str(pathlib.Path(__file__).resolve().parent / "data" / "keys")  # reference key lists (tests/data/keys/README.md)
 
@@ -83,7 +84,7 @@ def test_keys_match_diffusers_key_lists():
 
 @pytest.mark.parametrize("fname", ["gen_unet.txt", "monai14_unet.txt"])
 def test_monai_cxr_keys_convert_to_ours(fname):
-    convert_monai = pytest.importorskip("ldm.convert_monai")
+    convert_monai = pytest.importorskip("ldm.weights.monai")
     path = os.path.join(KEYS, fname)
     ref = dict(line.split("\t") for line in open(path).read().splitlines() if line.strip())
     renamed = convert_monai.monai_unet_to_ours(ref)
@@ -123,7 +124,7 @@ def test_parity_with_diffusers(name):
     from diffusers import UNet2DConditionModel as RefUNet
 
     ref = perturb(RefUNet(sample_size=16, **DIFFUSERS_CONFIGS[name]))
-    cfg = UNetConfig.from_diffusers_config(json.loads(json.dumps(dict(ref.config))))  # as read from config.json
+    cfg = unet_config_from_diffusers(json.loads(json.dumps(dict(ref.config))))  # as read from config.json
     ours = UNet2DConditionModel(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     sample = torch.randn(2, cfg.in_channels, 16, 16)
@@ -146,7 +147,7 @@ def test_parity_with_monai(channels, res_blocks):
     need("monai")
     from monai.networks.nets import DiffusionModelUNet
 
-    from ldm.convert_monai import monai_unet_to_ours
+    from ldm.weights.monai import monai_unet_to_ours
 
     ref = perturb(DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=3, num_res_blocks=res_blocks,
                                      channels=channels, attention_levels=(False, True, True),
@@ -172,13 +173,13 @@ def test_from_diffusers_config_reads_the_head_count_quirk():
     sd1 = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8, "cross_attention_dim": 768,
            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
-    assert UNetConfig.from_diffusers_config(sd1) == UNetConfig.sd15()
+    assert unet_config_from_diffusers(sd1) == UNetConfig.sd15()
     sd2 = {**sd1, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True}
-    assert UNetConfig.from_diffusers_config(sd2) == UNetConfig.sd2()
+    assert unet_config_from_diffusers(sd2) == UNetConfig.sd2()
     with pytest.raises(ValueError, match="class_embed_type"):
-        UNetConfig.from_diffusers_config({**sd1, "class_embed_type": "timestep"})
+        unet_config_from_diffusers({**sd1, "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="block types"):
-        UNetConfig.from_diffusers_config({**sd1, "up_block_types": ["CrossAttnUpBlock2D"] * 4})
+        unet_config_from_diffusers({**sd1, "up_block_types": ["CrossAttnUpBlock2D"] * 4})
 
 
 def test_config_dict_round_trip_and_bad_values():

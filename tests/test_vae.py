@@ -8,10 +8,11 @@ import pathlib
 import dataclasses
 
 import torch
-from conftest import cmp, need
-
 import pytest
+
+from conftest import cmp, need
 from ldm.vae import AutoencoderKL, VAEConfig
+from ldm.weights.configs import vae_config_from_diffusers
 
 KEYS = pathlib.Path(__file__).resolve().parent / "data" / "keys"  # reference key lists (tests/data/keys/README.md)
 
@@ -55,7 +56,7 @@ DIFFUSERS_TINY = [
 def test_diffusers_parity(kwargs):
     diffusers = need("diffusers")
     ref = perturb_norms(diffusers.AutoencoderKL(**kwargs)).eval()
-    config = VAEConfig.from_diffusers_config(dict(ref.config))
+    config = vae_config_from_diffusers(dict(ref.config))
     assert config.scale_factor == kwargs.get("scaling_factor", 0.18215)
     ours = AutoencoderKL(config).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)  # same names, nothing renamed
@@ -88,7 +89,7 @@ def test_sd_full_size_on_meta():
                    layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=512,
                    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                    _class_name="AutoencoderKL", _diffusers_version="0.6.0")
-    assert VAEConfig.from_diffusers_config(sd_json) == VAEConfig.sd()
+    assert vae_config_from_diffusers(sd_json) == VAEConfig.sd()
     with torch.device("meta"):
         ours = AutoencoderKL(VAEConfig.sd())
         ref = diffusers.AutoencoderKL(**{k: v for k, v in sd_json.items() if not k.startswith("_")})
@@ -130,7 +131,7 @@ def our_monai_config(channels, num_res_blocks, norm_num_groups, attn):
 @pytest.mark.parametrize("naming", ["monai>=1.4", "GenerativeModels"])
 @pytest.mark.parametrize("kwargs", MONAI_TINY)
 def test_monai_parity(kwargs, naming):
-    from ldm.convert_monai import monai_vae_to_ours
+    from ldm.weights.monai import monai_vae_to_ours
 
     ref = perturb_norms(monai_model(**kwargs)).eval()
     state = ref.state_dict()
@@ -159,7 +160,7 @@ def test_tiny_is_the_first_monai_config():
 
 
 def test_monai_cxr_full_size_on_meta():
-    from ldm.convert_monai import monai_vae_to_ours
+    from ldm.weights.monai import monai_vae_to_ours
 
     need("monai")
     with torch.device("meta"):
@@ -191,9 +192,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="divisible by norm_num_groups"):
         VAEConfig(block_out_channels=[48, 64])
     with pytest.raises(ValueError, match="shift_factor"):
-        VAEConfig.from_diffusers_config({"block_out_channels": [64], "shift_factor": 0.1159})
+        vae_config_from_diffusers({"block_out_channels": [64], "shift_factor": 0.1159})
     with pytest.raises(ValueError, match="down_block_types"):
-        VAEConfig.from_diffusers_config({"down_block_types": ["DownBlock2D"]})
+        vae_config_from_diffusers({"down_block_types": ["DownBlock2D"]})
     vae = AutoencoderKL(VAEConfig.tiny())
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\), got shape \(1, 3, 64, 64\)"):
         vae.encode(torch.rand(1, 3, 64, 64))  # an RGB image into the grey VAE

@@ -12,15 +12,16 @@ import sys
 import torch
 import yaml
 
-from ldm.pipeline import Pipeline, save_pipeline
+from ldm.pipeline import Pipeline
+from ldm.weights.folder import save_pipeline
 from ldm.schedulers import DDIMScheduler, SchedulerConfig
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.tokenizer import train_bpe
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
-
 from grounding.anatomy import LOCATIONS, PATHOLOGIES
-from grounding.phantom import PhantomConfig, build_world, training_captions
+from grounding.phantom.world import PhantomConfig, build_world
+from grounding.phantom.pretrain import training_captions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}

@@ -4,7 +4,7 @@ All renaming rules live in ldm/, built by loops with a comment per rule (the dif
 model; no hand-written tables of 1,000 keys). This file: CompVis / LDM single files (SD 1.x with HF CLIP text
 keys, SD 2.x with OpenCLIP text keys), mirroring diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py
 (tests/data/keys/*_ldm_map.txt); legacy diffusers VAE attention names; architecture configs derived from shapes
-where a source has no config files. The MONAI rules (DiffusionModelUNet, AutoencoderKL) are in ldm/convert_monai.py.
+where a source has no config files. The MONAI rules (DiffusionModelUNet, AutoencoderKL) are in ldm/weights/monai.py.
 Each function takes a flat state dict and returns a new one; nothing is copied (tensors are shared).
 """
 import collections

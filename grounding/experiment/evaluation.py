@@ -6,7 +6,7 @@ original image (shortest side, NaN padding), and scored against the expert boxes
 the predecessor's 5-threshold binned one) and the pointing game. `protocol` (config key metric_protocol) picks how
 several boxes and the NaN band are counted: grounding/metrics.py, README "Metric conventions". Rows are appended to
 a JSONL file as they are computed, so an interrupted run resumes without
-redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/provenance.py); under
+redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/experiment/provenance.py); under
 torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
 import dataclasses
@@ -16,11 +16,12 @@ import os
 import torch
 from tqdm import tqdm
 
-from grounding import provenance
+from grounding.experiment import provenance
 from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared
 from grounding.metrics import (auc_binned5, auc_roc, cnr, miou, models_markdown, pointing_game, summarise,
                                summary_markdown)
-from grounding.preprocess import preprocess, to_original
+from grounding.data.images import preprocess
+from grounding.geometry import to_original
 from grounding.swap import prompt_side, swap_row, swap_sides
 
 METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
@@ -159,7 +160,7 @@ def save_overlay(pair, heatmap, path):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from grounding.preprocess import load_image
+    from grounding.data.images import load_image
 
     grey = (load_image(pair["image_path"]) * 255).astype(np.uint8)
     hm = torch.nan_to_num(heatmap, nan=0.0).numpy()

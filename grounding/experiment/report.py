@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from grounding.preprocess import load_image
+from grounding.data.images import load_image
 
 
 @dataclass
@@ -33,7 +33,8 @@ def model_column(pipe, name, hcfg, prompts=None, batch=16, prompt=None):
     """A Column whose heatmaps come from the grounding extraction (grounding/heatmap.py) with hcfg / prompts;
     `prompt` (pair -> text) overrides the prompt, as a swap test does."""
     from grounding.heatmap import extract_heatmaps
-    from grounding.preprocess import preprocess, to_original
+    from grounding.data.images import preprocess
+    from grounding.geometry import to_original
 
     text = prompt or (lambda p: p["prompt"])
 

@@ -1,4 +1,4 @@
-"""Weak supervision from the records of grounding/datasets.py: the curated tuning set, MS-CXR-loc, VinDr prompts.
+"""Weak supervision from the records of grounding/data/readers.py: the curated tuning set, MS-CXR-loc, VinDr prompts.
 
 Method: docs/paper.md sections 3 (weak supervision: report sentences -> location + pathology prompts) and 8
 (evaluation sets: MS-CXR-loc, VinDr-CXR with synthesised prompts). Records are plain dicts (ARCHITECTURE.md
@@ -8,11 +8,11 @@ locations, prompt, sentence. Every step returns or fills a DataReport: nothing i
 import collections
 import os
 
-from grounding import reports as rp
+from grounding.data import reports as rp
 from grounding.anatomy import box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
-from grounding.datasets import DataReport
+from grounding.data.readers import DataReport
 from grounding.metrics import box_edges
-from grounding.preprocess import box_to_model, crop_window
+from grounding.geometry import box_to_model, crop_window
 
 
 def read_report(path):

@@ -1,11 +1,11 @@
-"""Drawing the phantom chest X-rays: one sampled case (grounding/phantom.py) -> image + ground-truth boxes.
+"""Drawing the phantom chest X-rays: one sampled case (grounding/phantom/world.py) -> image + ground-truth boxes.
 
 A procedural, numpy-only renderer of an attenuation-like map (air ~0, soft tissue ~0.55, bone/heart brighter):
 body, two lungs with ribs and vascular markings, mediastinum, heart, domed diaphragm with sharp costophrenic
 angles, clavicles; per-patient size, position, rotation and contrast come from the case. Each of the 8 MS-CXR
 findings has a distinct look in its lung zones, and its boxes are measured on what was drawn; anatomy boxes
 (ImaGenome names) are measured on the rendered masks. Rendering is a pure function of the case: all randomness
-was drawn in grounding/phantom.py's sample_case, with seeds stored in the case.
+was drawn in grounding/phantom/world.py's sample_case, with seeds stored in the case.
 
 Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
 """

@@ -156,7 +156,8 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None):
     class heatmap, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
     from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared, prompt_contexts
     from grounding.metrics import miou
-    from grounding.preprocess import preprocess, to_original
+    from grounding.data.images import preprocess
+    from grounding.geometry import to_original
 
     B = len(cases)
     images = torch.stack([preprocess(c["image_path"], pipe.image) for c in cases])

@@ -1,6 +1,6 @@
 """Reading state dicts from any checkpoint file without ever executing pickled code.
 
-- `.safetensors` and sharded `*.safetensors.index.json`: our own reader (ldm/safetensors.py).
+- `.safetensors` and sharded `*.safetensors.index.json`: our own reader (ldm/weights/safetensors.py).
 - `.bin` / `.pt` / `.pth` / `.ckpt` and sharded `pytorch_model.bin.index.json`:
   `torch.load(path, map_location="cpu", weights_only=True, mmap=True)` (torch's own allow-list unpickler).
 - CompVis `.ckpt` files fail that: besides the state dict they pickle pytorch_lightning objects (a
@@ -22,7 +22,7 @@ import zipfile
 
 import torch
 
-from .safetensors import load_file, load_sharded
+from ldm.weights.safetensors import load_file, load_sharded
 
 
 class CheckpointError(ValueError):

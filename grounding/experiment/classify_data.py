@@ -4,7 +4,7 @@ of MIMIC-CXR test images labelled "No Finding", each normal paired with one pneu
 Real data: the labels come from mimic-cxr-2.0.0-chexpert.csv or -negbio.csv (subject_id, study_id, one column
 per label; 1.0 positive, 0.0 negative, -1.0 uncertain, empty = not mentioned): a study is "No Finding" when its
 "No Finding" value is 1.0; its frontal images (ViewPosition PA/AP) of the TEST split are the candidates.
-Phantom world: the same files, written by grounding/phantom.py `build_normal_set` into a separate tree (the world's
+Phantom world: the same files, written by grounding/phantom/world.py `build_normal_set` into a separate tree (the world's
 own normal studies trained the phantom LDM), and read by the same code.
 
 Pairing: the normals are shuffled (seeded) and the first n_pos paired with the pneumothorax pairs in order; a
@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from grounding import phantom
-from grounding.datasets import DataReport, _read_csv, read_mimic
+from grounding.phantom import world as phantom
+from grounding.data.readers import DataReport, _read_csv, read_mimic
 
 
 def read_no_finding(csv_path, records, views=("PA", "AP")):

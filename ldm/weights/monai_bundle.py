@@ -2,7 +2,7 @@
 
 A MONAI model-zoo bundle (e.g. cxr_image_synthesis_latent_diffusion_model) is a folder
 
-    BUNDLE/models/autoencoder.pth, BUNDLE/models/diffusion_model.pth     plain state dicts (ldm/convert_monai.py)
+    BUNDLE/models/autoencoder.pth, BUNDLE/models/diffusion_model.pth     plain state dicts (ldm/weights/monai.py)
     BUNDLE/configs/inference.json                                        how the networks were built
 
 whose `autoencoder_def` and `diffusion_def` objects hold the constructor arguments of MONAI's AutoencoderKL and

@@ -1,6 +1,6 @@
 """What produced a file of results, and the rules that keep one run's outputs from passing as another's.
 
-Three things live here, each used by train.py, evaluate.py and grounding/evaluation.py:
+Three things live here, each used by train.py, evaluate.py and grounding/experiment/evaluation.py:
 - digests: short sha256 fingerprints of a weights folder, a file, learned prompt rows, the code (git commit);
 - rows provenance: a per-pair rows file (rows_*.jsonl, eval_*.jsonl) gets a sidecar `<rows>.provenance.json`
   naming the weights, prompts, split, heatmap settings and code that made its rows. A rerun resumes only rows

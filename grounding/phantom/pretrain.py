@@ -16,17 +16,17 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+import numpy as np
 
-from ldm.pipeline import Pipeline, save_pipeline
+from ldm.pipeline import Pipeline
+from ldm.weights.folder import save_pipeline
 from ldm.schedulers import DDIMScheduler, SchedulerConfig
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.tokenizer import train_bpe
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
-
-from grounding import phantom
-from grounding.preprocess import preprocess
-from grounding.sources import ensure_phantom
+from grounding.data.images import preprocess
+from grounding.phantom.world import ensure_phantom, _pick, world_notice
 
 IMAGE = {"channels": 1, "size": 64, "range": [0.0, 1.0]}  # the phantom family's model input (like MONAI CXR, smaller)
 # A VAE half as wide as VAEConfig.tiny(): phantom images are smooth, and 2 CPU cores are the budget.
@@ -123,7 +123,7 @@ def pretrain(cfg):
                          "runs in fp32, set autocast: none")
     generator = torch.Generator().manual_seed(cfg.seed)
     root = ensure_phantom(cfg.phantom_root, seed=cfg.phantom_seed)
-    items = phantom.training_captions(root, seed=cfg.seed)  # [{image_path, caption}] of the training split
+    items = training_captions(root, seed=cfg.seed)  # [{image_path, caption}] of the training split
     print(f"{len(items)} training images; caption example: {items[0]['caption']!r}")
     t0 = time.time()
     images = torch.stack([preprocess(it["image_path"], IMAGE) for it in items])  # (N, 1, 64, 64) in [0, 1]
@@ -141,3 +141,36 @@ def pretrain(cfg):
         latents, [it["caption"] for it in items], cfg, generator, on_checkpoint=save)
     print(f"denoiser done in {time.time() - t0:.0f}s; final v-loss (EMA) {loss:.4f}")
     return save(tokenizer, text_encoder, unet, scheduler)
+
+
+def training_captions(root, splits=("train",), prompt_frac=0.5, seed=0):
+    """[{dicom_id, image_path, caption}] for pretraining the tiny phantom LDM, read through the real readers.
+
+    Each image's caption is, at random (fraction prompt_frac), its standardised prompt(s) ("left lower
+    atelectasis", several findings joined by ", ") or its positive report sentence(s); normal studies get an
+    impression-style sentence. Both kinds name location and pathology, so the text is needed to denoise.
+    """
+    from grounding.data import curation as cu
+    from grounding.data import readers as ds
+    from grounding.data import reports as rep
+    print(world_notice(root))
+    recs, _ = ds.read_mimic(os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports"),
+                            splits=splits)
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in recs:
+        prompts, sentences = {}, {}
+        for sentence, ps in cu.positive_sentences(cu.read_report(r["report_path"])):
+            for p in ps:
+                if p not in prompts:
+                    prompts[p] = rep.standardise_prompt(rep.sentence_locations(sentence, p), p)
+                    sentences[p] = sentence
+        if not prompts:
+            caption = _pick(rng, ["no acute cardiopulmonary process", "normal chest radiograph",
+                                  "no acute cardiopulmonary abnormality"])
+        elif rng.random() < prompt_frac:
+            caption = ", ".join(prompts.values())
+        else:
+            caption = " ".join(dict.fromkeys(sentences.values()))
+        out.append(dict(dicom_id=r["dicom_id"], image_path=r["image_path"], caption=caption))
+    return out

@@ -1,7 +1,7 @@
 """Where an experiment's data comes from: the embedded phantom world or the credentialed datasets.
 
 One function, `load(cfg)`, turns a train.py / evaluate.py config into everything both scripts need, read through
-the SAME readers and curation for both sources (grounding/datasets.py, grounding/curation.py): the curated tuning
+the SAME readers and curation for both sources (grounding/data/readers.py, grounding/data/curation.py): the curated tuning
 samples (MIMIC-CXR reports, MS-CXR patients excluded), the location -> Gaussian LUT (Chest ImaGenome gold boxes),
 and the grounding splits (MS-CXR, MS-CXR-loc, VinDr-CXR with synthesised prompts). Every skipped record is counted
 in `report`, and `description` says which data this is: synthetic data is never passed off as real.
@@ -10,12 +10,13 @@ import dataclasses
 import json
 import os
 
-from grounding import curation as cu
-from grounding import datasets as ds
-from grounding import phantom
+from grounding.data import curation as cu
+from grounding.data import readers as ds
+from grounding.phantom import world as phantom
 from grounding.anatomy import build_lut, load_lut, save_lut
-from grounding.phantom_real import world_notice_for
-from grounding.preprocess import preprocess
+from grounding.phantom.real import world_notice_for
+from grounding.data.images import preprocess
+from grounding.phantom.world import ensure_phantom
 
 
 @dataclasses.dataclass
@@ -46,19 +47,6 @@ class Data:
         return preprocess(sample["image_path"], image_cfg)
 
 
-def ensure_phantom(root, seed=0):
-    """Build the phantom world into `root` unless a complete one with this seed is already there."""
-    path = os.path.join(root, "world.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f)["config"]["seed"] == seed:
-                return root
-    print(f"building the phantom world (SYNTHETIC) into {root} ...")
-    summary = phantom.build_world(root, phantom.PhantomConfig(seed=seed))
-    print(f"built {summary['counts']['images']} images in {summary['build_seconds']}s")
-    return root
-
-
 def _paths(cfg):
     """(mimic root, reports root, MS-CXR CSV, ImaGenome gold CSV or scene-graph dir, VinDr CSV, VinDr image dir,
     description)."""
@@ -72,7 +60,7 @@ def _paths(cfg):
         missing = [k for k in ("mimic_root", "reports_root", "mscxr_csv") if not getattr(cfg, k)]
         if missing:
             raise ValueError(f"data: mimic needs the config keys {missing} (see configs/mimic_monai.yaml)")
-        # a phantom world written in the real layout (grounding/phantom_real.py) is still named as synthetic
+        # a phantom world written in the real layout (grounding/phantom/real.py) is still named as synthetic
         notice = world_notice_for(cfg.mimic_root)
         return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, cfg.vindr_csv, cfg.vindr_images,
                 notice or f"[data] MIMIC-CXR-JPG {cfg.mimic_root} + MS-CXR {cfg.mscxr_csv} (real)")

@@ -7,7 +7,7 @@ Records are plain dicts (ARCHITECTURE.md "Grounding data records"):
 - MIMIC record: dicom_id, subject_id, study_id, split, view, image_width, image_height, image_path, report_path.
 Every reader returns (records, DataReport): nothing is dropped or changed without being counted there.
 The weak supervision built on these records (curated tuning set, MS-CXR-loc, VinDr prompts) is in
-grounding/curation.py. The phantom world (grounding/phantom.py) writes these same formats, so these readers are
+grounding/data/curation.py. The phantom world (grounding/phantom/world.py) writes these same formats, so these readers are
 what reads it.
 """
 import collections
@@ -18,7 +18,7 @@ import os
 import re
 
 from grounding.anatomy import PATHOLOGIES
-from grounding.preprocess import image_size
+from grounding.data.images import image_size
 
 
 class DataReport:
@@ -511,7 +511,7 @@ def read_vindr(csv_path, image_dir, on_missing="error", split=None, source="vind
             if not _check_header(path, on_missing, report, f"pair {key}"):
                 continue
             if path.endswith((".dicom", ".dcm")):
-                from grounding.preprocess import load_image
+                from grounding.data.images import load_image
                 h, w = load_image(path).shape
                 sizes[image_id] = (w, h)
             else:

@@ -3,7 +3,7 @@
 Covers both namings: MONAI GenerativeModels and MONAI core >= 1.4 (the paper's CXR LDM, docs/formats.md
 "MONAI CXR LDM", tests/data/keys/gen_*.txt, monai14_*.txt). Built by loops with a comment per rule, like the
 diffusers convert scripts. All renaming rules live in ldm/: the diffusers-family rules (CompVis / LDM single
-files, legacy diffusers VAE names, text encoders, configs from shapes) are in ldm/convert.py.
+files, legacy diffusers VAE names, text encoders, configs from shapes) are in ldm/weights/compvis.py.
 Each function takes a flat state dict and returns a new one; nothing is copied (tensors are shared).
 """
 import re

@@ -3,9 +3,9 @@
 docs/phantom.md "The embedded default"; lessons from docs/phantom.md (the text must be needed to
 denoise: findings vary in kind AND place, and the report names both). This file is the world as datasets:
 its config, the per-case sampling of anatomy and findings (the 8 MS-CXR findings at anatomical locations),
-the report wording, and the writer of the REAL formats (docs/formats.md) so that grounding/datasets.py reads it
+the report wording, and the writer of the REAL formats (docs/formats.md) so that grounding/data/readers.py reads it
 exactly like the credentialed data. The drawing of each frontal radiograph from a sampled case is in
-grounding/phantom_render.py.
+grounding/phantom/render.py.
 
   root/world.json                          says SYNTHETIC; counts, paths, config
   root/mimic-cxr-jpg/files/p1X/p<subject>/s<study>/<dicom_id>.jpg + mimic-cxr-2.0.0-{metadata,split}.csv
@@ -15,7 +15,7 @@ grounding/phantom_render.py.
   root/vindr-cxr/annotations_test.csv + test/<image_id>.png      out-of-distribution "scanner"
 
 build_world(..., layout="real") writes the same cases in the exact layouts of the credentialed releases instead,
-traps included (grounding/phantom_real.py): the rehearsal of configs/mimic_monai.yaml.
+traps included (grounding/phantom/real.py): the rehearsal of configs/mimic_monai.yaml.
 
 Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
 """
@@ -30,7 +30,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from grounding.phantom_render import render_case
+from grounding.phantom.render import render_case
 
 SYNTHETIC_NOTICE = "SYNTHETIC phantom chest X-ray world (procedurally generated; no real patient data)"
 
@@ -274,11 +274,11 @@ def build_world(root, config=None, layout="phantom"):
     """Generate the phantom world under `root` in the real dataset formats; returns a summary dict.
 
     layout: "phantom" (the quickstart's flat tree above) | "real" (the same cases in the exact folder layout and
-    files of the credentialed releases, traps included: grounding/phantom_real.py).
+    files of the credentialed releases, traps included: grounding/phantom/real.py).
     """
     cfg = config or PhantomConfig()
     if layout == "real":
-        from grounding.phantom_real import build_real_world
+        from grounding.phantom.real import build_real_world
         return build_real_world(root, cfg)
     if layout != "phantom":
         raise ValueError(f"build_world: layout must be 'phantom' or 'real', got {layout!r}")
@@ -367,39 +367,6 @@ def world_notice(root):
     return f"[data] {w['notice']} at {root}, seed {w['config']['seed']}"
 
 
-def training_captions(root, splits=("train",), prompt_frac=0.5, seed=0):
-    """[{dicom_id, image_path, caption}] for pretraining the tiny phantom LDM, read through the real readers.
-
-    Each image's caption is, at random (fraction prompt_frac), its standardised prompt(s) ("left lower
-    atelectasis", several findings joined by ", ") or its positive report sentence(s); normal studies get an
-    impression-style sentence. Both kinds name location and pathology, so the text is needed to denoise.
-    """
-    from grounding import curation as cu
-    from grounding import datasets as ds
-    from grounding import reports as rep
-    print(world_notice(root))
-    recs, _ = ds.read_mimic(os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports"),
-                            splits=splits)
-    rng = np.random.default_rng(seed)
-    out = []
-    for r in recs:
-        prompts, sentences = {}, {}
-        for sentence, ps in cu.positive_sentences(cu.read_report(r["report_path"])):
-            for p in ps:
-                if p not in prompts:
-                    prompts[p] = rep.standardise_prompt(rep.sentence_locations(sentence, p), p)
-                    sentences[p] = sentence
-        if not prompts:
-            caption = _pick(rng, ["no acute cardiopulmonary process", "normal chest radiograph",
-                                  "no acute cardiopulmonary abnormality"])
-        elif rng.random() < prompt_frac:
-            caption = ", ".join(prompts.values())
-        else:
-            caption = " ".join(dict.fromkeys(sentences.values()))
-        out.append(dict(dicom_id=r["dicom_id"], image_path=r["image_path"], caption=caption))
-    return out
-
-
 CHEXPERT_COLUMNS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
                     "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
                     "Pneumothorax", "Support Devices"]
@@ -443,3 +410,16 @@ def build_normal_set(root, n):
     with open(marker, "w") as fh:
         json.dump(dict(notice=SYNTHETIC_NOTICE, seed=cfg.seed, n=n, kind="normal"), fh)
     return out
+
+
+def ensure_phantom(root, seed=0):
+    """Build the phantom world into `root` unless a complete one with this seed is already there."""
+    path = os.path.join(root, "world.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f)["config"]["seed"] == seed:
+                return root
+    print(f"building the phantom world (SYNTHETIC) into {root} ...")
+    summary = build_world(root, PhantomConfig(seed=seed))
+    print(f"built {summary['counts']['images']} images in {summary['build_seconds']}s")
+    return root

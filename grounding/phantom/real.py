@@ -2,7 +2,7 @@
 
     grounding.phantom.build_world(root, PhantomConfig.tiny(), layout="real")
 
-The default phantom world (grounding/phantom.py, layout "phantom") keeps one flat, simplified tree that the
+The default phantom world (grounding/phantom/world.py, layout "phantom") keeps one flat, simplified tree that the
 quickstart reads. This writer draws the SAME cases (phantom.sample_case, phantom_render.render_case) but lays them
 out as the real releases are unpacked, so that configs/mimic_monai.yaml runs on it with only its "/data" prefix
 changed, and it plants the traps a new user meets on the real data:
@@ -35,8 +35,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from grounding import phantom as ph
-from grounding.phantom_render import render_case
+from grounding.phantom import world as ph
+from grounding.phantom.render import render_case
 
 # train-study index % 8 -> the ViewPosition of each image of the study; the rendered frontal image takes the first
 # frontal view, the others are copies (AP) or a mirrored copy (LATERAL). "" = an empty ViewPosition, as in MIMIC.

@@ -1,0 +1,206 @@
+"""Flat YAML experiment configs with command-line overrides (`key=value`), checked against a dataclass.
+
+nanoGPT's configurator, made strict: a YAML file and `key=value` overrides fill the fields of a dataclass whose
+defaults are the documented settings. Unknown keys and values of the wrong type are errors that name the key, so a
+typo never silently falls back to a default. No exec, no registries.
+
+`TrainConfig` (end of the file) is the one documented list of an experiment's settings: train.py reads it,
+evaluate.py, classify.py and scripts/ read the same keys from a tuning run's config.yaml.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+def _check_type(name, value, annotation):
+    """Return `value` converted to the field's type, or raise a ValueError naming the key."""
+    origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML reads `1` as int; a float field accepts it
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string: accept it for a float field
+        except ValueError:
+            pass
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ValueError(f"config key {name!r}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {name!r}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(annotation) or (object,)
+        return [_check_type(f"{name}[{i}]", v, inner) if inner is not object else v for i, v in enumerate(value)]
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(name, value, args[0])
+    return value
+
+
+def load_config(cls, path=None, overrides=()):
+    """Build `cls` (a dataclass) from a YAML file and `key=value` strings; later sources win."""
+    values = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not loaded:
+            print(f"config file {path} is empty: running on the built-in defaults (plus any key=value overrides)")
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw)  # YAML typing: 1e-4 -> float, [4,5] -> list, true -> bool
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} (from {path or 'the command line'}); "
+                         f"known keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def check_values(cfg, positive=(), non_negative=(), choices=None):
+    """Range and choice checks of a loaded config; a ValueError names the key, its value and what it must be."""
+    for key in positive:
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"config key {key!r}: must be > 0, got {getattr(cfg, key)!r}")
+    for key in non_negative:
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"config key {key!r}: must be >= 0, got {getattr(cfg, key)!r}")
+    for key, allowed in (choices or {}).items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r}: expected one of {' | '.join(map(str, allowed))}, "
+                             f"got {getattr(cfg, key)!r}")
+
+
+def check_layers(key, layers, n_layers=None, what="this model"):
+    """Cross-attention layer indices: ints >= 0, no repeats, and < n_layers once the model is known."""
+    bad = [i for i in layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer indices are cross-attention layer numbers >= 0, got {bad}")
+    bad = [i for i in layers if n_layers is not None and i >= n_layers]
+    if bad:
+        raise ValueError(f"config key {key!r}: layer index(es) {bad} out of range; {what} has {n_layers} "
+                         f"cross-attention layers (0-{n_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"config key {key!r}: repeated layer index in {list(layers)}")
+
+
+def check_train_config(cfg):
+    """Ranges and choices of train.py's TrainConfig (the layer range waits for the model: `check_layers`)."""
+    from grounding.prompts import SHARED_MODES
+    from grounding.metrics import PROTOCOLS
+    check_values(cfg, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
+                                "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
+                                "vocab_size", "log_every"),
+                 non_negative=("threads", "val_every", "eval_pairs", "timesteps_per_step", "n_ctx", "weight_decay",
+                               "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc",
+                               "kl_weight", "caption_dropout"),
+                 choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
+                          "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
+                          "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
+                          "shared_tokens": SHARED_MODES, "mscxr_split": ("all", "train", "val", "test"),
+                          "metric_protocol": PROTOCOLS})
+    from grounding.data.curation import check_views
+    check_views(cfg.views)
+    check_layers("layers", cfg.layers)
+    window = list(cfg.train_window)
+    if len(window) != 2 or not 0 <= window[0] < window[1]:
+        raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, got {window!r}")
+
+
+def save_config(cfg, path):
+    """Write the resolved config next to a run's outputs."""
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run -------------------------------------------------------------------------------------------
+    mode: str = "tune"                       # "tune" (the paper's prompt tuning) | "pretrain" (tiny phantom base LDM)
+    out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
+    seed: int = 0                            # the paper does not report a seed (single run)
+    device: str = "cpu"                      # "cpu" | "cuda"
+    autocast: str = "none"                   # "none" | "bf16" | "fp16": text encoder + UNet forwards of the tuning step,
+                                             # inversions and heatmaps under torch.autocast; maps and losses stay fp32
+    threads: int = 0                         # torch CPU threads (0 = torch's default)
+    # --- data --------------------------------------------------------------------------------------------------
+    data: str = "phantom"                    # "phantom" (embedded synthetic world, built if missing) | "mimic"
+    phantom_root: str = "data/phantom"       # where the phantom world is written
+    phantom_seed: int = 0                    # the world's seed
+    mimic_root: str = ""                     # MIMIC-CXR-JPG root (files/, metadata and split CSVs)
+    reports_root: str = ""                   # MIMIC-CXR reports root (files/pXX/p<subject>/s<study>.txt)
+    mscxr_csv: str = ""                      # MS-CXR CSV (v0.1 or v1.1.0): its patients are excluded from tuning
+    mscxr_split: str = "all"                 # MS-CXR pairs scored: "all" (the paper's 1,043 MS-CXR-loc pairs come from
+                                             # all of MS-CXR) | "train" | "val" | "test" (v1.1.0's split column)
+    views: list = field(default_factory=lambda: ["PA"])  # tuning-set views: PA (the MONAI CXR LDM's training view);
+                                             # add "AP" to allow AP images; lateral images never enter
+    imagenome_root: str = ""                 # Chest ImaGenome gold boxes for the Gaussian LUT: the gold CSV
+                                             # (gold_dataset/gold_bbox_coordinate_annotations_1000images.csv) or a
+                                             # folder of <dicom_id>_SceneGraph.json
+    imagenome_gold_ids: str = ""             # with a scene-graph folder: file of gold dicom ids (one a line, or a CSV
+                                             # with image_id); empty = every graph in the folder
+    lut_path: str = ""                       # a saved LUT (JSON); built from imagenome_root when empty
+    vindr_csv: str = ""                      # VinDr-CXR annotations_test.csv (evaluate.py --split vindr)
+    vindr_images: str = ""                   # folder of VinDr images converted to PNG (<image_id>.png)
+    on_missing: str = "error"                # a missing/unreadable image or a wrong recorded size: "error" | "skip" (counted)
+    # --- model -------------------------------------------------------------------------------------------------
+    weights: str = "assets/phantom_ldm"      # a converted folder (convert_weights.py) or the phantom base model
+    # --- prompt tuning (paper defaults, docs/paper.md sections 4-5 and 10) -------------------------------------------
+    max_steps: int = 600                     # optimiser steps (paper: epochs not stated; ~3 h on an RTX 3090)
+    batch_size: int = 1                      # images per step (paper: 1)
+    lr: float = 1e-4                         # paper: 1e-4
+    optimizer: str = "adamw"                 # paper: not stated. "adamw" | "adam" | "sgd"
+    weight_decay: float = 0.0                # no decay: the rows should stay near real token embeddings
+    layers: list = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
+                                             # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
+    num_inference_steps: int = 100          # the DDIM schedule the window is taken from
+    train_window: list = field(default_factory=lambda: [400, 700])  # timesteps [lo, hi): steps [30,60) of 100, reverse order
+    timesteps_per_step: int = 0              # 0 = all T window steps per image (paper); k = a random k of them (cheaper)
+    noisy_latents: str = "inversion"         # "inversion" (DDIM inversion, as at test time) | "noise" (forward noising)
+    alpha: float = 0.1                       # weight of G in the target (Eq. 3)
+    eps: float = 1e-5                        # G > eps marks the Gaussian's support (Eq. 3)
+    jitter: float = 0.05                     # +-5% of the image size on every mu and sigma
+    merge: str = "max"                       # how several Gaussians merge into one target: "max" | "sum" (not stated)
+    w_div: float = 1.0                       # weight of L_div (Eq. 2)
+    w_loc: float = 1.0                       # weight of L_loc (Eq. 4)
+    shared_tokens: str = "positional"        # sub-tokens shared by location and pathology words ("pleural", "cardiomegaly"):
+                                             # "positional" (location occurrences get their own rows) | "frozen" | "trainable"
+    n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
+    max_train_samples: int = 0               # 0 = all curated samples
+    latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit
+    # --- validation, checkpoints ---------------------------------------------------------------------------------
+    val_every: int = 200                     # steps between short validations (CNR, mIoU on a few held-out pairs)
+    val_pairs: int = 24                      # held-out pairs used by the short validation
+    ckpt_every: int = 100                    # steps between atomic checkpoints
+    eval_at_end: bool = True                 # frozen-vs-tuned grounding on the held-out split when done
+    eval_pairs: int = 0                      # 0 = the whole held-out split
+    eval_batch: int = 16                     # images inverted together during evaluation
+    eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
+    metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
+    eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/swap.py)
+    # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
+    vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6                  # KL term of the VAE (SD used 1e-6)
+    unet_steps: int = 3000                   # text encoder + UNet steps
+    unet_lr: float = 5e-4
+    pretrain_batch: int = 32
+    caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
+    vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
+    log_every: int = 50
+
+    def __post_init__(self):  # checked when loaded, so a bad value is named before anything runs
+        check_train_config(self)
