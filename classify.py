@@ -26,6 +26,7 @@ from ldm.weights.folder import load_pipeline
 from grounding.experiment import sources
 from grounding.experiment.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
 from grounding.experiment.classify_data import classification_cases
+from grounding.experiment.rows import load_rows
 from grounding.experiment.config import load_config, TrainConfig
 from grounding.experiment.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
@@ -77,7 +78,7 @@ def main(argv=None):
     prompts = None
     if args.prompts:
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
-        prompts.load(args.prompts)
+        load_rows(prompts, args.prompts)
     data = sources.load(cfg, family=pipe.family, need_samples=False)
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
     # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ldm.weights.folder import load_pipeline
 from grounding.experiment import provenance, sources
 from grounding.experiment.provenance import code_version
+from grounding.experiment.rows import load_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import Model, comparison_markdown, evaluate_models, summary_table
@@ -114,7 +115,7 @@ def main(argv=None):
         models.append(("untuned", None))
     if args.prompts:
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
-        prompts.load(args.prompts)
+        load_rows(prompts, args.prompts)
         models.append(("tuned", prompts))
     cols = [Model(name, prompts, hcfgs[name],
                   os.path.join(out, f"rows_{name}.rank{rank}.jsonl" if world > 1 else f"rows_{name}.jsonl"),

@@ -27,6 +27,7 @@ from ldm.weights.folder import load_pipeline
 from grounding.experiment import provenance, sources
 from grounding.anatomy import gaussians_for, jitter, render_gaussians
 from grounding.attention_store import AttentionStore
+from grounding.experiment.rows import save_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import (Model, evaluate_models, evaluate_pairs, summary_table,
@@ -223,7 +224,7 @@ def tune(cfg, resume=False):
                 f"({data.val_note})")
     say(f"tuning done: {cfg.max_steps - step0} steps in {time.time() - t0:.0f}s")
     if rank == 0:
-        prompts.save(os.path.join(cfg.out_dir, "learned_rows.safetensors"))
+        save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"))
         say("nearest real tokens of each learned row:")
         for token, near in prompts.nearest_tokens(k=3).items():
             say(f"  {token!r:>14} -> {near}")

@@ -19,20 +19,11 @@ Paper gaps (docs/paper.md section 10), as options:
   "trainable": shared rows are trainable wherever they occur, pathology words included.
 - n_ctx: CoOp-style learnable context tokens inserted after BOS (0 = off, the paper's setting).
 """
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from grounding.anatomy import LOCATIONS, PATHOLOGIES
-except ImportError:  # pragma: no cover - anatomy.py is a sibling part; the lists are the paper's
-    LOCATIONS = tuple(f"{s} {z}".strip() for s in ("left", "right", "bilateral")
-                      for z in ("", "apical", "upper", "middle", "lower", "costophrenic", "pleural", "base")
-                      if (s, z) != ("bilateral", "base")) + ("bibasilar", "lingular", "cardiomegaly", "pulmonary")
-    PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
-                   "Pneumonia", "Pneumothorax")
+from grounding.anatomy import LOCATIONS, PATHOLOGIES
 
 SHARED_MODES = ("frozen", "trainable", "positional")
 # prompts say the pathology in lower case; "opacity" alone is how "lung opacity" is often written
@@ -208,70 +199,6 @@ class LearnablePrompts(nn.Module):
         """Per anatomy row: ||learned - initial|| / ||initial|| (how far tuning moved each vector)."""
         init = self.text_encoder.token_embedding.weight[self.anatomy_ids].detach()
         return (self.anatomy.detach() - init).norm(dim=-1) / init.norm(dim=-1)
-
-    # ---- save / load of the learned rows alone ------------------------------------------------
-
-    def save(self, path):
-        from ldm.weights.safetensors import save_file
-        tensors = {"anatomy": self.anatomy.detach().cpu().contiguous()}
-        if self.n_ctx:
-            tensors["ctx"] = self.ctx.detach().cpu().contiguous()
-        meta = {"tokens": json.dumps(self.token_strings(self.anatomy_ids)), "ids": json.dumps(self.anatomy_ids),
-                "shared_tokens": self.shared_tokens, "n_ctx": str(self.n_ctx), **self.identity(),
-                "format": "anatomy-prompts/1"}
-        save_file(tensors, path, metadata=meta)
-
-    def identity(self):
-        """What the learned rows are only valid with: vocabulary size, token ids, mode, text encoder fingerprint.
-
-        The fingerprint is a sha256 of the frozen input embedding table (fp32 bytes): rows learned against one
-        text encoder mean nothing to another with the same tokenizer.
-        """
-        from grounding.experiment.provenance import tensor_digest
-        return {"vocab_size": str(self.tokenizer.vocab_size), "ids": json.dumps(self.anatomy_ids),
-                "shared_tokens": self.shared_tokens,
-                "text_encoder_sha256": tensor_digest(self.text_encoder.token_embedding.weight)}
-
-    def load(self, path):
-        """Load learned rows written by `save`; tokens, ids, vocabulary, mode and text encoder must all match."""
-        from ldm.weights.safetensors import load_file, read_header
-        meta = read_header(path).get("__metadata__") or {}
-        if "tokens" not in meta:
-            raise ValueError(f"{path}: no 'tokens' in __metadata__; not a file written by LearnablePrompts.save")
-        mine = self.identity()
-        missing = [k for k in mine if k not in meta]
-        if missing:  # a file from before these were recorded: it loads, but cannot be checked
-            print(f"note: {path} does not record {missing}; it cannot be checked against this model")
-        diffs = [k for k in mine if k in meta and meta[k] != mine[k]]
-        if diffs == ["ids"]:  # same vocabulary, encoder and mode: another codebook, reported by its tokens below
-            diffs = [] if json.loads(meta["tokens"]) != self.token_strings(self.anatomy_ids) else diffs
-        if diffs:
-            said = {"vocab_size": "vocabulary size", "ids": "token ids", "shared_tokens": "shared_tokens mode",
-                    "text_encoder_sha256": "text encoder (input embedding table)"}
-            raise ValueError(f"{path} was learned with another " + ", another ".join(said[k] for k in diffs) + ": "
-                             + "; ".join(f"{k} {_short(meta[k])} in the file vs {_short(mine[k])} here" for k in diffs)
-                             + ". Load it with the model, tokenizer and shared_tokens it was trained with.")
-        tokens, mine = json.loads(meta["tokens"]), self.token_strings(self.anatomy_ids)
-        if tokens != mine:
-            diff = sorted(set(tokens) ^ set(mine))
-            raise ValueError(f"{path}: its {len(tokens)} learned rows are for tokens that differ from this "
-                             f"codebook's {len(mine)} (e.g. {diff[:6]}); same tokenizer and shared_tokens="
-                             f"{meta.get('shared_tokens')!r}?")
-        if int(meta.get("n_ctx", 0)) != self.n_ctx:
-            raise ValueError(f"{path}: saved with n_ctx={meta.get('n_ctx')}, this model has n_ctx={self.n_ctx}")
-        tensors = load_file(path)
-        if tuple(tensors["anatomy"].shape) != tuple(self.anatomy.shape):
-            raise ValueError(f"{path}: anatomy shape {tuple(tensors['anatomy'].shape)} != {tuple(self.anatomy.shape)}")
-        with torch.no_grad():
-            self.anatomy.copy_(tensors["anatomy"])
-            if self.n_ctx:
-                self.ctx.copy_(tensors["ctx"])
-        return self
-
-
-def _short(value, n=60):
-    value = str(value)
-    return value if len(value) <= n else value[:n] + "..."
 
 
 def _unique(ids):

@@ -27,7 +27,9 @@ from grounding.swap import prompt_side, swap_sides  # noqa: E402
 from grounding.geometry import box_to_model  # noqa: E402
 from grounding.data.images import preprocess  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
+from grounding.experiment.rows import load_rows  # noqa: E402
 from grounding.experiment.config import TrainConfig  # noqa: E402
+from grounding.experiment.rows import load_rows  # noqa: E402
 from grounding.experiment.config import load_config  # noqa: E402
 
 
@@ -64,7 +66,7 @@ def main():
                 seen.add(pair["category"])
     pairs = pairs[:args.n]
     prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
-    prompts.load(args.prompts)
+    load_rows(prompts, args.prompts)
     images = torch.stack([preprocess(q["image_path"], pipe.image) for q in pairs])
     text = [q["prompt"] for q in pairs]
     swapped = [swap_sides(t) for t in text]

@@ -170,15 +170,16 @@ def test_train_run_dir_rules_and_final_evaluation_settings(setup):
 
 
 def test_evaluation_refuses_rows_of_other_prompts(setup):
+    from grounding.experiment.rows import save_rows
     from grounding.prompts import LearnablePrompts
     from ldm.weights.folder import load_pipeline
     root = setup["root"]
     pipe = load_pipeline(setup["model"])
     prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional")
-    prompts.save(os.path.join(root, "rows_a.safetensors"))
+    save_rows(prompts, os.path.join(root, "rows_a.safetensors"))
     with torch.no_grad():
         prompts.anatomy.add_(0.1)
-    prompts.save(os.path.join(root, "rows_b.safetensors"))
+    save_rows(prompts, os.path.join(root, "rows_b.safetensors"))
     # key=value overrides between the flags (parse_intermixed_args)
     args = [os.path.join(REPO, "evaluate.py"), "--split", "phantom", "threads=1", "--config", setup["config"],
             "eval_batch=4", "--limit", "2", "--out", "ev_prov", "--bootstrap", "50", "--overlays", "0"]

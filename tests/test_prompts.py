@@ -6,6 +6,7 @@ import torch
 from test_heatmap import _inputs, tiny_pipe
 
 from grounding.attention_store import AttentionStore
+from grounding.experiment.rows import load_rows, save_rows
 from grounding.losses import grounding_loss
 from grounding.prompts import LearnablePrompts
 
@@ -137,14 +138,14 @@ def test_save_load_and_nearest_tokens(tmp_path):
         assert hits[0][0] == token and hits[0][1] == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         a.anatomy.mul_(-1.0)
-    a.save(tmp_path / "anatomy.safetensors")
+    save_rows(a, tmp_path / "anatomy.safetensors")
     from ldm.weights.safetensors import load_file, read_header
     assert set(load_file(tmp_path / "anatomy.safetensors")) == {"anatomy"}
     meta = read_header(tmp_path / "anatomy.safetensors")["__metadata__"]
     assert "left</w>" in meta["tokens"]
-    b = LearnablePrompts(pipe.tokenizer, pipe.text_encoder).load(tmp_path / "anatomy.safetensors")
+    b = load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder), tmp_path / "anatomy.safetensors")
     assert torch.equal(a.anatomy, b.anatomy)
     # a file for another codebook is refused with the reason
     c = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, locations=("left", "right"))
     with pytest.raises(ValueError, match="differ"):
-        c.load(tmp_path / "anatomy.safetensors")
+        load_rows(c, tmp_path / "anatomy.safetensors")

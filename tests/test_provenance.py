@@ -19,6 +19,7 @@ from test_heatmap import tiny_pipe
 
 from grounding.data import readers as ds
 from grounding.experiment import provenance
+from grounding.experiment.rows import load_rows, save_rows
 from grounding.experiment.config import load_config, TrainConfig
 from grounding.experiment.evaluation import evaluate_pairs
 from grounding.heatmap import LAYER_PRESETS
@@ -170,20 +171,20 @@ def test_final_evaluation_uses_the_trained_layers_and_steps():
 def test_learned_rows_refuse_another_encoder_vocabulary_or_mode(tmp_path):
     pipe = tiny_pipe()
     path = str(tmp_path / "rows.safetensors")
-    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").save(path)
-    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").load(path)   # same: loads
+    save_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"), path)
+    load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"), path)   # same: loads
     with pytest.raises(ValueError, match="shared_tokens mode"):
-        LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="trainable").load(path)
+        load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="trainable"), path)
     other = tiny_pipe().text_encoder
     with torch.no_grad():
         other.token_embedding.weight[5] += 0.01                              # one row of the table differs
     with pytest.raises(ValueError, match=r"text encoder \(input embedding table\)"):
-        LearnablePrompts(pipe.tokenizer, other, shared_tokens="positional").load(path)
+        load_rows(LearnablePrompts(pipe.tokenizer, other, shared_tokens="positional"), path)
     from ldm.weights.safetensors import load_file, read_header, save_file
     meta = read_header(path)["__metadata__"]
     save_file(load_file(path), path, metadata={**meta, "vocab_size": "49408"})
     with pytest.raises(ValueError, match="vocabulary size.*49408"):
-        LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").load(path)
+        load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""The learned anatomy rows as a file: save them alone (train.py's learned_rows.safetensors) and load them back,
+checked against the model they are loaded into.
+
+A rows file is a safetensors file with the tensors `anatomy` (K, D) (and `ctx` (n_ctx, D) with CoOp context
+tokens) and __metadata__: the codebook's tokens and ids, shared_tokens, n_ctx, the vocabulary size, a sha256 of the
+frozen text encoder's input embedding table, and "format": "anatomy-prompts/1" (docs/formats.md "Files this
+repository writes"). Rows learned against one text encoder mean nothing to another with the same tokenizer, so
+loading refuses a file whose identity differs from the model's, naming what differs.
+"""
+import json
+
+import torch
+
+from ldm.weights.safetensors import load_file, read_header, save_file
+from grounding.experiment.provenance import tensor_digest
+
+
+def rows_identity(prompts):
+    """What learned rows are only valid with: vocabulary size, token ids, mode, text encoder fingerprint.
+
+    The fingerprint is a sha256 of the frozen input embedding table (fp32 bytes).
+    """
+    return {"vocab_size": str(prompts.tokenizer.vocab_size), "ids": json.dumps(prompts.anatomy_ids),
+            "shared_tokens": prompts.shared_tokens,
+            "text_encoder_sha256": tensor_digest(prompts.text_encoder.token_embedding.weight)}
+
+
+def save_rows(prompts, path):
+    """Write the learned rows of a LearnablePrompts (and its context tokens) with their identity."""
+    tensors = {"anatomy": prompts.anatomy.detach().cpu().contiguous()}
+    if prompts.n_ctx:
+        tensors["ctx"] = prompts.ctx.detach().cpu().contiguous()
+    meta = {"tokens": json.dumps(prompts.token_strings(prompts.anatomy_ids)), "ids": json.dumps(prompts.anatomy_ids),
+            "shared_tokens": prompts.shared_tokens, "n_ctx": str(prompts.n_ctx), **rows_identity(prompts),
+            "format": "anatomy-prompts/1"}
+    save_file(tensors, path, metadata=meta)
+
+
+def load_rows(prompts, path):
+    """Load rows written by `save_rows` into `prompts`; tokens, ids, vocabulary, mode and text encoder must match.
+
+    Returns `prompts`."""
+    meta = read_header(path).get("__metadata__") or {}
+    if "tokens" not in meta:
+        raise ValueError(f"{path}: no 'tokens' in __metadata__; not a file written by save_rows")
+    mine = rows_identity(prompts)
+    missing = [k for k in mine if k not in meta]
+    if missing:  # a file from before these were recorded: it loads, but cannot be checked
+        print(f"note: {path} does not record {missing}; it cannot be checked against this model")
+    diffs = [k for k in mine if k in meta and meta[k] != mine[k]]
+    if diffs == ["ids"]:  # same vocabulary, encoder and mode: another codebook, reported by its tokens below
+        diffs = [] if json.loads(meta["tokens"]) != prompts.token_strings(prompts.anatomy_ids) else diffs
+    if diffs:
+        said = {"vocab_size": "vocabulary size", "ids": "token ids", "shared_tokens": "shared_tokens mode",
+                "text_encoder_sha256": "text encoder (input embedding table)"}
+        raise ValueError(f"{path} was learned with another " + ", another ".join(said[k] for k in diffs) + ": "
+                         + "; ".join(f"{k} {_short(meta[k])} in the file vs {_short(mine[k])} here" for k in diffs)
+                         + ". Load it with the model, tokenizer and shared_tokens it was trained with.")
+    tokens, mine = json.loads(meta["tokens"]), prompts.token_strings(prompts.anatomy_ids)
+    if tokens != mine:
+        diff = sorted(set(tokens) ^ set(mine))
+        raise ValueError(f"{path}: its {len(tokens)} learned rows are for tokens that differ from this "
+                         f"codebook's {len(mine)} (e.g. {diff[:6]}); same tokenizer and shared_tokens="
+                         f"{meta.get('shared_tokens')!r}?")
+    if int(meta.get("n_ctx", 0)) != prompts.n_ctx:
+        raise ValueError(f"{path}: saved with n_ctx={meta.get('n_ctx')}, this model has n_ctx={prompts.n_ctx}")
+    tensors = load_file(path)
+    if tuple(tensors["anatomy"].shape) != tuple(prompts.anatomy.shape):
+        raise ValueError(f"{path}: anatomy shape {tuple(tensors['anatomy'].shape)} != {tuple(prompts.anatomy.shape)}")
+    with torch.no_grad():
+        prompts.anatomy.copy_(tensors["anatomy"])
+        if prompts.n_ctx:
+            prompts.ctx.copy_(tensors["ctx"])
+    return prompts
+
+
+def _short(value, n=60):
+    value = str(value)
+    return value if len(value) <= n else value[:n] + "..."

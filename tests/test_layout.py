@@ -1,0 +1,74 @@
+"""The package layering (ARCHITECTURE.md "Layout"): every import runs downward, and the core never imports plumbing.
+
+Ranks (an import may only name a module of the same or a LOWER rank):
+  0 model         ldm/*.py               tokenizer, text encoder, attention, UNet, VAE, schedulers, sampling, Pipeline
+  1 weights       ldm/weights/           safe file reading, renaming rules, foreign configs, the converted folder
+  2 method        grounding/*.py         anatomy LUT, geometry, prompts, attention store, losses, training step,
+                                         heatmaps, metrics
+  3 data          grounding/data/        image reading, dataset readers, reports, weak supervision
+  4 phantom       grounding/phantom/     the synthetic world and the pretraining of its tiny LDM
+  5 experiment    grounding/experiment/  settings and config files, data sources, evaluation runs, provenance
+  6 entry points  train.py, evaluate.py, convert_weights.py, sample.py, classify.py, scripts/, benchmarks/
+The core (ranks 0 and 2) imports no plumbing (1, 3, 4, 5). The one exception: ldm/__init__.py re-exports
+`load_pipeline` / `save_pipeline` from ldm.weights.folder LAZILY (on first use), because `from ldm import
+load_pipeline` is the documented public interface.
+"""
+import ast
+import os
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = ("train", "evaluate", "convert_weights", "sample", "classify", "benchmarks", "scripts")
+ALLOWED = {("ldm/__init__.py", "ldm.weights.folder"), ("ldm/__init__.py", "ldm.weights")}
+
+
+def rank_of_module(m):
+    parts = m.split(".")
+    if parts[0] == "ldm":
+        return 1 if len(parts) > 1 and parts[1] == "weights" else 0
+    if parts[0] == "grounding":
+        sub = parts[1] if len(parts) > 1 else ""
+        return {"data": 3, "phantom": 4, "experiment": 5}.get(sub, 2)
+    if parts[0] in ENTRY_POINTS:
+        return 6
+    return None  # stdlib, third party, tests
+
+
+def upward_imports():
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    bad = []
+    for f in files:
+        if f.startswith("tests/") or not os.path.exists(os.path.join(REPO, f)):
+            continue
+        m = f[:-3].replace("/", ".")
+        r = rank_of_module(m[:-len(".__init__")] if m.endswith(".__init__") else m)
+        if r is None:
+            continue
+        with open(os.path.join(REPO, f)) as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):   # lazy imports inside functions count too
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            for name in mods:
+                t = rank_of_module(name)
+                if t is None or (f, name) in ALLOWED:
+                    continue
+                if t > r or (r in (0, 2) and t in (1, 3, 4, 5)):
+                    bad.append(f"{f}:{node.lineno}: rank {r} imports {name} (rank {t})")
+    return sorted(set(bad))
+
+
+def test_every_import_runs_downward():
+    bad = upward_imports()
+    assert not bad, "imports that run upward:\n" + "\n".join(bad)
+
+
+def test_the_rank_rules_themselves():
+    assert rank_of_module("ldm.unet") == 0 and rank_of_module("ldm.weights.folder") == 1
+    assert rank_of_module("grounding.heatmap") == 2 and rank_of_module("grounding.data.readers") == 3
+    assert rank_of_module("grounding.phantom.world") == 4 and rank_of_module("grounding.experiment.sources") == 5
+    assert rank_of_module("train") == 6 and rank_of_module("torch") is None
