@@ -1,16 +1,16 @@
-"""Anatomy-grounded weakly supervised prompt tuning (Vilouras et al., MIDL 2026), and pretraining of the tiny phantom LDM.
+"""Anatomy-grounded weakly supervised prompt tuning (Vilouras et al., MIDL 2026): the training script.
 
     python train.py --config tune.yaml [key=value ...]                    # prompt tuning (the paper), default world
-    python train.py --config configs/phantom_pretrain.yaml                # (re)build the tiny phantom base LDM
     python train.py --config tune.yaml --resume                           # continue from out_dir/ckpt.pt
     python train.py --config tune.yaml --resume --force lr=1e-3           # ... with changed settings (named, kept apart)
     python train.py --config tune.yaml --overwrite                        # start over in an out_dir with a checkpoint
 
-A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig below with its default and a
-comment; YAML files and key=value overrides fill it (unknown keys and wrong types are errors).
-Mode "tune": the whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from L_div + L_loc on the
-cross-attention maps of 4 layers at T timesteps (docs/paper.md section 5). Mode "pretrain": VAE, then text encoder + UNet,
-trained from scratch on the phantom world's training split (docs/phantom.md "The embedded default").
+A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig
+(grounding/experiment/config.py) with its default and a comment; YAML files and key=value overrides fill it (unknown
+keys and wrong types are errors). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
+L_div + L_loc on the cross-attention maps of 4 layers at T timesteps (docs/paper.md section 5; one image's loss is
+grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
+python -m grounding.phantom.pretrain --config configs/phantom_pretrain.yaml (docs/phantom.md).
 """
 import argparse
 import dataclasses
@@ -25,18 +25,17 @@ from tqdm import tqdm
 
 from ldm.weights.folder import load_pipeline
 from grounding.experiment import provenance, sources
-from grounding.anatomy import gaussians_for, jitter, render_gaussians
-from grounding.attention_store import AttentionStore
+from grounding.anatomy import gaussians_for, jitter
 from grounding.experiment.rows import save_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import (Model, evaluate_models, evaluate_pairs, summary_table,
                                              comparison_markdown)
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
-from grounding.losses import grounding_loss
 from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
 from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
+from grounding.tuning import tuning_loss
 
 
 def parse_args(argv=None):
@@ -81,6 +80,23 @@ def make_optimizer(cfg, params):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"config key 'optimizer': expected adamw | adam | sgd, got {cfg.optimizer!r}")
+
+
+
+def noisy_latents(pipe, data, indices, train_ts, cfg, hcfg, uncond, gen=None):
+    """(T, B, C, h, w) noisy latents of the samples `indices` at the training timesteps (docs/paper.md section 5).
+
+    "inversion": DDIM inversion following the "" context `uncond`, the images of `indices` together (one UNet call
+    per step for the whole chunk), as at test time. "noise": fresh forward noise from `gen` (the paper's other reading).
+    """
+    device = torch.device(cfg.device)
+    with torch.no_grad():
+        x = torch.stack([data.image(data.samples[i], pipe.image) for i in indices]).to(device)
+        z0 = pipe.vae.encode(x) * pipe.scale_factor
+        if cfg.noisy_latents == "noise":
+            return training_latents(pipe, z0, train_ts, mode="noise", generator=gen)
+        with autocast(device, cfg.autocast):
+            return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,38 +148,15 @@ def tune(cfg, resume=False):
     say(f"training timesteps ({len(train_ts)}): {train_ts.tolist()}; layers {layers}; noisy latents by {cfg.noisy_latents}")
     with torch.no_grad(), autocast(device, cfg.autocast):
         uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))      # the "" context the inversion follows
-    latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
-
-    def invert(indices):
-        """Noisy latents of several samples, inverted together (one UNet call per step for the whole chunk)."""
-        with torch.no_grad():
-            x = torch.stack([data.image(data.samples[i], pipe.image) for i in indices]).to(device)
-            z0 = pipe.vae.encode(x) * pipe.scale_factor
-            with autocast(device, cfg.autocast):
-                return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)  # (T, B, C, h, w)
-
-    def noisy_latents(i, gen):
-        if i in latent_cache:
-            return latent_cache[i]
-        if cfg.noisy_latents == "noise":  # fresh forward noise every time (the paper's other reading)
-            with torch.no_grad():
-                x = data.image(data.samples[i], pipe.image).to(device)[None]
-                z0 = pipe.vae.encode(x) * pipe.scale_factor
-                return training_latents(pipe, z0, train_ts, mode="noise", generator=gen)
-        z = invert([i])
-        if cache_all:
-            latent_cache[i] = z
-        return z
-
     # Cache every sample's inversion up front, in chunks, when it fits in cfg.latent_cache_mb (the phantom world);
     # at MIMIC scale (6,480 x 30 latents of 3x64x64) it does not, and each step inverts its own image.
     h = pipe.image["size"] // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
-    cache_all = cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb
-    if cache_all:
+    latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
+    if cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb:
         for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images", disable=rank != 0):
             chunk = list(range(start, min(start + 32, len(data.samples))))
-            for i, z in zip(chunk, invert(chunk).unbind(1)):
+            for i, z in zip(chunk, noisy_latents(pipe, data, chunk, train_ts, cfg, hcfg, uncond).unbind(1)):
                 latent_cache[i] = z[:, None]
 
     global_batch = cfg.batch_size * world
@@ -180,21 +173,16 @@ def tune(cfg, resume=False):
             i = int(order[(pos + k) % n])
             gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + k)
             sample = data.samples[i]
-            z = noisy_latents(i, gen)                                      # (T, 1, C, h, w)
+            z = latent_cache[i] if i in latent_cache else \
+                noisy_latents(pipe, data, [i], train_ts, cfg, hcfg, uncond, gen)   # (T, 1, C, h, w)
             ts = train_ts
             if cfg.timesteps_per_step:                                     # a random subset of the T steps
                 keep = torch.randperm(len(ts), generator=gen)[:cfg.timesteps_per_step].sort().values
                 z, ts = z[keep], ts[keep]
-            store = AttentionStore(layers, prompts.token_positions(sample["prompt"]), keep_grad=True)
-            with autocast(device, cfg.autocast):                           # the recorded maps stay float32
-                context = prompts.encode([sample["prompt"]])               # (1, 77, D), grad to the anatomy rows
-                # all T timesteps in ONE batched UNet call, stopped after the last needed layer
-                pipe.unet(z[:, 0], ts.to(device), context.expand(len(ts), -1, -1), store=store, stop_after=max(layers))
-            maps = store.maps().transpose(0, 2)                            # (1, L, T, N, S) -> (T, L, 1, N, S)
-            side = int(math.isqrt(maps.shape[-2]))
-            G = render_gaussians(jitter(gaussians_for(data.lut, sample["locations"]), cfg.jitter, gen),
-                                 side, merge=cfg.merge)[None].to(device)   # (1, side, side) target Gaussian
-            loss, parts = grounding_loss(maps, G, weights=(cfg.w_div, cfg.w_loc), alpha=cfg.alpha, eps=cfg.eps)
+            gaussians = jitter(gaussians_for(data.lut, sample["locations"]), cfg.jitter, gen)
+            loss, parts = tuning_loss(pipe, prompts, sample["prompt"], z, ts, layers, gaussians, merge=cfg.merge,
+                                      weights=(cfg.w_div, cfg.w_loc), alpha=cfg.alpha, eps=cfg.eps,
+                                      autocast_mode=cfg.autocast)
             scaler.scale(loss / global_batch).backward()
             total += loss.item() / global_batch
         if world > 1:  # data parallel: sum the per-rank gradients (each already divided by the global batch)
@@ -282,13 +270,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.mode == "pretrain":
-        from grounding.phantom.pretrain import pretrain
-        pretrain(cfg)
-    elif cfg.mode == "tune":
-        tune(cfg, resume=args.resume)
-    else:
-        raise ValueError(f"config key 'mode': expected 'tune' or 'pretrain', got {cfg.mode!r}")
+    tune(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One prompt-tuning step: ours vs a naive full forward / backward, and the gradients on the learned rows.
 
-Ours (as train.py): the 30 training timesteps in ONE batched UNet call, the store keeps only the chosen layers'
+Ours (train.py's step, grounding/tuning.py `tuning_loss`): the 30 training timesteps in ONE batched UNet call, the store keeps only the chosen layers'
 prompt-token columns with their graph (keep_grad), the forward stops right after the last chosen layer
 (stop_after=7 for the MONAI layout; the layers are grounding/heatmap.py's tuned preset), and the frozen parts (UNet, text encoder) have requires_grad=False, so
 backward computes no weight gradients. Naive: the same batch through the WHOLE UNet, every cross-attention layer
@@ -21,19 +21,19 @@ from benchmarks.pipes import build_pipe  # noqa: E402
 
 import torch  # noqa: E402
 
+from grounding.anatomy import FRAME, render_gaussians  # noqa: E402
 from grounding.attention_store import AttentionStore  # noqa: E402
 from grounding.heatmap import HeatmapConfig, TRAIN_WINDOW, inversion_scheduler, window_timesteps  # noqa: E402
 from grounding.losses import grounding_loss  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
+from grounding.tuning import tuning_loss  # noqa: E402
 
 PROMPT = "left lower atelectasis and right pleural effusion"
 
 
-def gaussian_target(side, device):
-    """A (1, side, side) anatomy-like Gaussian (the role of the jittered LUT Gaussian in train.py)."""
-    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
-    return torch.exp(-((xx - 0.65 * side) ** 2 + (yy - 0.6 * side) ** 2) / (2 * (0.12 * side) ** 2))[None].to(device)
+# one anatomy-like Gaussian (mu_x, mu_y, sigma_x, sigma_y) in LUT frame pixels: the role of the jittered LUT
+# Gaussian in train.py
+GAUSSIANS = [(0.65 * FRAME, 0.6 * FRAME, 0.12 * FRAME, 0.12 * FRAME)]
 
 
 class Step:
@@ -48,11 +48,7 @@ class Step:
         self.ts = ts.to(device)
         c, side = pipe.unet.config.in_channels, pipe.image["size"] // pipe.vae.downscale_factor
         g = torch.Generator().manual_seed(2)
-        self.z = torch.randn(len(ts), c, side, side, generator=g).to(device)   # (T, C, h, w) noisy latents
-        self.G = gaussian_target(pipe.image["size"], device)
-
-    def _loss(self, maps):
-        return grounding_loss(maps, self.G)[0]
+        self.z = torch.randn(len(ts), 1, c, side, side, generator=g).to(device)   # (T, 1, C, h, w) noisy latents
 
     def _grad(self):
         g = self.prompts.anatomy.grad.detach().clone()
@@ -60,13 +56,8 @@ class Step:
         return g
 
     def ours(self):
-        T = len(self.ts)
         with self.amp():
-            context = self.prompts.encode([PROMPT])                       # (1, 77, D), grad to the anatomy rows
-            store = AttentionStore(self.layers, self.positions, keep_grad=True)
-            self.pipe.unet(self.z, self.ts, context.expand(T, -1, -1), store=store, stop_after=max(self.layers))
-            maps = store.maps().transpose(0, 2)                           # (1, L, T, N, S) -> (T, L, 1, N, S)
-            loss = self._loss(maps)
+            loss, _ = tuning_loss(self.pipe, self.prompts, PROMPT, self.z, self.ts, self.layers, GAUSSIANS)
         loss.backward()
         return self._grad()
 
@@ -78,10 +69,13 @@ class Step:
             with self.amp():
                 context = self.prompts.encode([PROMPT])
                 store = AttentionStore(None, None, keep_grad=True)        # every layer, all 77 columns
-                unet(self.z, self.ts, context.expand(T, -1, -1), store=store)   # the whole UNet
+                unet(self.z[:, 0], self.ts, context.expand(T, -1, -1), store=store)   # the whole UNet
                 idx = torch.tensor(self.positions, device=self.z.device)
                 maps = torch.stack([store.store[(0, l)][..., idx] for l in self.layers])  # (L, T, N, S)
-                loss = self._loss(maps[:, :, None].transpose(0, 1))       # (T, L, 1, N, S)
+                maps = maps[:, :, None].transpose(0, 1)                   # (T, L, 1, N, S)
+                side = int(maps.shape[-2] ** 0.5)
+                G = render_gaussians(GAUSSIANS, side)[None].to(maps.device)   # the same target as tuning_loss
+                loss = grounding_loss(maps, G)[0]
             loss.backward()
         finally:
             unet.requires_grad_(False)

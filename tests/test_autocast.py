@@ -67,14 +67,15 @@ def setup(tmp_path_factory):
 def tune_once(setup, tmp_path, monkeypatch, mode):
     """train.py in-process for 1 step on 2 samples; returns (losses, Linear dtypes seen)."""
     import train
+    from grounding import tuning
     losses = []
-    real = train.grounding_loss
+    real = tuning.grounding_loss
 
     def recording(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         losses.append(loss.detach())
         return loss, parts
-    monkeypatch.setattr(train, "grounding_loss", recording)
+    monkeypatch.setattr(tuning, "grounding_loss", recording)
     with LinearDtypes() as seen:
         train.main(["--config", setup["config"], f"autocast={mode}", "max_steps=1", "eval_at_end=false",
                     "max_train_samples=2",

@@ -121,3 +121,11 @@ def test_training_captions_mix_prompts_and_sentences(world):
     assert len(caps) == 16 and all(c["caption"] for c in caps)
     kinds = {c["caption"] == c["caption"].lower() for c in caps}
     assert kinds == {True, False}  # some standardised prompts (lower case), some report sentences
+
+
+def test_pretrain_config_defaults_are_the_committed_run():
+    """configs/phantom_pretrain.yaml (the run that made assets/phantom_ldm) states PretrainConfig's defaults."""
+    from grounding.experiment.config import load_config
+    from grounding.phantom.pretrain import PretrainConfig
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert load_config(PretrainConfig, os.path.join(repo, "configs", "phantom_pretrain.yaml")) == PretrainConfig()

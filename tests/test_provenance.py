@@ -295,3 +295,11 @@ def test_saved_weights_and_rows_get_the_usual_permissions(tmp_path):
     assert os.stat(tmp_path / "rows.safetensors").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o755
     assert os.stat(tmp_path / "model" / "unet.safetensors").st_mode & 0o777 == 0o644
+
+
+def test_retired_pretraining_keys_of_old_configs():
+    """An old run's config.yaml (mode: tune, pretraining keys) still loads; mode pretrain names its own script."""
+    cfg = load_config(TrainConfig, None, ["mode=tune", "vae_steps=400", "log_every=50", "max_steps=3"])
+    assert cfg.max_steps == 3 and not hasattr(cfg, "mode")
+    with pytest.raises(ValueError, match="config key 'mode'.*scripts/pretrain_phantom.py"):
+        load_config(TrainConfig, None, ["mode=pretrain"])

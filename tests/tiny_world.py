@@ -54,7 +54,7 @@ def make_tiny_setup(root, seed=0):
                     prediction_type="v_prediction", family="phantom", image={"channels": 1, "size": 32, "range": [0.0, 1.0]})
     model = os.path.join(root, "model")
     save_pipeline(pipe, model)
-    config = dict(mode="tune", data="phantom", phantom_root=world, weights=model, out_dir=os.path.join(root, "run"),
+    config = dict(data="phantom", phantom_root=world, weights=model, out_dir=os.path.join(root, "run"),
                   max_steps=4, batch_size=1, num_inference_steps=10, train_window=[400, 700], timesteps_per_step=2,
                   shared_tokens="positional", lr=0.05, val_every=0, ckpt_every=1, eval_pairs=4, eval_batch=4,
                   threads=1)

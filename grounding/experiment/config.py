@@ -60,6 +60,7 @@ def load_config(cls, path=None, overrides=()):
             raise ValueError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(raw)  # YAML typing: 1e-4 -> float, [4,5] -> list, true -> bool
+    values = _drop_retired(cls, values, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -68,6 +69,18 @@ def load_config(cls, path=None, overrides=()):
     hints = typing.get_type_hints(cls)
     checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
     return cls(**checked)
+
+
+def _drop_retired(cls, values, path):
+    """Keys a class no longer has but older config files still carry (a run's config.yaml, tune.yaml's `mode`):
+    dropped when they hold the value that meant "what this class does", an error naming the new home otherwise."""
+    retired = getattr(cls, "RETIRED_KEYS", {})
+    for key in sorted(set(values) & set(retired)):
+        keep_value, message = retired[key]
+        if keep_value is not None and values[key] != keep_value:
+            raise ValueError(f"config key {key!r}: {values[key]!r}: {message}")
+        del values[key]
+    return values
 
 
 def check_values(cfg, positive=(), non_negative=(), choices=None):
@@ -102,12 +115,10 @@ def check_train_config(cfg):
     from grounding.prompts import SHARED_MODES
     from grounding.metrics import PROTOCOLS
     check_values(cfg, positive=("max_steps", "batch_size", "lr", "num_inference_steps", "ckpt_every", "eval_batch",
-                                "val_pairs", "vae_steps", "vae_lr", "unet_steps", "unet_lr", "pretrain_batch",
-                                "vocab_size", "log_every"),
+                                "val_pairs"),
                  non_negative=("threads", "val_every", "eval_pairs", "timesteps_per_step", "n_ctx", "weight_decay",
-                               "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc",
-                               "kl_weight", "caption_dropout"),
-                 choices={"mode": ("tune", "pretrain"), "data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
+                               "max_train_samples", "latent_cache_mb", "alpha", "eps", "jitter", "w_div", "w_loc"),
+                 choices={"data": ("phantom", "mimic"), "on_missing": ("error", "skip"),
                           "autocast": ("none", "bf16", "fp16"), "optimizer": ("adamw", "adam", "sgd"),
                           "noisy_latents": ("inversion", "noise"), "merge": ("max", "sum"),
                           "shared_tokens": SHARED_MODES, "mscxr_split": ("all", "train", "val", "test"),
@@ -128,8 +139,7 @@ def save_config(cfg, path):
 
 @dataclass
 class TrainConfig:
-    # --- what to run -------------------------------------------------------------------------------------------
-    mode: str = "tune"                       # "tune" (the paper's prompt tuning) | "pretrain" (tiny phantom base LDM)
+    # --- the run ---------------------------------------------------------------------------------------------------
     out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
     seed: int = 0                            # the paper does not report a seed (single run)
     device: str = "cpu"                      # "cpu" | "cuda"
@@ -191,16 +201,13 @@ class TrainConfig:
     eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
     metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
     eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/swap.py)
-    # --- pretraining of the tiny phantom LDM (mode "pretrain") ----------------------------------------------------
-    vae_steps: int = 1500                    # VAE steps (batch pretrain_batch)
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6                  # KL term of the VAE (SD used 1e-6)
-    unet_steps: int = 3000                   # text encoder + UNet steps
-    unet_lr: float = 5e-4
-    pretrain_batch: int = 32
-    caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
-    vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
-    log_every: int = 50
+    # keys of the time when train.py also pretrained the phantom LDM (mode "pretrain"): old config.yaml files still
+    # load; mode "pretrain" names its own script now (key -> (the value that is dropped silently, or None = any))
+    RETIRED_KEYS: typing.ClassVar[dict] = {
+        "mode": ("tune", "phantom pretraining has its own script: python scripts/pretrain_phantom.py --config "
+                         "configs/phantom_pretrain.yaml"),
+        **{k: (None, "") for k in ("vae_steps", "vae_lr", "kl_weight", "unet_steps", "unet_lr", "pretrain_batch",
+                                   "caption_dropout", "vocab_size", "log_every")}}
 
     def __post_init__(self):  # checked when loaded, so a bad value is named before anything runs
         check_train_config(self)

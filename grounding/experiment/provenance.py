@@ -222,7 +222,7 @@ def release_lock(path):
 
 # settings that may change on --resume without changing what the run learns
 RESUME_FREE_KEYS = ("out_dir", "device", "threads", "max_steps", "ckpt_every", "val_every", "val_pairs",
-                    "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "eval_swap", "log_every", "latent_cache_mb")
+                    "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "eval_swap", "latent_cache_mb")
 
 
 def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):
@@ -253,7 +253,8 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
         if saved is None and os.path.exists(first):  # a checkpoint from before configs were stored in it
             with open(first) as f:
                 saved = yaml.safe_load(f)
-        diffs = differences(saved or {}, new, ignore=RESUME_FREE_KEYS) if saved is not None else []
+        retired = tuple(getattr(type(cfg), "RETIRED_KEYS", {}))   # keys older runs recorded that no longer exist
+        diffs = differences(saved or {}, new, ignore=RESUME_FREE_KEYS + retired) if saved is not None else []
         if saved is None:
             print(f"note: {ckpt} records no config and {first} is missing; the resume cannot be checked")
         if diffs and not force:

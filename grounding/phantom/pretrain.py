@@ -1,9 +1,11 @@
 """Pretraining of the tiny phantom LDM: VAE first, then CLIP-style text encoder + UNet, from scratch.
 
+    python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml [key=value ...]
+
 The embedded default world (docs/phantom.md) needs a base model that, like the paper's MONAI CXR LDM, denoises chest
 X-ray latents conditioned on report text, and whose cross-attention is only loosely tied to anatomy. Same code as
-the big models (ldm/), small configs: 64x64 one-channel images in [0, 1], 32x32x3 latents, a two-level UNet whose
-cross-attention layers 4-7 sit at 16x16, v-prediction with the MONAI CXR noise schedule, a BPE vocabulary learned
+the big models (ldm/), small configs: 64x64 one-channel images in [0, 1], 32x32x3 latents, a two-level UNet whose six
+cross-attention layers 0-5 all sit at 16x16 (prompt tuning reads 2-5), v-prediction with the MONAI CXR noise schedule, a BPE vocabulary learned
 from the phantom captions. Lessons from docs/phantom.md: the text must be needed to denoise, so
 the captions name the finding's location, and training runs long enough (thousands of steps); the result is
 committed (assets/phantom_ldm) so the quickstart only tunes and evaluates.
@@ -12,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,28 @@ from grounding.phantom.world import ensure_phantom, _pick, world_notice
 IMAGE = {"channels": 1, "size": 64, "range": [0.0, 1.0]}  # the phantom family's model input (like MONAI CXR, smaller)
 # A VAE half as wide as VAEConfig.tiny(): phantom images are smooth, and 2 CPU cores are the budget.
 PHANTOM_VAE = dataclasses.replace(VAEConfig.tiny(), block_out_channels=[16, 32])
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of the phantom pretraining; the defaults are the run that made the committed assets/phantom_ldm
+    (configs/phantom_pretrain.yaml states the same values)."""
+    out_dir: str = "runs/phantom_pretrain"   # the resolved config.yaml goes here
+    weights: str = "assets/phantom_ldm"      # where the converted-format base model is written
+    phantom_root: str = "data/phantom"       # the world (built if missing)
+    phantom_seed: int = 0                    # the world's seed
+    seed: int = 0                            # batches, noise, timesteps, caption choice
+    threads: int = 0                         # torch CPU threads (0 = torch's default)
+    vae_steps: int = 400                     # VAE steps (batch pretrain_batch)
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6                  # KL term of the VAE (SD used 1e-6)
+    unet_steps: int = 3000                   # text encoder + UNet steps
+    unet_lr: float = 5e-4
+    pretrain_batch: int = 32
+    caption_dropout: float = 0.1             # share of "" captions: the unconditional branch used by inversion and CFG
+    vocab_size: int = 1000                   # tiny BPE vocabulary learned from the phantom captions (512 byte symbols + merges)
+    ckpt_every: int = 500                    # denoiser steps between intermediate saves of the weights folder
+    log_every: int = 50                      # steps between progress-bar updates
 
 
 def _batches(n, batch, generator):
@@ -118,9 +143,6 @@ def train_denoiser(latents, captions, cfg, generator, on_checkpoint=None):
 
 def pretrain(cfg):
     """Build the world if needed, train the VAE and the denoiser, write a converted folder to cfg.weights."""
-    if cfg.autocast != "none":  # the key is honoured by prompt tuning; this small CPU pretraining is fp32 only
-        raise ValueError(f"config key 'autocast': {cfg.autocast!r} is for mode 'tune'; the phantom pretraining "
-                         "runs in fp32, set autocast: none")
     generator = torch.Generator().manual_seed(cfg.seed)
     root = ensure_phantom(cfg.phantom_root, seed=cfg.phantom_seed)
     items = training_captions(root, seed=cfg.seed)  # [{image_path, caption}] of the training split
