@@ -1,10 +1,10 @@
 """Phrase-grounding heatmap per image: our fast path vs the straightforward procedure.
 
-Fast path (grounding/heatmap.py extract_heatmaps -> grounding/heatmap.py invert_and_record(fast=True)):
+Fast path (grounding/heatmap.py extract_heatmaps -> record_fast):
 the inversion stops at the last recorded step, the conditional pass runs only at the recorded steps and stops
 right after the last recorded layer, and the store keeps only the prompt's token columns of the chosen layers.
 
-Straightforward procedure (written out below, independently of the library's fast=False branch): the full
+Straightforward procedure (grounding/heatmap.py record_straightforward, the procedure as described): the full
 100-step DDIM inversion with a conditional AND an unconditional UNet pass at every step, every cross-attention
 layer recorded with all 77 token columns; the window's steps, the preset layers and the prompt's columns are
 selected afterwards. Both then go through the same heatmap_from_maps.
@@ -28,46 +28,36 @@ import torch  # noqa: E402
 
 from grounding.attention_store import AttentionStore  # noqa: E402
 from grounding.heatmap import extract_heatmaps, prompt_contexts  # noqa: E402
-from grounding.heatmap import (HeatmapConfig, heatmap_from_maps, inversion_scheduler,  # noqa: E402
-                               invert_and_record, window_timesteps)
+from grounding.heatmap import HeatmapConfig, heatmap_from_maps, record_fast, record_straightforward  # noqa: E402
+
+
+@torch.no_grad()
+def _inputs(pipe, images, prompts):
+    """Scaled latents, prompt contexts with their token columns, and the "" context (as extract_heatmaps)."""
+    device = pipe.unet.conv_in.weight.device
+    z0 = pipe.vae.encode(images.to(device)) * pipe.scale_factor
+    cond, positions = prompt_contexts(pipe, prompts)                      # (B, 77, D), per-item token columns
+    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    return z0, cond, positions, uncond
 
 
 @torch.no_grad()
 def straightforward(pipe, images, prompts, cfg):
-    """The procedure as first written: everything recorded at every step, selection afterwards.
+    """The procedure as described (grounding/heatmap.py record_straightforward), then the same heatmap_from_maps.
 
-    Returns ((B, S, S) heatmaps, numbers held by the store)."""
-    device = pipe.unet.conv_in.weight.device
-    B = images.shape[0]
-    z = pipe.vae.encode(images.to(device)) * pipe.scale_factor
-    cond, positions = prompt_contexts(pipe, prompts)                            # (B, 77, D), per-item token columns
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device)).expand(B, -1, -1)
-    sched = inversion_scheduler(pipe.scheduler, cfg)
-    full = AttentionStore(None, None)                                     # every layer, all 77 columns
-    for t in sched.inversion_timesteps.tolist():                          # all num_steps steps, clean -> noisy
-        full.set_step(t)
-        pipe.unet(z, t, cond, store=full)                                 # conditional pass, full depth
-        z = sched.invert_step(pipe.unet(z, t, uncond), t, z)              # unconditional pass drives the trajectory
-    steps = sorted(window_timesteps(sched, *cfg.window).tolist())
-    layers = sorted(cfg.resolved_layers())
-    maps = torch.stack([torch.stack([full.store[(t, l)] for l in layers]) for t in steps])  # (T, L, B, N, 77)
-    S = max(len(p) for p in positions)
-    index = torch.tensor([p + [0] * (S - len(p)) for p in positions], device=maps.device)      # (B, S)
-    mask = torch.tensor([[True] * len(p) + [False] * (S - len(p)) for p in positions])
-    maps = maps.gather(-1, index[None, None, :, None, :].expand(*maps.shape[:-1], S))        # (T, L, B, N, S)
-    hm = heatmap_from_maps(maps, tuple(images.shape[-2:]), cfg, token_mask=mask)
-    return hm.float().cpu(), full.numel()
+    Returns ((B, S, S) heatmaps, numbers held by its full store)."""
+    z0, cond, positions, uncond = _inputs(pipe, images, prompts)
+    store = AttentionStore(cfg.resolved_layers(), positions)
+    _, full = record_straightforward(pipe, z0, cond, uncond, store, cfg)
+    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu(), full.numel()
 
 
 @torch.no_grad()
 def fast_store_numel(pipe, images, prompts, cfg):
-    """Numbers held by the fast path's store for the same inputs (the path extract_heatmaps runs)."""
-    device = pipe.unet.conv_in.weight.device
-    z0 = pipe.vae.encode(images.to(device)) * pipe.scale_factor
-    cond, positions = prompt_contexts(pipe, prompts)
-    uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))
+    """Numbers held by the fast path's store for the same inputs (grounding/heatmap.py record_fast)."""
+    z0, cond, positions, uncond = _inputs(pipe, images, prompts)
     store = AttentionStore(cfg.resolved_layers(), positions)
-    invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True)
+    record_fast(pipe, z0, cond, uncond, store, cfg)
     steps = {t for t, _ in store.keys()}
     return store.numel(), len(steps), len(store.layers), store.maps().shape
 

@@ -48,6 +48,14 @@ class AttentionStore:
         self._index = torch.tensor([list(p) + [0] * (S - len(p)) for p in per_item], dtype=torch.long)
         self._mask = torch.tensor([[True] * len(p) + [False] * (S - len(p)) for p in per_item])
 
+    def select_columns(self, m):
+        """(..., 77) maps of every column -> (..., S) this store's token columns (padded per item as `record`)."""
+        if self._index is None:
+            return m
+        idx = self._index.to(m.device).expand(m.shape[0], -1)                   # (B, S)
+        idx = idx.view(idx.shape[0], *[1] * (m.dim() - 2), idx.shape[1])
+        return m.gather(-1, idx.expand(*m.shape[:-1], idx.shape[-1]))
+
     def set_step(self, step):
         """The caller's step key (a step index or the timestep value); maps are stored under it."""
         self.step = int(step)

@@ -17,10 +17,11 @@ noisiest). With 100 trailing steps (t = 999, 989, ..., 9), indices [40, 60) are 
 training indices [30, 60) are t = 699 .. 409. Windows are therefore given in TIMESTEP units, half-open
 [lo, hi): test (400, 600), training (400, 700). The inversion-order reading of [30, 60) would be (300, 600).
 
-Fast path (fast=True): the conditional pass runs only at recorded steps, stops right after the last
-recorded layer (UNet stop_after), and the inversion stops at the last recorded step; it gives the same
-maps as the straightforward procedure (fast=False: full inversion, conditional + unconditional passes
-every step, every cross-attention layer recorded, selection afterwards).
+Steps 2-3 are written twice, side by side: `record_straightforward` is the procedure as described (full
+inversion, conditional + unconditional passes every step, every cross-attention layer recorded with all 77
+columns, selection afterwards); `record_fast`, the marked optimisation every caller uses, gives the same maps:
+the conditional pass runs only at recorded steps and stops right after the last recorded layer (UNet
+stop_after), and the inversion stops at the last recorded step.
 """
 import dataclasses
 import math
@@ -31,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from grounding.attention_store import AttentionStore
+from grounding.losses import token_average
 from grounding.precision import autocast
+from grounding.prompts import prompt_positions
 
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
@@ -107,12 +110,43 @@ def window_timesteps(scheduler, lo, hi):
 # inversion with recording
 
 
-def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
-    """DDIM-invert z0 (scaled latents, (B, C, h, w)) following the unconditional prediction (guidance 0),
-    recording the conditional branch's maps of store.layers at the window's timesteps into `store`
-    (keys: (timestep, cross_index)). Returns the last latent reached.
-    cond may hold V contexts per image ((V * B, L, D), variant-major): the conditional pass then sees the latents
+def record_straightforward(pipe, z0, cond, uncond, store, cfg):
+    """The procedure as described (steps 2-3 above), written for reading, not for speed.
+
+    DDIM-invert z0 (scaled latents, (B, C, h, w)) over every step of the schedule following the unconditional
+    prediction (guidance 0); at EVERY step the conditional branch runs through the whole UNet and EVERY
+    cross-attention layer is recorded with all 77 token columns. Afterwards the window's steps, `store`'s layers
+    and its token columns are copied into `store` (keys: (timestep, cross_index)).
+    cond may hold V contexts per image ((V * B, 77, D), variant-major): the conditional pass then sees the latents
     repeated V times (extract_heatmaps_shared), while the trajectory stays (B, ...).
+    Returns (the last latent, the full store: what this procedure holds in memory).
+    """
+    V = cond.shape[0] // z0.shape[0]
+    sched = inversion_scheduler(pipe.scheduler, cfg)
+    window = set(window_timesteps(sched, *cfg.window).tolist())
+    layers = store.layers if store.layers is not None else range(len(pipe.unet.cross_attention_layers()))
+    uncond = uncond.expand(z0.shape[0], -1, -1)
+    full = AttentionStore(None, None, keep_grad=store.keep_grad, average_heads=store.average_heads)
+    z = z0
+    with torch.enable_grad() if store.keep_grad else torch.no_grad():
+        for t in sched.inversion_timesteps.tolist():               # ascending: clean -> noisy
+            full.set_step(t)
+            pipe.unet(z.repeat(V, 1, 1, 1), t, cond, store=full)   # conditional pass, full depth, all columns
+            z = sched.invert_step(pipe.unet(z, t, uncond), t, z)    # the unconditional pass drives the trajectory
+    for (t, layer), m in full.store.items():                        # selection afterwards
+        if t in window and layer in layers and (store.steps is None or t in store.steps):
+            store.store[(t, layer)] = store.select_columns(m)
+    return z, full
+
+
+def record_fast(pipe, z0, cond, uncond, store, cfg):
+    """OPTIMISATION of record_straightforward, same maps in `store` (tests/test_heatmap.py, benchmarks/heatmap.py):
+
+    - the conditional pass runs only at the recorded steps and stops right after the last recorded layer
+      (UNet stop_after): nothing after it can change a recorded map;
+    - the inversion stops at the last recorded step: later steps are never recorded;
+    - the store keeps only its layers and the prompt's token columns while recording (AttentionStore).
+    Returns the last latent reached (the inversion state at the last recorded step).
     """
     V = cond.shape[0] // z0.shape[0]
     rep = (lambda z: z.repeat(V, 1, 1, 1)) if V > 1 else (lambda z: z)
@@ -122,30 +156,25 @@ def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
     layers = store.layers if store.layers is not None else list(range(n_cross))
     uncond = uncond.expand(z0.shape[0], -1, -1)
     z = z0
-    grad = torch.enable_grad() if store.keep_grad else torch.no_grad()
-    with grad:
-        if fast:
-            t_last = max(window)
-            for t in sched.inversion_timesteps.tolist():         # ascending: clean -> noisy
-                if t in window:
-                    store.set_step(t)
-                    # the prompt branch only needs to reach the last recorded layer
-                    pipe.unet(rep(z), t, cond, store=store, stop_after=max(layers))
-                if t == t_last:
-                    break                                          # later steps are never recorded
-                z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
-            return z
-        # straightforward procedure: everything, every step; then keep what was asked for
-        full = AttentionStore(None, store.token_positions, keep_grad=store.keep_grad,
-                              average_heads=store.average_heads)
-        for t in sched.inversion_timesteps.tolist():
-            full.set_step(t)
-            pipe.unet(rep(z), t, cond, store=full)
+    with torch.enable_grad() if store.keep_grad else torch.no_grad():
+        t_last = max(window)
+        for t in sched.inversion_timesteps.tolist():             # ascending: clean -> noisy
+            if t in window:
+                store.set_step(t)
+                # the prompt branch only needs to reach the last recorded layer
+                pipe.unet(rep(z), t, cond, store=store, stop_after=max(layers))
+            if t == t_last:
+                break                                              # later steps are never recorded
             z = sched.invert_step(pipe.unet(z, t, uncond), t, z)
-        for (t, layer), m in full.store.items():
-            if t in window and layer in layers and (store.steps is None or t in store.steps):
-                store.store[(t, layer)] = m
-        return z
+    return z
+
+
+def invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=True):
+    """Record the window's maps of store.layers into `store` during the inversion of z0; returns the last latent.
+    fast=True: record_fast (what every caller uses); fast=False: record_straightforward."""
+    if fast:
+        return record_fast(pipe, z0, cond, uncond, store, cfg)
+    return record_straightforward(pipe, z0, cond, uncond, store, cfg)[0]
 
 
 def training_latents(pipe, z0, timesteps, mode="inversion", generator=None, uncond=None, cfg=None):
@@ -254,9 +283,8 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
     for m in items:                                           # m: (B, N, S)
         if m.dim() != 3:
             raise ValueError(f"heatmap_from_maps: expected (B, N, S) maps (heads averaged), got {tuple(m.shape)}")
-        mask = torch.ones(m.shape[0], m.shape[-1]) if token_mask is None else token_mask.expand(m.shape[0], -1)
-        mask = mask.to(m)
-        a = (m * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True)  # mean over the prompt's tokens, (B, N)
+        mask = None if token_mask is None else token_mask.expand(m.shape[0], -1)
+        a = token_average(m, mask)                            # mean over the prompt's tokens, (B, N)
         side = math.isqrt(a.shape[-1])
         a = minmax(a.reshape(-1, 1, side, side).float())
         kw = {"align_corners": False} if cfg.resize_mode in ("bilinear", "bicubic") else {}
@@ -279,12 +307,7 @@ def prompt_contexts(pipe, texts, prompts=None):
         # every token between BOS and EOS, the joining "and" included: the predecessor's heatmap averages them all
         return prompts.encode(texts), [prompts.token_positions(t, include_join=True) for t in texts]
     ids = pipe.tokenizer(texts).to(pipe.unet.conv_in.weight.device)
-    positions = []
-    for t in texts:
-        n = len(pipe.tokenizer.encode(t))
-        if n == 0 or n + 2 > ids.shape[1]:
-            raise ValueError(f"prompt {t!r} has {n} tokens: needs 1 .. {ids.shape[1] - 2}")
-        positions.append(list(range(1, n + 1)))               # positions after BOS, before EOS
+    positions = [prompt_positions(pipe.tokenizer, t) for t in texts]   # after BOS, before EOS
     return pipe.text_encoder(ids), positions
 
 

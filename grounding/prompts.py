@@ -31,6 +31,18 @@ PATHOLOGY_PHRASES = tuple(p.lower() for p in PATHOLOGIES) + ("opacity",)
 JOIN_WORDS = ("and",)   # several locations are joined with "and" (docs/paper.md section 3)
 
 
+def prompt_positions(tokenizer, prompt, n_ctx=0):
+    """Framed positions (0 = BOS) of every token of `prompt` between BOS and EOS, after n_ctx CoOp context tokens:
+    [1 + n_ctx, ..., n_ctx + n] for a prompt of n tokens (the columns of its cross-attention maps)."""
+    n = len(tokenizer.encode(prompt))
+    if n == 0:
+        raise ValueError(f"prompt {prompt!r} has no tokens")
+    if 1 + n_ctx + n + 1 > tokenizer.max_length:
+        raise ValueError(f"prompt {prompt!r} has {n} tokens: with BOS, EOS and n_ctx={n_ctx} it exceeds "
+                         f"{tokenizer.max_length}")
+    return [1 + n_ctx + k for k in range(n)]
+
+
 class LearnablePrompts(nn.Module):
     def __init__(self, tokenizer, text_encoder, locations=LOCATIONS, pathologies=PATHOLOGY_PHRASES,
                  shared_tokens="positional", n_ctx=0, ctx_init_std=0.02):
@@ -122,14 +134,9 @@ class LearnablePrompts(nn.Module):
         A_sp, so by default its positions are left out. include_join=True keeps every token between BOS and EOS,
         which is what the test-time heatmap averages (the predecessor's extraction, grounding/heatmap.py).
         """
-        n = len(self.tokenizer.encode(prompt))
-        if n == 0:
-            raise ValueError(f"prompt {prompt!r} has no tokens")
-        if 1 + self.n_ctx + n + 1 > self.tokenizer.max_length:
-            raise ValueError(f"prompt {prompt!r} has {n} tokens: with BOS, EOS and n_ctx={self.n_ctx} it exceeds "
-                             f"{self.tokenizer.max_length}")
-        join = [False] * n if include_join else self.join_mask(prompt)
-        positions = [1 + self.n_ctx + k for k in range(n) if not join[k]]
+        every = prompt_positions(self.tokenizer, prompt, self.n_ctx)
+        join = [False] * len(every) if include_join else self.join_mask(prompt)
+        positions = [p for p, j in zip(every, join) if not j]
         if not positions:
             raise ValueError(f"prompt {prompt!r} has no token other than the joining word(s) {JOIN_WORDS}")
         return positions
