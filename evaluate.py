@@ -21,17 +21,16 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 
 from ldm.weights.folder import load_pipeline
-from grounding.experiment import provenance, sources
+from grounding.experiment import distributed, provenance, sources
 from grounding.experiment.provenance import code_version
 from grounding.experiment.rows import load_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
-from grounding.experiment.evaluation import Model, comparison_markdown, evaluate_models, summary_table
+from grounding.experiment.evaluation import Model, compare_models
 from grounding.prompts import LearnablePrompts
-from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_sides, swap_summary
+from grounding.swap import swap_sides
 
 
 def main(argv=None):
@@ -82,10 +81,7 @@ def main(argv=None):
         print(f"no --prompts/--baseline given: evaluating the frozen model"
               + (f" and the learned rows {default} (the config's out_dir)" if args.prompts else ""))
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world = distributed.setup(cfg.device)
     out = args.out or f"runs/eval_{args.split}"
     os.makedirs(out, exist_ok=True)
 
@@ -122,34 +118,21 @@ def main(argv=None):
                   provenance.rows_record(pipe, cfg.weights, hcfgs[name], prompts, args.prompts if prompts else None,
                                          split=args.split, data=data.description),
                   os.path.join(out, "overlays", name)) for name, prompts in models]
-    # one inversion per image batch serves every model (and the swapped prompts)
-    rows = evaluate_models(pipe, pairs, cols, batch_size=args.batch, rank=rank, world_size=world, swap=args.swap,
-                           n_overlays=args.overlays if rank == 0 else 0, desc=args.split, protocol=cfg.metric_protocol)
-    summaries = {}
-    for name, _ in models:
-        if world > 1:  # gather every rank's rows; rank 0 writes the one table
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rows[name])
-            rows[name] = [r for part in gathered for r in part]
-        if rank != 0:
-            continue
-        order = {pair["pair_id"]: i for i, pair in enumerate(pairs)}
-        rows[name].sort(key=lambda r: order[r["pair_id"]])  # the same order as a single-process run
-        summaries[name], md = summary_table(rows[name], n_boot=args.bootstrap)
+    # one inversion per image batch serves every model (and the swapped prompts); rank 0 writes the one table
+    rows, summaries, tables, swap_md, table = compare_models(
+        pipe, pairs, cols, batch_size=args.batch, swap=args.swap, n_boot=args.bootstrap, rank=rank, world_size=world,
+        n_overlays=args.overlays if rank == 0 else 0, desc=args.split, protocol=cfg.metric_protocol)
+    for name, md in tables.items():
         with open(os.path.join(out, f"table_{name}.md"), "w") as f:
             f.write(header + "\n" + md + "\n")
         with open(os.path.join(out, f"table_{name}.json"), "w") as f:
             json.dump({"header": header, "summary": summaries[name]}, f, indent=1)
         print(f"\n{name}:\n{md}")
-    if rank == 0 and args.swap:
-        _, excluded = swap_pairs(pairs)
-        swap_md = (f"Location-swap test ({swap_caption(excluded)}):\n"
-                   + swap_markdown({name: swap_summary(rows[name], n_boot=args.bootstrap) for name, _ in models}))
+    if swap_md:
         with open(os.path.join(out, "swap.md"), "w") as f:
             f.write(header + "\n" + swap_md + "\n")
         print(f"\n{swap_md}")
-    if rank == 0 and len(summaries) > 1:
-        table = comparison_markdown(summaries)
+    if table:
         with open(os.path.join(out, "comparison.md"), "w") as f:
             f.write(header + "\n" + table + "\n")
         print(f"\n{table}")
@@ -163,8 +146,7 @@ def main(argv=None):
         size = write_report(os.path.join(out, "report.html"), header, summaries, rows, pairs, columns,
                             n_show=args.report_pairs, title=f"Phrase grounding, split {args.split}")
         print(f"wrote {os.path.join(out, 'report.html')} ({size / 1e6:.1f} MB)")
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.teardown(world)
 
 
 if __name__ == "__main__":

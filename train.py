@@ -24,18 +24,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ldm.weights.folder import load_pipeline
-from grounding.experiment import provenance, sources
 from grounding.anatomy import gaussians_for, jitter
-from grounding.experiment.rows import save_rows
-from grounding.experiment.config import check_layers, load_config, TrainConfig
-from grounding.data.curation import class_counts
-from grounding.experiment.evaluation import (Model, evaluate_models, evaluate_pairs, summary_table,
-                                             comparison_markdown)
 from grounding.heatmap import LAYER_PRESETS, HeatmapConfig, inversion_scheduler, training_latents, window_timesteps
 from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
-from grounding.swap import swap_caption, swap_markdown, swap_pairs, swap_summary
 from grounding.tuning import tuning_loss
+from grounding.data.curation import class_counts
+from grounding.experiment import distributed, provenance, sources
+from grounding.experiment.config import check_layers, load_config, TrainConfig
+from grounding.experiment.evaluation import Model, compare_models, evaluate_pairs
+from grounding.experiment.rows import save_rows
 
 
 def parse_args(argv=None):
@@ -53,15 +51,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# distributed data parallel (torchrun): each rank takes a slice of every global batch, gradients are summed
-
-
-def init_distributed(cfg):
-    """(rank, world_size); under torchrun the process group is gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world
+# checkpoints, optimiser, noisy latents
 
 
 def save_checkpoint(path, prompts, opt, step, cfg):
@@ -104,7 +94,7 @@ def noisy_latents(pipe, data, indices, train_ts, cfg, hcfg, uncond, gen=None):
 
 
 def tune(cfg, resume=False):
-    rank, world = init_distributed(cfg)
+    rank, world = distributed.setup(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
@@ -218,8 +208,7 @@ def tune(cfg, resume=False):
             say(f"  {token!r:>14} -> {near}")
     if cfg.eval_at_end and rank == 0:
         final_evaluation(cfg, pipe, prompts, data)
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.teardown(world)
     return prompts
 
 
@@ -235,7 +224,6 @@ def final_evaluation(cfg, pipe, prompts, data):
             + (f" (the first {len(pairs)} of {len(data.test_pairs)}: eval_pairs)" if len(pairs) < len(data.test_pairs)
                else "") + "\n")
     print(f"\nevaluating on {len(pairs)} pairs ({data.description})\n{head}")
-    summaries = {}
     models = [("frozen", None, False)] + [("untuned", None, True)] * cfg.eval_untuned + [("tuned", prompts, True)]
     hcfgs = {name: provenance.eval_heatmap_config(cfg, pipe.family, tuned) for name, _, tuned in models}
     notes = {"frozen": " (baseline preset)", "untuned": " (tuning layers)", "tuned": " (tuning layers)"}
@@ -245,17 +233,14 @@ def final_evaluation(cfg, pipe, prompts, data):
                   provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description))
             for name, p, _ in models]
     # one inversion per image batch serves all three columns and their left/right-swapped prompts
-    rows = evaluate_models(pipe, pairs, cols, batch_size=cfg.eval_batch, swap=cfg.eval_swap, desc="evaluation",
-                           on_mismatch="fresh", protocol=cfg.metric_protocol)
-    for name, _, _ in models:
-        summaries[name], md = summary_table(rows[name])
+    _, summaries, tables, swap_md, table = compare_models(pipe, pairs, cols, batch_size=cfg.eval_batch,
+                                                          swap=cfg.eval_swap, on_mismatch="fresh",
+                                                          protocol=cfg.metric_protocol)
+    for name, md in tables.items():
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
             f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")
-    table = comparison_markdown(summaries)
-    if cfg.eval_swap:
-        _, excluded = swap_pairs(pairs)
-        table += (f"\n\nLocation-swap test ({swap_caption(excluded)}):\n"
-                  + swap_markdown({name: swap_summary(rows[name]) for name, _, _ in models}))
+    if swap_md:
+        table += f"\n\n{swap_md}"
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
         f.write(f"{head}Heatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)

@@ -197,13 +197,14 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
     With learned rows equal to the ORIGINAL embeddings, "tuned" and "untuned" read the same maps (same rows, same
     layers), so their rows must agree exactly; the swap columns exist for exactly the one-sided prompts.
     """
+    from grounding.experiment.rows import save_rows
     from grounding.prompts import LearnablePrompts
     from grounding.swap import prompt_side
     from ldm.weights.folder import load_pipeline
     root = setup["root"]
     pipe = load_pipeline(setup["model"])
-    LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional").save(
-        os.path.join(root, "rows_init.safetensors"))
+    save_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"),
+              os.path.join(root, "rows_init.safetensors"))
     log = run([os.path.join(REPO, "evaluate.py"), "--split", "phantom", "--config", setup["config"], "--baseline",
                "--untuned", "--prompts", os.path.join(root, "rows_init.safetensors"), "--swap", "--limit", "8",
                "--out", "ev_swap", "--bootstrap", "100", "--overlays", "0"], cwd=root)

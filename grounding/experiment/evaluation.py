@@ -16,13 +16,14 @@ import os
 import torch
 from tqdm import tqdm
 
-from grounding.experiment import provenance
+from grounding.experiment import distributed, provenance
 from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared
 from grounding.metrics import (auc_binned5, auc_roc, cnr, miou, models_markdown, pointing_game, summarise,
                                summary_markdown)
 from grounding.data.images import preprocess
 from grounding.geometry import to_original
-from grounding.swap import prompt_side, swap_row, swap_sides
+from grounding.swap import (prompt_side, swap_caption, swap_markdown, swap_pairs, swap_row, swap_sides,
+                            swap_summary)
 
 METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
 
@@ -131,6 +132,36 @@ def evaluate_models(pipe, pairs, models, batch_size=16, rank=0, world_size=1, sw
         for lock in locks:
             provenance.release_lock(lock)
     return {m.name: [done[m.name][p["pair_id"]] for p in mine] for m in models}
+
+
+def compare_models(pipe, pairs, models, batch_size=16, swap=False, n_boot=10000, rank=0, world_size=1,
+                   n_overlays=0, desc="evaluation", on_mismatch="error", protocol="reference"):
+    """The frozen-vs-tuned comparison (train.py's final evaluation and evaluate.py): every Model scored on the same
+    pairs by evaluate_models (one inversion per image batch serves them all), the rows of every rank gathered in
+    pair order, and the tables.
+
+    Returns (rows {name: [row]}, summaries {name: summary}, tables {name: per-class Markdown}, the location-swap
+    Markdown (swap=True, else None), the comparison Markdown (None for one model)); on ranks other than 0 only
+    this rank's rows, and empty tables.
+    """
+    rows = evaluate_models(pipe, pairs, models, batch_size=batch_size, rank=rank, world_size=world_size, swap=swap,
+                           n_overlays=n_overlays, desc=desc, on_mismatch=on_mismatch, protocol=protocol)
+    if world_size > 1:
+        rows = {name: distributed.gather_rows(r, world_size) for name, r in rows.items()}
+    if rank != 0:
+        return rows, {}, {}, None, None
+    order = {pair["pair_id"]: i for i, pair in enumerate(pairs)}
+    summaries, tables = {}, {}
+    for m in models:
+        rows[m.name].sort(key=lambda r: order[r["pair_id"]])   # the same order as a single-process run
+        summaries[m.name], tables[m.name] = summary_table(rows[m.name], n_boot=n_boot)
+    swap_md = None
+    if swap:
+        _, excluded = swap_pairs(pairs)
+        swap_md = (f"Location-swap test ({swap_caption(excluded)}):\n"
+                   + swap_markdown({m.name: swap_summary(rows[m.name], n_boot=n_boot) for m in models}))
+    comparison = comparison_markdown(summaries) if len(summaries) > 1 else None
+    return rows, summaries, tables, swap_md, comparison
 
 
 def _score_pair(pair, heatmap, swapped=None, protocol="reference"):
