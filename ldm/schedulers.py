@@ -17,10 +17,12 @@ Two diffusers conventions that we keep on purpose (they decide which noise level
 - Below t = 0 is the clean end of the chain, with a_{-1} = 1 if `set_alpha_to_one` else alphas_cumprod[0]
   (SD sets it False: its last step lands on the t = 0 noise level, not on exactly clean).
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ldm.configs import ConfigDict
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -30,13 +32,8 @@ _CHOICES = {
     "prediction_type": ("epsilon", "v_prediction"),
     "timestep_spacing": ("leading", "trailing", "linspace"),
 }
-# diffusers keys we do not implement: accepted only at the value that means "off" (anything else would change
-# the numbers, so it is an error rather than a silent difference).
-_MUST_BE = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
-
-
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(ConfigDict):
     # Defaults are diffusers DDIMScheduler's (the DDPM paper's linear schedule), so a scheduler_config.json
     # that leaves a key out means what it means to diffusers. The presets below are the real checkpoints.
     num_train_timesteps: int = 1000
@@ -89,21 +86,6 @@ class SchedulerConfig:
                    prediction_type="v_prediction", timestep_spacing="linspace", steps_offset=0,
                    set_alpha_to_one=True)
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        """From our own dict (model.yaml) or a diffusers scheduler_config.json of any scheduler class.
-
-        Keys we do not use (`_class_name`, `_diffusers_version`, `skip_prk_steps`, ...) are ignored; keys that
-        would change the numbers are accepted only at their "off" value; values we do not support are errors.
-        """
-        for key, off in _MUST_BE.items():
-            if d.get(key, off) != off:
-                raise ValueError(f"scheduler config: {key}={d[key]!r} is not supported (only {off!r})")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ transformers 4.x state dict loads with `load_state_dict(sd, strict=True)` once t
 `text_model.embeddings.position_ids` buffer (older files only) is dropped. (transformers >= 5 removes the
 `text_model.` prefix in memory and adds it back on disk; we keep the on-disk names.)
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ldm.configs import ConfigDict
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(ConfigDict):
     vocab_size: int = 49408             # 2 x 256 byte symbols (plain, +</w>) + 48,894 merges + 2 specials
     hidden_size: int = 768              # D, the width of the context the UNet cross-attends to
     intermediate_size: int = 3072       # MLP width, 4 D
@@ -62,17 +64,6 @@ class TextEncoderConfig:
         return cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4)
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        """From our own plain dict (model.yaml); unknown keys are an error, missing keys take defaults."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"text encoder config: unknown keys {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
 
 
 def quick_gelu(x):

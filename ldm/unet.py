@@ -11,12 +11,13 @@ passes an attention store down explicitly and can stop right after a given cross
 extraction only needs the maps of layers 4..7, so the rest of the decoder need not run).
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.configs import ConfigDict
 from ldm.attention import Attention, Transformer2DModel
 
 
@@ -24,7 +25,7 @@ from ldm.attention import Attention, Transformer2DModel
 # Config
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigDict):
     """Defaults are Stable Diffusion 1.x (859,520,964 parameters)."""
 
     in_channels: int = 4
@@ -93,17 +94,6 @@ class UNetConfig:
         return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, True),
                    num_attention_heads=(2, 2), cross_attention_dim=32, norm_num_groups=8)
 
-    def to_dict(self):
-        """Plain dict (lists, not tuples) for model.yaml."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

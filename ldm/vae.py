@@ -17,16 +17,18 @@ Parameter names are the diffusers keys, so a diffusers `vae/` folder loads with 
 MONAI checkpoints are renamed onto these names in ldm/weights/monai.py.
 Latents are UNSCALED here: multiply by `config.scale_factor` before the UNet, divide before `decode`.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.configs import ConfigDict
+
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ConfigDict):
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -76,16 +78,6 @@ class VAEConfig:
                    mid_block_attention=False, quant="split", silu_before_conv_out=False, scale_factor=1.0)
 
     # ---- (de)serialisation (model.yaml)
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE config keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 from conftest import cmp, need
 from ldm.schedulers import DDIMScheduler, SchedulerConfig
+from ldm.weights.configs import scheduler_config_from_diffusers
 
 CONFIGS = {
     "sd15_leading_eps": SchedulerConfig.sd15(),
@@ -189,7 +190,7 @@ def test_config_presets_round_trip_and_bad_values_are_rejected():
                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
                  "clip_sample": False}
-    assert SchedulerConfig.from_dict(sd15_json) == SchedulerConfig.sd15()
+    assert scheduler_config_from_diffusers(sd15_json) == SchedulerConfig.sd15()
     for preset in (SchedulerConfig.sd15(), SchedulerConfig.sd21_base(), SchedulerConfig.monai_cxr()):
         assert SchedulerConfig.from_dict(preset.to_dict()) == preset
     bad = [({"trained_betas": [0.1, 0.2]}, "trained_betas"), ({"thresholding": True}, "thresholding"),
@@ -198,7 +199,9 @@ def test_config_presets_round_trip_and_bad_values_are_rejected():
            ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"), ({"steps_offset": 1000}, "steps_offset")]
     for d, key in bad:
         with pytest.raises(ValueError, match=key):
-            SchedulerConfig.from_dict(d)
+            scheduler_config_from_diffusers(d)
+    with pytest.raises(ValueError, match="unknown keys.*'skip_prk_steps'"):   # our own model.yaml: strict
+        SchedulerConfig.from_dict(sd15_json)
     sched = DDIMScheduler(SchedulerConfig.sd15())
     with pytest.raises(RuntimeError, match="set_timesteps"):
         sched.step(torch.zeros(1), 1, torch.zeros(1))

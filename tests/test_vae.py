@@ -185,7 +185,7 @@ def test_config_round_trip_and_presets():
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match="unknown VAE config keys.*'latent'"):
+    with pytest.raises(ValueError, match="unknown keys.*'latent'"):
         VAEConfig.from_dict({"latent": 4})
     with pytest.raises(ValueError, match="quant"):
         VAEConfig(quant="both")

@@ -1,10 +1,11 @@
-"""Foreign config files (diffusers unet/vae config.json, transformers text_encoder config.json) -> our config
-dataclasses."""
+"""Foreign config files (diffusers unet/vae config.json and scheduler_config.json, transformers text_encoder
+config.json) -> our config dataclasses. (A MONAI bundle's inference.json: ldm/weights/monai_bundle.py.)"""
 from dataclasses import fields
 
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 from ldm.text_encoder import TextEncoderConfig
+from ldm.schedulers import SchedulerConfig
 
 
 def unet_config_from_diffusers(d):
@@ -96,3 +97,21 @@ def text_config_from_hf(d):
     if missing:
         raise ValueError(f"text encoder config.json lacks {missing}; is this a CLIPTextModel config?")
     return TextEncoderConfig(**{n: d[n] for n in names if n in d})
+
+
+# diffusers scheduler keys we do not implement: accepted only at the value that means "off" (anything else would
+# change the numbers, so it is an error rather than a silent difference).
+_MUST_BE = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+
+
+def scheduler_config_from_diffusers(d):
+    """From a diffusers scheduler_config.json of any scheduler class (a dict).
+
+    Keys we do not use (`_class_name`, `_diffusers_version`, `skip_prk_steps`, ...) are ignored; keys that would
+    change the numbers are accepted only at their "off" value; values we do not support are errors.
+    """
+    for key, off in _MUST_BE.items():
+        if d.get(key, off) != off:
+            raise ValueError(f"scheduler config: {key}={d[key]!r} is not supported (only {off!r})")
+    names = {f.name for f in fields(SchedulerConfig)}
+    return SchedulerConfig(**{k: v for k, v in d.items() if k in names})

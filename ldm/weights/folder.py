@@ -38,7 +38,8 @@ from ldm.tokenizer import CLIPTokenizer
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 from ldm.pipeline import COMPONENTS, FAMILIES, IMAGE_RANGES, PAD_TOKENS, Pipeline, SCALE_FACTORS
-from ldm.weights.configs import unet_config_from_diffusers, vae_config_from_diffusers, text_config_from_hf
+from ldm.weights.configs import (scheduler_config_from_diffusers, text_config_from_hf, unet_config_from_diffusers,
+                                 vae_config_from_diffusers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
         vae_sd, unet_sd = legacy_vae_to_ours(vae_sd), load_state_dict(_weights_in(src / "unet"))
         # OpenAI CLIP (SD1, RoentGen) uses quick_gelu, OpenCLIP (SD2) exact gelu
         family = "sd1" if text_cfg.hidden_act == "quick_gelu" else "sd2"
-        sched_cfg = SchedulerConfig.from_dict(sched)
+        sched_cfg = scheduler_config_from_diffusers(sched)
         try:
             tok = CLIPTokenizer.from_dir(src / "tokenizer")  # the folder's own pad token
         except ValueError:
