@@ -87,7 +87,7 @@ def main(argv=None):
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, family=pipe.family, need_samples=False, image_size=pipe.image["size"])
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
     pairs = all_pairs = data.split(args.split)
     if args.limit:
         pairs = pairs[:args.limit]

@@ -98,7 +98,7 @@ def tune(cfg, resume=False):
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
-    data = sources.load(cfg, family=pipe.family, image_size=pipe.image["size"])
+    data = sources.load(cfg, image_size=pipe.image["size"])
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
     say(data.report)
     if rank == 0:  # the curated tuning set as used (image, view, prompt of every sample), for inspection

@@ -67,10 +67,6 @@ def run_jobs(jobs, tmp, timeout):
     return results, logs
 
 
-def _x(v, f="{:.2f}"):
-    return "" if v is None else f.format(v)
-
-
 def table(rows):
     """Markdown table: one line per measured comparison."""
     lines = ["| benchmark | setting | ours | reference / baseline | ratio | goal | met |", "|---|---|---|---|---|---|---|"]

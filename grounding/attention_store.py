@@ -21,13 +21,12 @@ class AttentionStore:
         token_positions: the prompt's token columns to keep: one list for the whole batch, a list of lists
             (one per batch item; shorter ones are padded and masked, see `token_mask`), or None = all 77
             columns (what a loss over every token, special ones included, would need).
-        steps: optional set of step keys to record (None = whatever step is set while recording is on).
+        steps: optional set of step keys to record (None = whatever step is set).
         """
         self.layers = None if layers is None else sorted({int(i) for i in layers})
         self.steps = None if steps is None else {int(s) for s in steps}
         self.keep_grad = keep_grad
         self.average_heads = average_heads
-        self.recording = True
         self.step = 0
         self._set_positions(token_positions)
         self.reset()
@@ -64,33 +63,27 @@ class AttentionStore:
         """Drop every stored map (call between images / optimisation steps)."""
         self.store = {}
 
-    def pause(self):
-        self.recording = False
-
-    def resume(self):
-        self.recording = True
-
     # ---- the protocol ldm/attention.py calls ------------------------------------------------------
 
     def wants(self, layer):
-        """True for a chosen cross-attention layer while recording is on at a chosen step."""
-        if not self.recording or not layer.is_cross:
+        """True for a chosen cross-attention layer at a chosen step."""
+        if not layer.is_cross:
             return False
         if self.steps is not None and self.step not in self.steps:
             return False
         return self.layers is None or layer.cross_index in self.layers
 
     def record(self, layer, probs):
-        """probs (B, heads, N, L) post-softmax, float32 -> keep (B, N, S) (or (B, heads, N, S))."""
+        """probs (B, heads, N, K) post-softmax, float32 (K = 77 keys) -> keep (B, N, S) (or (B, heads, N, S))."""
         if probs.dim() != 4:
-            raise ValueError(f"AttentionStore.record: probs must be (B, heads, N, L), got {tuple(probs.shape)}")
-        B, L = probs.shape[0], probs.shape[-1]
+            raise ValueError(f"AttentionStore.record: probs must be (B, heads, N, K), got {tuple(probs.shape)}")
+        B, K = probs.shape[0], probs.shape[-1]
         if self._index is not None:
             if self._index.shape[0] not in (1, B):
                 raise ValueError(f"AttentionStore: token_positions has {self._index.shape[0]} lists but the "
                                  f"batch has {B} items")
-            if int(self._index.max()) >= L:
-                raise ValueError(f"AttentionStore: token position {int(self._index.max())} >= context length {L}")
+            if int(self._index.max()) >= K:
+                raise ValueError(f"AttentionStore: token position {int(self._index.max())} >= context length {K}")
             # select the columns BEFORE any other work, so only the prompt's columns survive
             idx = self._index.to(probs.device).expand(B, -1)[:, None, None, :]      # (B, 1, 1, S)
             probs = probs.gather(-1, idx.expand(-1, probs.shape[1], probs.shape[2], -1))
@@ -122,7 +115,7 @@ class AttentionStore:
         All chosen layers must share one resolution (N); every (step, layer) must have been recorded.
         """
         if not self.store:
-            raise ValueError("AttentionStore.maps: nothing recorded (wrong layers/steps, or recording paused?)")
+            raise ValueError("AttentionStore.maps: nothing recorded (wrong layers or steps?)")
         steps = sorted({s for s, _ in self.store}) if steps is None else list(steps)
         layers = sorted({l for _, l in self.store}) if layers is None else list(layers)
         missing = [(s, l) for s in steps for l in layers if (s, l) not in self.store]

@@ -80,11 +80,6 @@ class HeatmapConfig:
     def resolved_otsu(self):
         return (not self.tuned) if self.otsu is None else bool(self.otsu)
 
-    @classmethod
-    def tiny(cls, layers=(1, 2, 3)):
-        """For tests with UNetConfig.tiny(): 10 steps, window t in [400, 700), three layers at latent/2."""
-        return cls(num_steps=10, window=(400, 700), layers=layers, otsu=False)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # schedule
@@ -311,12 +306,6 @@ def prompt_contexts(pipe, texts, prompts=None):
     return pipe.text_encoder(ids), positions
 
 
-def prompt_context(pipe, prompt, prompts=None):
-    """(context (1, 77, D), token positions) of one prompt."""
-    cond, positions = prompt_contexts(pipe, [prompt], prompts)
-    return cond, positions[0]
-
-
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, S, S) in the family's range and one prompt each -> (B, S, S) heatmaps in [0, 1]
     (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
@@ -324,14 +313,6 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     (plain text encoder). One variant of extract_heatmaps_shared below."""
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
     return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
-
-
-def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
-    """One image (C, H, W) or (1, C, H, W) and its prompt -> the (H, W) heatmap (see extract_heatmaps)."""
-    x = image[None] if image.dim() == 3 else image
-    if x.shape[0] != 1:
-        raise ValueError(f"extract_heatmap: one image at a time, got a batch of {x.shape[0]}")
-    return extract_heatmaps(pipe, x, [prompt], cfg, prompts, fast=fast)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -239,9 +239,6 @@ def pointing_game(heatmap, boxes):
     return float((at_peak & inside).sum().item() / at_peak.sum().item())
 
 
-METRICS = {"cnr": cnr, "miou": miou, "auc_roc": auc_roc, "auc_binned5": auc_binned5, "pointing_game": pointing_game}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # confidence intervals and the paper's table
 

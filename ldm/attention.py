@@ -6,7 +6,7 @@ Mirrors diffusers `models/attention_processor.py` (Attention + AttnProcessor / A
 `DiffusionUNetTransformerBlock` compute the same thing (their key names are mapped in ldm/weights/monai.py).
 
 Recording (ARCHITECTURE.md "Attention recording"): a cross-attention layer that a store `wants` computes
-probs = softmax(q k^T * scale) explicitly, in float32, shape (B, heads, N, L), and hands it to
+probs = softmax(q k^T * scale) explicitly, in float32, shape (B, heads, N, K), and hands it to
 `store.record(layer, probs)` right after the softmax -- with its autograd graph, since prompt tuning puts a loss
 on it. Every other layer uses PyTorch's fused `scaled_dot_product_attention`, unless `fused` is switched off.
 """
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         return f"name={self.name!r}, heads={self.heads}, dim_head={self.dim_head}, cross_index={self.cross_index}"
 
     def forward(self, x, context=None, store=None):
-        """x (B, N, C); context (B, L, D), or None for self-attention. Returns (B, N, C)."""
+        """x (B, N, C); context (B, K, D) (K = 77 keys), or None for self-attention. Returns (B, N, C)."""
         context = x if context is None else context
         # (B, N, heads * dim_head) -> (B, heads, N, dim_head): a view, no copy
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
@@ -54,9 +54,9 @@ class Attention(nn.Module):
             # Explicit attention in float32 (diffusers' `upcast_attention` / `upcast_softmax` behaviour); autocast
             # is switched off here, or it would run the float32 matmul in bf16/fp16 again.
             with torch.autocast(q.device.type, enabled=False):
-                scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale  # (B, heads, N, L)
+                scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale  # (B, heads, N, K)
                 probs = scores.softmax(dim=-1)
-            # ---------------- THE recording point: post-softmax probabilities (B, heads, N, L) ----------------
+            # ---------------- THE recording point: post-softmax probabilities (B, heads, N, K) ----------------
             if record:
                 store.record(self, probs)
             # --------------------------------------------------------------------------------------------------

@@ -286,33 +286,6 @@ class CLIPTokenizer:
         data = bytes(self.byte_decoder[c] for c in text)  # "</w>" is printable ASCII: it survives as itself
         return data.decode("utf-8", errors="replace").replace(EOW, " ").strip()
 
-    def token_positions(self, prompt, phrase, all_occurrences=False):
-        """Positions in the framed sequence of the tokens of `phrase` inside `prompt`.
-
-        Matching is on whole pre-tokenised words, so "lower" does not match inside "lowered":
-            token_positions("left lower atelectasis", "lower") -> [2]     (0 is <|startoftext|>)
-            token_positions("left lower atelectasis", "atelectasis") -> [3, 4, 5, 6]  (a 4-token word)
-        Returns the first occurrence, or every occurrence with all_occurrences=True.
-        """
-        words = self._word_tokens(prompt)
-        target = [w for w, _ in self._word_tokens(phrase)]
-        if not target:
-            raise ValueError(f"token_positions: phrase {phrase!r} has no tokens")
-        starts, pos = [], 1  # pos: framed position of each word's first token
-        for k, (_, tokens) in enumerate(words):
-            if [w for w, _ in words[k:k + len(target)]] == target:
-                n = sum(len(t) for _, t in words[k:k + len(target)])
-                starts.append(list(range(pos, pos + n)))
-            pos += len(tokens)
-        if not starts:
-            raise ValueError(f"token_positions: {phrase!r} is not a word or phrase of prompt {prompt!r} "
-                             f"(words: {[w for w, _ in words]})")
-        positions = [p for span in (starts if all_occurrences else starts[:1]) for p in span]
-        if positions[-1] >= self.max_length - 1:
-            raise ValueError(f"token_positions: {phrase!r} lies past position {self.max_length - 2} of "
-                             f"{prompt!r}, which is cut by truncation")
-        return positions
-
 
 def _vocab_from_merges(merges):
     """OpenAI's vocabulary order: 256 byte symbols, the same + "</w>", one entry per merge, then the specials."""

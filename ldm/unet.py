@@ -174,10 +174,6 @@ class UNetLevel(nn.Module):
             self.upsamplers = nn.ModuleList([upsample])
 
 
-class _StopForward(Exception):
-    """Raised right after cross-attention layer `stop_after` has run; caught in UNet2DConditionModel.forward."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The UNet
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,10 +256,9 @@ class UNet2DConditionModel(nn.Module):
                 m.fused = bool(flag)
 
     def _attend(self, transformer, x, context, store, stop_after):
+        """(x after the transformer, stop): stop is True once cross-attention layer `stop_after` has run."""
         x = transformer(x, context, store)
-        if stop_after is not None and transformer.transformer_blocks[-1].attn2.cross_index >= stop_after:
-            raise _StopForward
-        return x
+        return x, stop_after is not None and transformer.transformer_blocks[-1].attn2.cross_index >= stop_after
 
     def forward(self, sample, timestep, encoder_hidden_states, store=None, stop_after=None):
         """sample (B, C, H, W) latents; timestep int, 0-d or (B,); encoder_hidden_states (B, L, D).
@@ -274,10 +269,7 @@ class UNet2DConditionModel(nn.Module):
         if stop_after is not None and not 0 <= stop_after < len(self.cross_attention_layers()):
             raise ValueError(f"UNet: stop_after={stop_after} is not a cross-attention layer index "
                              f"(0..{len(self.cross_attention_layers()) - 1})")
-        try:
-            return self._forward(sample, timestep, encoder_hidden_states, store, stop_after)
-        except _StopForward:
-            return None
+        return self._forward(sample, timestep, encoder_hidden_states, store, stop_after)
 
     def _forward(self, sample, timestep, context, store, stop_after):
         B, _, H, W = sample.shape
@@ -303,21 +295,27 @@ class UNet2DConditionModel(nn.Module):
             for j, resnet in enumerate(block.resnets):
                 x = resnet(x, emb)
                 if hasattr(block, "attentions"):
-                    x = self._attend(block.attentions[j], x, context, store, stop_after)
+                    x, stop = self._attend(block.attentions[j], x, context, store, stop_after)
+                    if stop:
+                        return None                                # nothing after this layer is needed
                 skips.append(x)
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
                 skips.append(x)
 
         x = self.mid_block.resnets[0](x, emb)
-        x = self._attend(self.mid_block.attentions[0], x, context, store, stop_after)
+        x, stop = self._attend(self.mid_block.attentions[0], x, context, store, stop_after)
+        if stop:
+            return None
         x = self.mid_block.resnets[1](x, emb)
 
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
                 x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
                 if hasattr(block, "attentions"):
-                    x = self._attend(block.attentions[j], x, context, store, stop_after)
+                    x, stop = self._attend(block.attentions[j], x, context, store, stop_after)
+                    if stop:
+                        return None
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x)
 

@@ -15,7 +15,7 @@ which are config flags here:
 
 Parameter names are the diffusers keys, so a diffusers `vae/` folder loads with `load_state_dict(strict=True)`;
 MONAI checkpoints are renamed onto these names in ldm/weights/monai.py.
-Latents are UNSCALED here: multiply by `config.scale_factor` before the UNet, divide before `decode`.
+Latents are UNSCALED here: multiply by the pipeline's `scale_factor` before the UNet, divide before `decode`.
 """
 from dataclasses import dataclass, field
 

@@ -1,7 +1,7 @@
 """Attention recording (ldm/attention.py + the UNet's store / stop_after plumbing, ARCHITECTURE.md).
 
 Fused (SDPA) and explicit paths agree; recording changes nothing; recorded probabilities are distributions over
-the text tokens with shape (B, heads, N, L); gradients reach the text through them; an early stop records exactly
+the text tokens with shape (B, heads, N, K); gradients reach the text through them; an early stop records exactly
 what the full forward records up to that layer; the layer order and names match diffusers' execution order.
 """
 import pytest
@@ -97,14 +97,14 @@ def test_recording_does_not_change_the_output():
 
 def test_recorded_probs_are_distributions_with_documented_shape():
     unet = tiny_unet()
-    B, side, L = 2, 16, 7
-    sample, t, ctx = inputs(unet.config, B, side, L)
+    B, side, K = 2, 16, 7
+    sample, t, ctx = inputs(unet.config, B, side, K)
     store = Store()
     unet(sample, t, ctx, store=store)
     for layer in unet.cross_attention_layers():
         probs = store.maps[layer.cross_index]
         N = (side // layer.downscale) ** 2
-        assert probs.shape == (B, layer.heads, N, L), (layer.name, probs.shape)
+        assert probs.shape == (B, layer.heads, N, K), (layer.name, probs.shape)
         assert probs.dtype == torch.float32 and (probs >= 0).all()
         torch.testing.assert_close(probs.sum(-1), torch.ones(B, layer.heads, N))
 

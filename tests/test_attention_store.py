@@ -14,7 +14,7 @@ def _layer(i, cross=True):
 
 def test_keeps_only_prompt_columns_averaged_over_heads():
     store = AttentionStore(layers=[1], token_positions=[2, 3])
-    probs = torch.rand(2, 4, 16, 77).softmax(-1)                  # (B, heads, N, L)
+    probs = torch.rand(2, 4, 16, 77).softmax(-1)                  # (B, heads, N, K)
     assert store.wants(_layer(1)) and not store.wants(_layer(0)) and not store.wants(_layer(1, cross=False))
     store.set_step(7)
     store.record(_layer(1), probs)
@@ -37,15 +37,12 @@ def test_per_item_positions_are_padded_and_masked():
     assert store.token_mask().tolist() == [[True, True, True], [True, False, False]]
 
 
-def test_recording_switches_and_step_filter():
+def test_step_filter_and_reset():
     store = AttentionStore(layers=[0], token_positions=[1], steps={10, 20})
     store.set_step(5)
     assert not store.wants(_layer(0))                             # step not chosen
     store.set_step(10)
     assert store.wants(_layer(0))
-    store.pause()
-    assert not store.wants(_layer(0))
-    store.resume()
     store.record(_layer(0), torch.rand(1, 1, 4, 77))
     store.reset()
     assert store.keys() == [] and store.numel() == 0

@@ -14,7 +14,7 @@ from torch import nn
 from conftest import cmp
 from grounding.heatmap import HeatmapConfig, extract_heatmaps
 from grounding.precision import autocast
-from test_heatmap import tiny_pipe
+from test_heatmap import tiny_pipe, tiny_heatmap_config
 from tiny_world import make_tiny_setup
 
 
@@ -41,7 +41,7 @@ def test_heatmap_extraction_runs_under_the_configured_autocast():
     pipe = tiny_pipe()
     image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     texts = ["bibasilar atelectasis and right pneumothorax"]
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     with LinearDtypes() as fp32:
         h32 = extract_heatmaps(pipe, image, texts, cfg)
     with LinearDtypes() as bf16:

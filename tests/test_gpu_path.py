@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from conftest import cmp
 from grounding.attention_store import AttentionStore
-from grounding.heatmap import HeatmapConfig, invert_and_record, prompt_context
+from grounding.heatmap import HeatmapConfig, invert_and_record
 from ldm.unet import UNet2DConditionModel, UNetConfig
+from test_heatmap import tiny_heatmap_config, prompt_context, extract_heatmap
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -29,7 +30,7 @@ def on_cuda(f):
 
 
 class Store:
-    """Records every wanted cross-attention layer's probabilities (B, heads, N, L) as given."""
+    """Records every wanted cross-attention layer's probabilities (B, heads, N, K) as given."""
 
     def __init__(self, want=None):
         self.want, self.maps = want, {}
@@ -164,7 +165,7 @@ def test_inversion_under_bf16_autocast_keeps_float32_latents_and_maps():
         z0 = pipe.vae.encode(torch.rand(1, 1, 32, 32))
         cond, pos = prompt_context(pipe, "left lower atelectasis")
         uncond = pipe.text_encoder(pipe.tokenizer([""]))
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     s32, s16 = AttentionStore(cfg.layers, pos), AttentionStore(cfg.layers, pos)
     z32 = invert_and_record(pipe, z0, cond, uncond, s32, cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -204,7 +205,7 @@ def test_cuda_heatmap_equals_cpu():
     from grounding.heatmap import extract_heatmaps
     torch.backends.cudnn.allow_tf32 = False                     # TF32 convolutions would differ by ~1e-3
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     image = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     h_cpu = extract_heatmaps(tiny_pipe("cpu"), image, ["left lower atelectasis"], cfg)
     pipe = tiny_pipe("cuda")
@@ -219,7 +220,6 @@ def test_cuda_heatmap_equals_cpu():
 
 @on_cuda
 def test_cuda_single_image_extract_heatmap():
-    from grounding.heatmap import extract_heatmap
     pipe = tiny_pipe("cuda")
-    h = extract_heatmap(pipe, torch.rand(1, 32, 32, device="cuda"), "left lower atelectasis", HeatmapConfig.tiny())
+    h = extract_heatmap(pipe, torch.rand(1, 32, 32, device="cuda"), "left lower atelectasis", tiny_heatmap_config())
     assert h.shape == (32, 32) and h.max().item() == pytest.approx(1.0)

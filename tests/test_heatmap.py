@@ -10,8 +10,8 @@ import torch
 
 from conftest import cmp
 from grounding.attention_store import AttentionStore
-from grounding.heatmap import (HeatmapConfig, LAYER_PRESETS, extract_heatmap, gaussian_filter, heatmap_from_maps,
-                               inversion_scheduler, invert_and_record, otsu_threshold, prompt_context,
+from grounding.heatmap import (HeatmapConfig, LAYER_PRESETS, extract_heatmaps, gaussian_filter, heatmap_from_maps,
+                               inversion_scheduler, invert_and_record, otsu_threshold, prompt_contexts,
                                training_latents, window_timesteps)
 
 CORPUS = ["left lower atelectasis", "right upper pneumonia", "bibasilar atelectasis", "cardiomegaly",
@@ -145,7 +145,7 @@ def test_heatmap_from_maps_normalises_each_map():
 def test_fast_path_equals_straightforward_path():
     pipe = tiny_pipe()
     image, z0, cond, uncond, pos = _inputs(pipe)
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     fast, slow = AttentionStore(cfg.layers, pos), AttentionStore(cfg.layers, pos)
     invert_and_record(pipe, z0, cond, uncond, fast, cfg, fast=True)
     invert_and_record(pipe, z0, cond, uncond, slow, cfg, fast=False)
@@ -162,7 +162,7 @@ def test_fast_path_equals_straightforward_path():
 def test_extraction_is_deterministic_and_prompt_dependent():
     pipe = tiny_pipe()
     image = _inputs(pipe)[0][0]
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     a = extract_heatmap(pipe, image, "left lower atelectasis", cfg)
     b = extract_heatmap(pipe, image, "left lower atelectasis", cfg)
     assert torch.equal(a, b)
@@ -176,7 +176,7 @@ def test_extraction_is_deterministic_and_prompt_dependent():
 def test_recording_does_not_change_the_output_path():
     pipe = tiny_pipe()
     _, z0, cond, uncond, pos = _inputs(pipe)
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     # the UNet output with recording on equals the output without a store
     store = AttentionStore(None, pos)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_recording_does_not_change_the_output_path():
 def test_training_latents_inversion_and_noise():
     pipe = tiny_pipe()
     _, z0, _, uncond, _ = _inputs(pipe)
-    cfg = HeatmapConfig.tiny()
+    cfg = tiny_heatmap_config()
     ts = window_timesteps(inversion_scheduler(pipe.scheduler, cfg), *cfg.window)
     lat = training_latents(pipe, z0, ts, mode="inversion", uncond=uncond, cfg=cfg)
     assert lat.shape == (3,) + tuple(z0.shape)
@@ -214,3 +214,24 @@ def test_training_latents_inversion_and_noise():
     with pytest.raises(ValueError, match="not on the"):
         training_latents(pipe, z0, [123], cfg=cfg)
     assert math.isfinite(lat.abs().max().item())
+
+
+# ---- helpers (other test files import them from here) -----------------------------------------------------
+
+
+def tiny_heatmap_config(layers=(1, 2, 3)):
+    """For tests with UNetConfig.tiny(): 10 steps, window t in [400, 700), three layers at latent/2."""
+    return HeatmapConfig(num_steps=10, window=(400, 700), layers=layers, otsu=False)
+
+
+def prompt_context(pipe, prompt, prompts=None):
+    """(context (1, 77, D), token positions) of one prompt."""
+    cond, positions = prompt_contexts(pipe, [prompt], prompts)
+    return cond, positions[0]
+
+
+def extract_heatmap(pipe, image, prompt, cfg=None, prompts=None, fast=True):
+    """One image (C, H, W) or (1, C, H, W) and its prompt -> the (H, W) heatmap (see extract_heatmaps)."""
+    x = image[None] if image.dim() == 3 else image
+    assert x.shape[0] == 1
+    return extract_heatmaps(pipe, x, [prompt], cfg, prompts, fast=fast)[0]

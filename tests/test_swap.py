@@ -9,7 +9,7 @@ from conftest import cmp
 from grounding.heatmap import HeatmapConfig, extract_heatmaps, extract_heatmaps_shared
 from grounding.swap import (box_side, prompt_side, side_masses, swap_markdown, swap_pairs, swap_sides,
                             swap_summary, true_side_hit)
-from test_heatmap import tiny_pipe
+from test_heatmap import tiny_pipe, tiny_heatmap_config
 
 
 # ---- words ---------------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def test_shared_extraction_equals_per_model_path():
     images = torch.rand(2, 1, pipe.image_size, pipe.image_size)
     true = ["left lower atelectasis", "right pneumothorax"]
     swapped = [swap_sides(t) for t in true]
-    base = HeatmapConfig.tiny(layers=(1, 2, 4))
+    base = tiny_heatmap_config(layers=(1, 2, 4))
     frozen = HeatmapConfig(num_steps=10, window=(400, 700), layers=(1, 2, 4), otsu=True)
     untuned = HeatmapConfig(num_steps=10, window=(400, 700), layers=(2, 3, 4), otsu=False)
     variants = [(true, None, [frozen, untuned]), (swapped, None, [base])]

@@ -1,6 +1,6 @@
 """Tests for ldm/tokenizer.py: ids identical to transformers' CLIPTokenizer on the real CLIP vocabulary and on
 a vocabulary trained here, the pre-tokeniser equal to the `regex`-package pattern, framing, padding,
-truncation, decode and token_positions.
+truncation, decode and the positions of a phrase in a prompt.
 
 transformers 5 has only the `tokenizers`-backed CLIPTokenizer (the old slow one is gone); it normalises with
 NFC + whitespace collapse + lowercase and does not html-unescape, so "&amp;" is the one documented difference.
@@ -167,18 +167,18 @@ def test_decode_matches_transformers_and_round_trips(real, hf_real):
     assert real.decode(real("left lower atelectasis")[0]) == "left lower atelectasis"
 
 
-def test_token_positions_real_vocab(real):
+def test_phrase_positions_real_vocab(real):
     prompt = "left lower atelectasis"
-    assert real.token_positions(prompt, "lower") == [2]
-    pos = real.token_positions(prompt, "atelectasis")
+    assert phrase_positions(real, prompt, "lower") == [2]
+    pos = phrase_positions(real, prompt, "atelectasis")
     assert len(pos) > 1 and pos == list(range(3, 3 + len(pos)))  # a multi-token word: consecutive positions
     ids = real(prompt)[0]
     assert real.decode(ids[pos]) == "atelectasis" and ids[pos[-1] + 1] == real.eos_id
-    assert real.token_positions("Big right-sided pleural effusion.", "Pleural Effusion") == [5, 6, 7, 8]
+    assert phrase_positions(real, "Big right-sided pleural effusion.", "Pleural Effusion") == [5, 6, 7, 8]
     with pytest.raises(ValueError, match="not a word or phrase"):
-        real.token_positions(prompt, "lowe")  # a piece of a word is not a word
+        phrase_positions(real, prompt, "lowe")  # a piece of a word is not a word
     with pytest.raises(ValueError, match="not a word or phrase"):
-        real.token_positions(prompt, "effusion")
+        phrase_positions(real, prompt, "effusion")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -227,15 +227,15 @@ def test_trained_vocab_matches_transformers(small, tmp_path):
     assert loaded.pad_id == 0 and torch.equal(loaded(texts[:5]), ours[:5])
 
 
-def test_token_positions_and_decode_trained(small):
+def test_phrase_positions_and_decode_trained(small):
     prompt = "left lower lobe atelectasis and small pleural effusion"
-    assert small.token_positions(prompt, "lower") == [2]
-    span = small.token_positions(prompt, "pleural effusion")
+    assert phrase_positions(small, prompt, "lower") == [2]
+    span = phrase_positions(small, prompt, "pleural effusion")
     assert small.decode(small(prompt)[0][span]) == "pleural effusion"
     n_lung, n_before = len(small.encode("lung")), len(small.encode("left lung and right"))
     assert n_lung > 1  # "lung" is not in the corpus: several tokens
-    assert small.token_positions("left lung and right lung", "lung", all_occurrences=True) == \
-        small.token_positions("left lung", "lung") + list(range(1 + n_before, 1 + n_before + n_lung))
+    assert phrase_positions(small, "left lung and right lung", "lung", all_occurrences=True) == \
+        phrase_positions(small, "left lung", "lung") + list(range(1 + n_before, 1 + n_before + n_lung))
     assert small.decode(small(prompt)[0]) == prompt
 
 
@@ -258,4 +258,35 @@ def test_bad_input_errors(small, tmp_path):
     with pytest.raises(ValueError, match="pad_id=700"):
         CLIPTokenizer(small.encoder, small.merges, pad_id=700)
     with pytest.raises(ValueError, match="cut by truncation"):
-        small.token_positions(LONG_TEXT + " cardiomegaly", "cardiomegaly")
+        phrase_positions(small, LONG_TEXT + " cardiomegaly", "cardiomegaly")
+
+
+# ---- helper: where a phrase sits in a prompt (was CLIPTokenizer.token_positions; only tests used it) ----
+
+
+def phrase_positions(tok, prompt, phrase, all_occurrences=False):
+    """Positions in the framed sequence of the tokens of `phrase` inside `prompt`.
+
+    Matching is on whole pre-tokenised words, so "lower" does not match inside "lowered":
+        phrase_positions("left lower atelectasis", "lower") -> [2]     (0 is <|startoftext|>)
+        phrase_positions("left lower atelectasis", "atelectasis") -> [3, 4, 5, 6]  (a 4-token word)
+    Returns the first occurrence, or every occurrence with all_occurrences=True.
+    """
+    words = tok._word_tokens(prompt)
+    target = [w for w, _ in tok._word_tokens(phrase)]
+    if not target:
+        raise ValueError(f"phrase_positions: phrase {phrase!r} has no tokens")
+    starts, pos = [], 1  # pos: framed position of each word's first token
+    for k, (_, tokens) in enumerate(words):
+        if [w for w, _ in words[k:k + len(target)]] == target:
+            n = sum(len(t) for _, t in words[k:k + len(target)])
+            starts.append(list(range(pos, pos + n)))
+        pos += len(tokens)
+    if not starts:
+        raise ValueError(f"phrase_positions: {phrase!r} is not a word or phrase of prompt {prompt!r} "
+                         f"(words: {[w for w, _ in words]})")
+    positions = [p for span in (starts if all_occurrences else starts[:1]) for p in span]
+    if positions[-1] >= tok.max_length - 1:
+        raise ValueError(f"phrase_positions: {phrase!r} lies past position {tok.max_length - 2} of "
+                         f"{prompt!r}, which is cut by truncation")
+    return positions

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from grounding.heatmap import TRAIN_WINDOW
+
 
 def _check_type(name, value, annotation):
     """Return `value` converted to the field's type, or raise a ValueError naming the key."""
@@ -177,7 +179,8 @@ class TrainConfig:
     layers: list = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
                                              # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
     num_inference_steps: int = 100          # the DDIM schedule the window is taken from
-    train_window: list = field(default_factory=lambda: [400, 700])  # timesteps [lo, hi): steps [30,60) of 100, reverse order
+    train_window: list = field(default_factory=lambda: list(TRAIN_WINDOW))  # timesteps [lo, hi) = [400, 700): steps
+                                             # [30, 60) of 100 in reverse-process order (grounding/heatmap.py)
     timesteps_per_step: int = 0              # 0 = all T window steps per image (paper); k = a random k of them (cheaper)
     noisy_latents: str = "inversion"         # "inversion" (DDIM inversion, as at test time) | "noise" (forward noising)
     alpha: float = 0.1                       # weight of G in the target (Eq. 3)

@@ -25,7 +25,7 @@ from grounding.geometry import to_original
 from grounding.swap import (prompt_side, swap_caption, swap_markdown, swap_pairs, swap_row, swap_sides,
                             swap_summary)
 
-METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
+ROW_METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
 
 
 def score(heatmap, boxes, protocol="reference"):
@@ -209,8 +209,8 @@ def save_overlay(pair, heatmap, path):
 
 def summary_table(rows, n_boot=10000, seed=0):
     """Per-class means with 95% bootstrap CIs and the class average (paper layout; mIoU in %)."""
-    summary = summarise(rows, list(METRICS), n=n_boot, seed=seed)
-    return summary, summary_markdown(summary, list(METRICS), scale={"miou": 100})
+    summary = summarise(rows, list(ROW_METRICS), n=n_boot, seed=seed)
+    return summary, summary_markdown(summary, list(ROW_METRICS), scale={"miou": 100})
 
 
 def comparison_markdown(summaries, metrics=("cnr", "miou")):

@@ -134,7 +134,7 @@ def mscxr_subsets(pairs, split, csv_path=""):
     return scored, val, f"validation pairs: the MS-CXR 'val' split (disjoint from the scored {split!r} split)"
 
 
-def load(cfg, family=None, need_samples=True, image_size=512):
+def load(cfg, need_samples=True, image_size=512):
     """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic").
 
     image_size: the model's input side (pipe.image["size"]); boxes the centre crop cuts away are dropped for it.

@@ -30,6 +30,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from grounding.anatomy import PATHOLOGIES
 from grounding.phantom.render import render_case
 
 SYNTHETIC_NOTICE = "SYNTHETIC phantom chest X-ray world (procedurally generated; no real patient data)"
@@ -54,9 +55,6 @@ class PhantomConfig:
     def tiny(cls, **kw):
         return cls(**{**dict(n_train=16, n_validate=2, n_test=10, n_vindr=6, n_gold=6, size=96, workers=1), **kw})
 
-
-PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
-               "Pneumonia", "Pneumothorax")
 
 # Where each finding may sit: location names of the 27 (+ "retrocardiac", written as the word, = left lower).
 LOCATION_MENU = {
