@@ -101,7 +101,7 @@ def box_gaussian(box_xyxy):
 def build_lut(scene_graphs, frame=FRAME, mode="crop"):
     """Average Gaussians per ImaGenome region over gold scene graphs, then map the 27 locations onto them.
 
-    scene_graphs: records from datasets.read_scene_graph (keys `boxes` {bbox_name: (x1, y1, x2, y2)} in
+    scene_graphs: records from grounding/data/imagenome.py read_scene_graph (keys `boxes` {bbox_name: (x1, y1, x2, y2)} in
     original pixels, `image_width`, `image_height`).
     mode: how a box is "rescaled to 512x512" (the paper does not say). "crop" (default) applies the model's
     own preprocessing (shortest side -> 512, centre crop) so G lands where the attention maps see the organ;

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from grounding.data import curation as cu
-from grounding.data import readers as ds
+from grounding.data.imagenome import read_gold_ids, read_imagenome, read_imagenome_gold_csv
+from grounding.data.vindr import read_vindr, vindr_labels_path
 from grounding.phantom import world as ph
 from grounding.experiment import sources
 from grounding.anatomy import REGIONS
@@ -140,7 +141,7 @@ def test_gold_csv_strips_dcm_clips_and_averages_annotators(tmp_path):
                            _gold_row("a", "right lung", (12, 14, 52, 94), "A2"),      # a second annotator
                            _gold_row("a", "left lung", (-5, 20, 60, 130)),            # outside a 80x100 image
                            _gold_row("b", "right lung", (0, 0, 10, 10))])
-    graphs, rep = ds.read_imagenome_gold_csv(path, sizes={"a": (80, 100)})
+    graphs, rep = read_imagenome_gold_csv(path, sizes={"a": (80, 100)})
     by_id = {g["dicom_id"]: g for g in graphs}
     assert set(by_id) == {"a", "b"}                                   # ".dcm" stripped
     assert by_id["a"]["boxes"]["right lung"] == (11.0, 12.0, 51.0, 92.0)  # the two annotators averaged
@@ -153,7 +154,7 @@ def test_gold_csv_strips_dcm_clips_and_averages_annotators(tmp_path):
     bad[GOLD_HEAD.index("original_x1")] = "n/a"
     _csv(path, GOLD_HEAD, [bad])
     with pytest.raises(ValueError, match=r"row 2 \(a/right lung\).*original_x1"):
-        ds.read_imagenome_gold_csv(path)
+        read_imagenome_gold_csv(path)
 
 
 @dataclasses.dataclass
@@ -191,9 +192,9 @@ def test_scene_graph_folder_with_a_gold_id_list(tmp_path):
                                          "original_x2": 30, "original_y2": 40}]}))
     (tmp_path / "ids.txt").write_text("a.dcm\n\nc\n")
     _csv(str(tmp_path / "ids.csv"), ["image_id", "bbox_name"], [["a.dcm", "x"], ["b.dcm", "y"]])
-    assert ds.read_gold_ids(str(tmp_path / "ids.txt")) == {"a", "c"}
-    assert ds.read_gold_ids(str(tmp_path / "ids.csv")) == {"a", "b"}
-    graphs, rep = ds.read_imagenome(str(folder), gold_ids=ds.read_gold_ids(str(tmp_path / "ids.txt")))
+    assert read_gold_ids(str(tmp_path / "ids.txt")) == {"a", "c"}
+    assert read_gold_ids(str(tmp_path / "ids.csv")) == {"a", "b"}
+    graphs, rep = read_imagenome(str(folder), gold_ids=read_gold_ids(str(tmp_path / "ids.txt")))
     assert [g["dicom_id"] for g in graphs] == ["a", "c"] and rep["not in the gold subset"] == 1
 
 
@@ -223,7 +224,7 @@ def _vindr(tmp_path, with_labels=True):
 
 
 def test_vindr_ild_infiltration_become_pneumonia_with_the_image_labels(tmp_path):
-    pairs, rep = ds.read_vindr(*_vindr(tmp_path))
+    pairs, rep = read_vindr(*_vindr(tmp_path))
     got = {(p["dicom_id"], p["category"]): p["boxes"] for p in pairs}
     assert set(got) == {("A", "Pneumonia"), ("C", "Atelectasis")}
     assert got[("A", "Pneumonia")] == [(1.0, 1.0, 9.0, 9.0), (2.0, 2.0, 10.0, 10.0)]  # two radiologists, one pair
@@ -234,11 +235,11 @@ def test_vindr_ild_infiltration_become_pneumonia_with_the_image_labels(tmp_path)
 
 
 def test_vindr_without_image_labels_converts_every_ild_infiltration_box(tmp_path):
-    pairs, rep = ds.read_vindr(*_vindr(tmp_path, with_labels=False))
+    pairs, rep = read_vindr(*_vindr(tmp_path, with_labels=False))
     assert {(p["dicom_id"], p["category"]) for p in pairs} == {("A", "Pneumonia"), ("B", "Pneumonia"),
                                                                 ("C", "Atelectasis")}
     assert "no image_labels CSV" in rep.name
-    assert ds.vindr_labels_path("/x/annotations_test.csv") == "/x/image_labels_test.csv"
+    assert vindr_labels_path("/x/annotations_test.csv") == "/x/image_labels_test.csv"
 
 
 # ---------------------------------------------------------------------------------------------------------------

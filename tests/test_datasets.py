@@ -10,6 +10,8 @@ from PIL import Image
 from grounding import anatomy as an
 from grounding.data import curation as cu
 from grounding.data import readers as ds
+from grounding.data.imagenome import read_imagenome
+from grounding.data.vindr import read_vindr
 from grounding.data.curation import drop_cropped_boxes
 from grounding.metrics import box_mask
 from grounding.geometry import crop_window, to_original
@@ -152,14 +154,14 @@ def test_read_scene_graph_clips_outside_coordinates(tmp_path):
             {"bbox_name": "trachea", "x1": 1, "y1": 1, "x2": 2, "y2": 2}]
     (tmp_path / "d1_SceneGraph.json").write_text(json.dumps({"image_id": "d1", "objects": objs}))
     (tmp_path / "d2_SceneGraph.json").write_text(json.dumps({"image_id": "d2", "objects": objs[:1]}))
-    sgs, rep = ds.read_imagenome(str(tmp_path), sizes={"d1": (120, 100)}, gold_ids={"d1"})
+    sgs, rep = read_imagenome(str(tmp_path), sizes={"d1": (120, 100)}, gold_ids={"d1"})
     print(rep)
     assert len(sgs) == 1 and rep["not in the gold subset"] == 1
     assert sgs[0]["boxes"]["right lung"] == (0.0, 5.0, 50.0, 90.0)
     assert sgs[0]["boxes"]["left lung"] == (60.0, 5.0, 120.0, 95.0)
     assert rep["anatomy box clipped to the image"] == 2 and rep["object without original_x1..y2 (skipped)"] == 1
     with pytest.raises(FileNotFoundError, match="SceneGraph"):
-        ds.read_imagenome(str(tmp_path / "empty"))
+        read_imagenome(str(tmp_path / "empty"))
 
 
 def test_read_vindr_spellings_no_finding_and_formats(tmp_path):
@@ -171,7 +173,7 @@ def test_read_vindr_spellings_no_finding_and_formats(tmp_path):
              ["i2", "R8", "No finding", "", "", "", ""], ["i2", "R9", "Aortic enlargement", 1, 1, 5, 5]]
     _csv(str(tmp_path / "annotations_train.csv"), ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max",
                                                    "y_max"], train)
-    pairs, rep = ds.read_vindr(str(tmp_path / "annotations_train.csv"), str(img))
+    pairs, rep = read_vindr(str(tmp_path / "annotations_train.csv"), str(img))
     print(rep)
     assert len(pairs) == 1 and pairs[0]["category"] == "Pleural Effusion" and pairs[0]["split"] == "train"
     assert pairs[0]["boxes"] == [(10, 20, 20, 20), (60.5, 20, 39.5, 30)]  # duplicate merged, second clipped to 100
@@ -180,8 +182,8 @@ def test_read_vindr_spellings_no_finding_and_formats(tmp_path):
     test = [["i2", "Cardiomegaly", 20, 30, 70, 60], ["i3", "Lung Opacity", 1, 1, 9, 9], ["i2", "Other disease", "", "", "", ""]]
     _csv(str(tmp_path / "annotations_test.csv"), ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"], test)
     with pytest.raises(FileNotFoundError, match="i3"):
-        ds.read_vindr(str(tmp_path / "annotations_test.csv"), str(img))
-    pairs, rep = ds.read_vindr(str(tmp_path / "annotations_test.csv"), str(img), on_missing="skip")
+        read_vindr(str(tmp_path / "annotations_test.csv"), str(img))
+    pairs, rep = read_vindr(str(tmp_path / "annotations_test.csv"), str(img), on_missing="skip")
     assert [p["image_path"].endswith("i2.jpg") for p in pairs] == [True] and pairs[0]["split"] == "test"
     assert rep["missing image file"] == 1 and rep["class 'Other disease' not one of the 8"] == 1
 

@@ -9,6 +9,8 @@ import pytest
 from grounding import anatomy as an
 from grounding.data import curation as cu
 from grounding.data import readers as ds
+from grounding.data.imagenome import read_imagenome
+from grounding.data.vindr import read_vindr
 from grounding.phantom import world as ph
 from grounding.phantom import render as pr
 from grounding.data import reports as rp
@@ -60,12 +62,12 @@ def test_readers_read_the_world(world):
     print(cur)
     assert samples and all(s["prompt"] and s["locations"] for s in samples)
     sizes = {r["dicom_id"]: (r["image_width"], r["image_height"]) for r in recs}
-    sgs, _ = ds.read_imagenome(os.path.join(root, "chest-imagenome", "silver_dataset", "scene_graph"), sizes)
+    sgs, _ = read_imagenome(os.path.join(root, "chest-imagenome", "silver_dataset", "scene_graph"), sizes)
     lut, counts = an.build_lut(sgs)
     assert all(n == 6 for n in counts.values())
     assert lut["right lower"][0][0] < 256 < lut["left lower"][0][0]  # patient's right lung on the image left
     assert lut["right apical"][0][1] < lut["right upper"][0][1] < lut["right middle"][0][1] < lut["right lower"][0][1]
-    vpairs, vrep = ds.read_vindr(os.path.join(root, "vindr-cxr", "annotations_test.csv"),
+    vpairs, vrep = read_vindr(os.path.join(root, "vindr-cxr", "annotations_test.csv"),
                                  os.path.join(root, "vindr-cxr", "test"))
     prompts = cu.vindr_prompts(vpairs, lut)
     assert prompts and all(p["prompt"].endswith(p["category"].lower()) for p in prompts)

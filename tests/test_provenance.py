@@ -18,6 +18,8 @@ from PIL import Image
 from test_heatmap import tiny_pipe
 
 from grounding.data import readers as ds
+
+from grounding.data.vindr import read_vindr
 from grounding.experiment import provenance
 from grounding.experiment.rows import load_rows, save_rows
 from grounding.experiment.config import load_config, TrainConfig
@@ -221,7 +223,7 @@ def test_non_numeric_box_names_file_and_row(tmp_path):
     vindr = tmp_path / "annotations_test.csv"
     vindr.write_text("image_id,class_name,x_min,y_min,x_max,y_max\nv1,Cardiomegaly,1,2,three,9\n")
     with pytest.raises(ValueError, match=r"annotations_test.csv row 2: column 'x_max' = 'three'"):
-        ds.read_vindr(str(vindr), str(tmp_path))
+        read_vindr(str(vindr), str(tmp_path))
 
 
 def test_corrupt_or_missing_image_is_found_at_load_time(tmp_path):

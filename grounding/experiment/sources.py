@@ -12,6 +12,8 @@ import os
 
 from grounding.data import curation as cu
 from grounding.data import readers as ds
+from grounding.data.imagenome import read_gold_ids, read_imagenome, read_imagenome_gold_csv
+from grounding.data.vindr import read_vindr
 from grounding.phantom import world as phantom
 from grounding.anatomy import build_lut, load_lut, save_lut
 from grounding.phantom.real import world_notice_for
@@ -87,12 +89,12 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
         if getattr(cfg, "imagenome_gold_ids", ""):
             raise ValueError(f"config key imagenome_gold_ids applies to a scene-graph folder; imagenome_root "
                              f"{imagenome} is a file (the gold CSV holds only gold images): leave it empty")
-        graphs, report = ds.read_imagenome_gold_csv(imagenome, sizes=sizes)
+        graphs, report = read_imagenome_gold_csv(imagenome, sizes=sizes)
         source = f"the gold CSV {imagenome}"
     else:
         gold_file = getattr(cfg, "imagenome_gold_ids", "")
-        gold = ds.read_gold_ids(gold_file) if gold_file else None
-        graphs, report = ds.read_imagenome(imagenome, sizes=sizes, gold_ids=gold)
+        gold = read_gold_ids(gold_file) if gold_file else None
+        graphs, report = read_imagenome(imagenome, sizes=sizes, gold_ids=gold)
         source = f"scene graphs in {imagenome}" + (f", gold ids {gold_file}" if gold else
                                                    " (no imagenome_gold_ids: EVERY graph in the folder)")
     lut, counts = build_lut(graphs)
@@ -168,7 +170,7 @@ def load(cfg, need_samples=True, image_size=512):
     val_loc, _ = cu.mscxr_loc(val)
     vindr = []
     if vindr_csv and os.path.exists(vindr_csv):
-        vpairs, rep = ds.read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
+        vpairs, rep = read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
         lines.append(str(rep))
         vpairs, rep = cu.drop_cropped_boxes(vpairs, image_size, "VinDr-CXR")
         lines.append(str(rep))
