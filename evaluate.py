@@ -50,7 +50,7 @@ def main(argv=None):
     p.add_argument("--untuned", action="store_true", help="also score the tuned layers with the ORIGINAL embeddings "
                    "(tuned minus untuned = what the learned rows alone bring)")
     p.add_argument("--swap", action="store_true", help="location-swap test: score each one-sided prompt with left and "
-                   "right swapped too (grounding/swap.py)")
+                   "right swapped too (grounding/experiment/swap.py)")
     p.add_argument("--out", default=None, help="output folder (default runs/eval_<split>)")
     p.add_argument("--batch", type=int, default=16, help="images inverted together")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs (0 = all)")

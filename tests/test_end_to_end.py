@@ -199,7 +199,7 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
     """
     from grounding.experiment.rows import save_rows
     from grounding.prompts import LearnablePrompts
-    from grounding.swap import prompt_side
+    from grounding.experiment.swap import prompt_side
     from ldm.weights.folder import load_pipeline
     root = setup["root"]
     pipe = load_pipeline(setup["model"])

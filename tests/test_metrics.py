@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import need
-from grounding.metrics import (FLOAT32_MAX, auc_binned5, auc_roc, bootstrap_ci, box_mask, cnr, miou, pointing_game,
-                               summarise, summary_markdown, union_mask)
+from grounding.metrics import FLOAT32_MAX, auc_binned5, auc_roc, box_mask, cnr, miou, pointing_game, union_mask
+from grounding.experiment.tables import bootstrap_ci, summarise, summary_markdown
 
 
 def _cnr_map():

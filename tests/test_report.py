@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.metrics import summarise
+from grounding.experiment.tables import summarise
 from grounding.experiment.report import Column, select_pairs, write_report
 
 

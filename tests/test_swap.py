@@ -1,4 +1,4 @@
-"""The location-swap test (grounding/swap.py), checked by hand, and the one-inversion-many-variants extraction
+"""The location-swap test (grounding/experiment/swap.py), checked by hand, and the one-inversion-many-variants extraction
 (grounding/heatmap.py extract_heatmaps_shared) checked against the per-model path."""
 import math
 
@@ -7,8 +7,8 @@ import torch
 
 from conftest import cmp
 from grounding.heatmap import HeatmapConfig, extract_heatmaps, extract_heatmaps_shared
-from grounding.swap import (box_side, prompt_side, side_masses, swap_markdown, swap_pairs, swap_sides,
-                            swap_summary, true_side_hit)
+from grounding.experiment.swap import (box_side, prompt_side, side_masses, swap_markdown, swap_pairs, swap_sides,
+                                       swap_summary, true_side_hit)
 from test_heatmap import tiny_pipe, tiny_heatmap_config
 
 

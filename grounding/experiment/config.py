@@ -203,7 +203,7 @@ class TrainConfig:
     eval_batch: int = 16                     # images inverted together during evaluation
     eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
     metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"
-    eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/swap.py)
+    eval_swap: bool = True                   # location-swap test: do the words steer the map? (grounding/experiment/swap.py)
     # keys of the time when train.py also pretrained the phantom LDM (mode "pretrain"): old config.yaml files still
     # load; mode "pretrain" names its own script now (key -> (the value that is dropped silently, or None = any))
     RETIRED_KEYS: typing.ClassVar[dict] = {

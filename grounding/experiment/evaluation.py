@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from grounding.experiment import distributed, provenance
 from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared
-from grounding.metrics import (auc_binned5, auc_roc, cnr, miou, models_markdown, pointing_game, summarise,
-                               summary_markdown)
+from grounding.metrics import auc_binned5, auc_roc, cnr, miou, pointing_game
+from grounding.experiment.tables import models_markdown, summarise, summary_markdown
 from grounding.data.images import preprocess
 from grounding.geometry import to_original
-from grounding.swap import (prompt_side, swap_caption, swap_markdown, swap_pairs, swap_row, swap_sides,
-                            swap_summary)
+from grounding.experiment.swap import (prompt_side, swap_caption, swap_markdown, swap_pairs, swap_row, swap_sides,
+                                       swap_summary)
 
 ROW_METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
 
@@ -77,12 +77,12 @@ def evaluate_models(pipe, pairs, models, batch_size=16, rank=0, world_size=1, sw
     """Score every pair under every model; returns {model name: rows} (this rank's share).
 
     The inversion follows the "" prompt, so ONE inversion per image batch serves every model (and, with swap=True,
-    the left/right-swapped prompts of grounding/swap.py): grounding/heatmap.py extract_heatmaps_shared. Rows are
+    the left/right-swapped prompts of grounding/experiment/swap.py): grounding/heatmap.py extract_heatmaps_shared. Rows are
     appended to each model's rows_path as they are computed; rows already there are resumed only when they were made
     by the same things (model.record; else on_mismatch: "error" stops, "fresh" moves them aside), and a lock file
     keeps a second process from writing the same rows file at the same time; rows scored under another metric
     `protocol` (grounding/metrics.py) or without the swap columns are never resumed. With swap=True, rows of pairs whose
-    prompt names one side also hold the swap test's columns (grounding/swap.py swap_row).
+    prompt names one side also hold the swap test's columns (grounding/experiment/swap.py swap_row).
     """
     paths = [m.rows_path for m in models if m.rows_path]
     locks = [provenance.acquire_lock(path + ".lock") for path in paths]

@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from grounding.metrics import models_markdown, summarise
+from grounding.experiment.tables import models_markdown, summarise
 
 SIDE_WORDS = ("left", "right")
 BOTH_SIDES_WORDS = ("bilateral", "bibasilar", "bibasal", "both")
