@@ -148,6 +148,8 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv (the VAE's decoder uses it too)."""
+
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.configs import ConfigDict
+from ldm.unet import Upsample2D   # nearest x2 + 3x3 conv: the same upsampler as the UNet's
 
 
 @dataclass
@@ -118,17 +119,6 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class AttentionBlock(nn.Module):
     """Single-head spatial self-attention with biases and a residual (diffusers Attention in the VAE mid block).
 
@@ -185,7 +175,7 @@ class UpDecoderBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if j == 0 else out_channels, out_channels, config)
                                       for j in range(num_layers)])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
 
     def forward(self, x):
         for module in [*self.resnets, *self.upsamplers]:

@@ -1,14 +1,12 @@
 """The real-data protocol on small files written here: which MS-CXR pairs are scored, which views enter the tuning
 set, the Chest ImaGenome gold CSV behind the LUT, VinDr's ILD / Infiltration -> Pneumonia, the default phantom world
 left byte-for-byte as it was."""
-import csv
 import dataclasses
 import hashlib
 import json
 import os
 
 import pytest
-from PIL import Image
 
 from grounding.data import curation as cu
 from grounding.data.imagenome import read_gold_ids, read_imagenome, read_imagenome_gold_csv
@@ -17,21 +15,9 @@ from grounding.phantom import world as ph
 from grounding.experiment import sources
 from grounding.anatomy import REGIONS
 from grounding.experiment.config import load_config, TrainConfig
+from test_datasets import _csv, _img   # the same small file writers as the reader tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def _img(path, w=40, h=30):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("L", (w, h), 128).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
