@@ -33,13 +33,8 @@ from grounding.prompts import LearnablePrompts
 from grounding.swap import swap_sides
 
 
-def main(argv=None):
-    task = argparse.ArgumentParser(add_help=False)
-    task.add_argument("--task", default="ground", choices=["ground", "classify"])
-    known, rest = task.parse_known_args(argv)
-    if known.task == "classify":  # grounded classification (paper App. K): classify.py takes the other arguments
-        import classify
-        return classify.main(rest)
+def parse_args(argv=None):
+    """(TrainConfig with the data paths and overrides, the command-line arguments); bad values end with the message."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"])
     p.add_argument("--config", default="tune.yaml", help="train.py config giving the data paths (default tune.yaml)")
@@ -69,6 +64,17 @@ def main(argv=None):
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
         p.error(str(e))
+    return cfg, args
+
+
+def main(argv=None):
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="ground", choices=["ground", "classify"])
+    known, rest = task.parse_known_args(argv)
+    if known.task == "classify":  # grounded classification (paper App. K): classify.py takes the other arguments
+        import classify
+        return classify.main(rest)
+    cfg, args = parse_args(argv)
     if args.weights:
         cfg.weights = args.weights
     if cfg.threads:  # the config key train.py and classify.py honour too (it was silently ignored here)
