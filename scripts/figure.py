@@ -5,7 +5,7 @@ the left/right-swapped prompt, and an LDM sample.
 
 Columns: the image with the ground-truth box (green) | frozen LDM heatmap (paper's baseline: its layers + Otsu) |
 tuned prompts heatmap | tuned heatmap of the same prompt with "left" and "right" exchanged (the location-swap test,
-grounding/swap.py; blank for prompts that name no single side) | a sample the LDM draws for the prompt (DDIM 50
+grounding/experiment/swap.py; blank for prompts that name no single side) | a sample the LDM draws for the prompt (DDIM 50
 steps, guidance 4). The heatmaps use the run's own settings (layers, DDIM steps) as its final table does.
 SYNTHETIC data.
 """
@@ -23,7 +23,7 @@ from ldm.sampling import sample, to_pil  # noqa: E402
 from grounding.experiment import sources  # noqa: E402
 from grounding.heatmap import extract_heatmaps_shared  # noqa: E402
 from grounding.experiment.provenance import eval_heatmap_config  # noqa: E402
-from grounding.swap import prompt_side, swap_sides  # noqa: E402
+from grounding.experiment.swap import prompt_side, swap_sides  # noqa: E402
 from grounding.geometry import box_to_model  # noqa: E402
 from grounding.data.images import preprocess  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
