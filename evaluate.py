@@ -30,7 +30,7 @@ from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import Model, compare_models
 from grounding.prompts import LearnablePrompts
-from grounding.swap import swap_sides
+from grounding.experiment.swap import swap_sides
 
 
 def parse_args(argv=None):
