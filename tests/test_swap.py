@@ -130,7 +130,7 @@ def test_shared_extraction_with_prompts_of_different_lengths():
     pipe = tiny_pipe()
     torch.manual_seed(4)
     images = torch.rand(2, 1, pipe.image_size, pipe.image_size)
-    cfg = HeatmapConfig.tiny(layers=(1, 2, 4))
+    cfg = tiny_heatmap_config(layers=(1, 2, 4))
     long, short = ["no acute cardiopulmonary process"] * 2, ["pneumothorax", "left pneumothorax"]
     shared = extract_heatmaps_shared(pipe, images, [(long, None, [cfg]), (short, None, [cfg])])
     for texts, (m,) in zip((long, short), shared):
