@@ -29,7 +29,8 @@ from ldm.tokenizer import train_bpe
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from ldm.vae import AutoencoderKL, VAEConfig
 from grounding.data.images import preprocess
-from grounding.phantom.world import ensure_phantom, _pick, world_notice
+from grounding.phantom.wording import pick
+from grounding.phantom.world import ensure_phantom, world_notice
 
 IMAGE = {"channels": 1, "size": 64, "range": [0.0, 1.0]}  # the phantom family's model input (like MONAI CXR, smaller)
 # A VAE half as wide as VAEConfig.tiny(): phantom images are smooth, and 2 CPU cores are the budget.
@@ -188,7 +189,7 @@ def training_captions(root, splits=("train",), prompt_frac=0.5, seed=0):
                     prompts[p] = rep.standardise_prompt(rep.sentence_locations(sentence, p), p)
                     sentences[p] = sentence
         if not prompts:
-            caption = _pick(rng, ["no acute cardiopulmonary process", "normal chest radiograph",
+            caption = pick(rng, ["no acute cardiopulmonary process", "normal chest radiograph",
                                   "no acute cardiopulmonary abnormality"])
         elif rng.random() < prompt_frac:
             caption = ", ".join(prompts.values())

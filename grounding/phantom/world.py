@@ -2,10 +2,10 @@
 
 docs/phantom.md "The embedded default"; lessons from docs/phantom.md (the text must be needed to
 denoise: findings vary in kind AND place, and the report names both). This file is the world as datasets:
-its config, the per-case sampling of anatomy and findings (the 8 MS-CXR findings at anatomical locations),
-the report wording, and the writer of the REAL formats (docs/formats.md) so that grounding/data/readers.py reads it
-exactly like the credentialed data. The drawing of each frontal radiograph from a sampled case is in
-grounding/phantom/render.py.
+its config, the per-case sampling of anatomy and findings (the 8 MS-CXR findings at anatomical locations), and the
+writer of the REAL formats (docs/formats.md) so that grounding/data/readers.py reads it
+exactly like the credentialed data. The report wording is grounding/phantom/wording.py; the drawing of each
+frontal radiograph from a sampled case is grounding/phantom/render.py.
 
   root/world.json                          says SYNTHETIC; counts, paths, config
   root/mimic-cxr-jpg/files/p1X/p<subject>/s<study>/<dicom_id>.jpg + mimic-cxr-2.0.0-{metadata,split}.csv
@@ -24,7 +24,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import textwrap
 import time
 
 import numpy as np
@@ -32,6 +31,7 @@ from PIL import Image
 
 from grounding.anatomy import PATHOLOGIES
 from grounding.phantom.render import render_case
+from grounding.phantom.wording import LOCATION_MENU, finding_phrase, pick, sentence, write_report
 
 SYNTHETIC_NOTICE = "SYNTHETIC phantom chest X-ray world (procedurally generated; no real patient data)"
 
@@ -56,108 +56,6 @@ class PhantomConfig:
         return cls(**{**dict(n_train=16, n_validate=2, n_test=10, n_vindr=6, n_gold=6, size=96, workers=1), **kw})
 
 
-# Where each finding may sit: location names of the 27 (+ "retrocardiac", written as the word, = left lower).
-LOCATION_MENU = {
-    "Atelectasis": ["left lower", "right lower", "bibasilar", "right middle", "lingular", "left base", "right base",
-                    "retrocardiac", "bilateral lower", "left upper", "right upper"],
-    "Consolidation": ["left lower", "right lower", "right middle", "left upper", "right upper", "lingular",
-                      "left middle", "left base", "right base"],
-    "Pneumonia": ["left lower", "right lower", "right middle", "left upper", "right upper", "lingular", "bibasilar",
-                  "left base", "right base", "left middle", "bilateral lower"],
-    "Lung Opacity": ["left lower", "right lower", "left middle", "right middle", "left upper", "right upper",
-                     "left apical", "right apical", "bibasilar", "left base", "right base"],
-    "Pleural Effusion": ["left", "right", "left pleural", "right pleural", "bilateral pleural", "left base",
-                         "right base", "bibasilar", "left costophrenic", "right costophrenic", "bilateral"],
-    "Pneumothorax": ["left apical", "right apical", "left", "right", "left upper", "right upper"],
-    "Edema": ["pulmonary", "bilateral"],
-    "Cardiomegaly": ["cardiomegaly"],
-}
-
-# ---------------------------------------------------------------------------------------------------
-# Report wording
-
-_PRE = {"lower": ["{s} lower lobe", "{s} lower lung", "{s} lower zone"], "base": ["{s} basilar", "{s} basal"],
-        "upper": ["{s} upper lobe", "{s} upper lung"], "middle": ["{s} mid lung", "{s} mid zone"],
-        "apical": ["{s} apical"], "pleural": ["{s} pleural"], "": ["{s}", "{s}-sided"]}
-_POST = {"lower": ["in the {s} lower lobe"], "base": ["at the {s} lung base", "at the {s} base"],
-         "upper": ["in the {s} upper lobe"], "middle": ["in the {s} mid lung zone"], "apical": ["at the {s} apex"],
-         "costophrenic": ["at the {s} costophrenic angle"], "": ["on the {s}"]}
-_SPECIAL_PRE = {"bibasilar": ["bibasilar", "bibasal"], "lingular": ["lingular"], "retrocardiac": ["retrocardiac"],
-                "pulmonary": ["pulmonary"], "bilateral": ["bilateral"], "bilateral lower": ["bilateral lower lobe"],
-                "bilateral pleural": ["bilateral pleural"], "right middle": ["right middle lobe", "right mid lung"]}
-_SPECIAL_POST = {"bibasilar": ["at both lung bases", "at the lung bases"], "lingular": ["in the lingula"],
-                 "bilateral lower": ["in both lower lobes", "in the lower lobes"], "bilateral": ["in both lungs"]}
-_WORDS = {"Atelectasis": ["atelectasis", "subsegmental atelectasis", "plate-like atelectasis"],
-          "Consolidation": ["consolidation", "consolidative opacity", "airspace consolidation"],
-          "Pneumonia": ["pneumonia", "opacity concerning for pneumonia", "opacity compatible with pneumonia"],
-          "Lung Opacity": ["opacity", "hazy opacity", "ill-defined opacity", "opacification"],
-          "Pleural Effusion": ["pleural effusion", "effusion"], "Pneumothorax": ["pneumothorax"],
-          "Edema": ["edema"], "Cardiomegaly": ["cardiomegaly"]}
-_SEVERITY = {"Pleural Effusion": ["small", "moderate", "large", ""], "Pneumothorax": ["small", "moderate", ""],
-             "Edema": ["mild", "moderate", ""], "Cardiomegaly": ["mild", "moderate", ""]}
-_NEGATED = {"Pneumothorax": ["No pneumothorax.", "There is no pneumothorax."],
-            "Pleural Effusion": ["No pleural effusion.", "There is no large pleural effusion."],
-            "Consolidation": ["No focal consolidation.", "There is no focal consolidation."],
-            "Pneumonia": ["No evidence of pneumonia."], "Edema": ["No pulmonary edema.", "There is no edema."],
-            "Atelectasis": ["No atelectasis."], "Lung Opacity": ["No focal opacity."], "Cardiomegaly": []}
-_NORMAL = ["Osseous structures are unremarkable.", "Hilar contours are normal.",
-           "The lungs are otherwise clear.", "Visualized upper abdomen is unremarkable."]
-
-
-def _pick(rng, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
-def finding_phrase(rng, pathology, location, located=True):
-    """An MS-CXR-like phrase for a finding at a location, e.g. "small left basilar effusion"."""
-    if pathology == "Cardiomegaly":
-        return _pick(rng, ["cardiomegaly", "moderate cardiomegaly", "enlarged heart", "the heart is enlarged"])
-    sev = _pick(rng, _SEVERITY.get(pathology, ["mild", "patchy", ""]))
-    word = _pick(rng, _WORDS[pathology])
-    if pathology == "Edema":
-        word = "interstitial edema" if not located else ("pulmonary edema" if location == "pulmonary" else "edema")
-        location = None if location == "pulmonary" else location
-    if not located or location is None:
-        return " ".join(w for w in (sev, word) if w)
-    if location.startswith("bilateral") or location == "bibasilar":
-        word = word.replace("effusion", "effusions")
-    side, _, zone = location.partition(" ")
-    if side in ("left", "right", "bilateral") and zone in ("pleural", ""):
-        word = word.replace("pleural ", "")  # "left pleural" + "effusion"; "left" + "effusion" (not pleural)
-    if location in _SPECIAL_PRE or location in _SPECIAL_POST:
-        pre, post = _SPECIAL_PRE.get(location, []), _SPECIAL_POST.get(location, [])
-    else:
-        pre = [t.format(s=side) for t in _PRE.get(zone, [])]
-        post = [t.format(s=side) for t in _POST.get(zone, [])]
-    if post and (not pre or rng.random() < 0.35):
-        return " ".join(w for w in (sev, word, _pick(rng, post)) if w)
-    return " ".join(w for w in (sev, _pick(rng, pre), word) if w)
-
-
-def _sentence(rng, phrase):
-    form = _pick(rng, ["{P}.", "There is {p}.", "{P} is noted.", "{P} is again seen."])
-    if phrase.startswith("the heart"):
-        form = "{P}."
-    return form.format(P=phrase[0].upper() + phrase[1:], p=phrase)
-
-
-def write_report(rng, findings, resolved=None):
-    """MIMIC-CXR-style free text: FINDINGS (sometimes absent) and IMPRESSION headers, wrapped lines."""
-    present = {f["pathology"] for f in findings}
-    body = [f["sentence"] for f in findings]
-    absent = [p for p in PATHOLOGIES if p not in present and _NEGATED[p]]
-    body += [_pick(rng, _NEGATED[p]) for p in rng.permutation(absent)[: int(rng.integers(1, 4))]]
-    if "Cardiomegaly" not in present:
-        body.append("The cardiomediastinal silhouette is within normal limits.")
-    body += list(rng.permutation(_NORMAL)[: int(rng.integers(1, 3))])
-    if resolved:
-        body.append(f"Previously seen {resolved} has resolved.")
-    impression = [_sentence(rng, f["phrase"]) for f in findings] or ["No acute cardiopulmonary process."]
-    wrap = lambda s: textwrap.fill(s, 72, initial_indent=" ", subsequent_indent=" ")  # noqa: E731
-    head = (" " * 33 + "FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___ with cough.\n \n"
-            " COMPARISON:  None.\n \n")
-    findings_part = "" if rng.random() < 0.15 else f" FINDINGS:\n \n{wrap(' '.join(body))}\n \n"
-    return head + findings_part + f" IMPRESSION:\n \n{wrap(' '.join(impression))}\n"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +92,7 @@ def sample_case(cfg, kind, index):
     subject, study, dicom = _ids(cfg.seed, kind, index)
     W = H = cfg.size
     if rng.random() < cfg.nonsquare_frac:
-        H = int(cfg.size * _pick(rng, [1.125, 1.25]))
+        H = int(cfg.size * pick(rng, [1.125, 1.25]))
     if kind == "vindr":  # another "scanner": taller detector, harder gamma, more noise, collimation border
         W, H = int(cfg.size * 1.1), int(cfg.size * 1.25)
     vindr = kind == "vindr"
@@ -216,15 +114,15 @@ def sample_case(cfg, kind, index):
     findings = []
     choices = [p for p in PATHOLOGIES if not (vindr and p == "Edema")]  # VinDr test has no edema (paper)
     for p in rng.permutation(choices)[:n_find]:
-        loc = _pick(rng, LOCATION_MENU[p])
+        loc = pick(rng, LOCATION_MENU[p])
         located = not (kind == "test" and p != "Cardiomegaly" and rng.random() < cfg.unlocated_frac)
         phrase = finding_phrase(rng, p, loc, located)
-        findings.append(dict(pathology=str(p), location=loc, phrase=phrase, sentence=_sentence(rng, phrase),
+        findings.append(dict(pathology=str(p), location=loc, phrase=phrase, sentence=sentence(rng, phrase),
                              zones=_render_zones(p, loc), seed=int(rng.integers(2**31)), located=located))
     resolved = None
     if rng.random() < 0.1:
         gone = [p for p in ("Pneumonia", "Atelectasis", "Consolidation") if p not in {f["pathology"] for f in findings}]
-        resolved = finding_phrase(rng, gone[0], _pick(rng, LOCATION_MENU[gone[0]]))
+        resolved = finding_phrase(rng, gone[0], pick(rng, LOCATION_MENU[gone[0]]))
     return dict(kind=kind, index=index, subject_id=subject, study_id=study, dicom_id=dicom, anat=anat,
                 findings=findings, report=write_report(rng, findings, resolved), noise_seed=int(rng.integers(2**31)))
 
