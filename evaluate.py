@@ -84,7 +84,7 @@ def main(argv=None):
         default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
         if os.path.exists(default):
             args.prompts = default
-        print(f"no --prompts/--baseline given: evaluating the frozen model"
+        print("no --prompts/--baseline given: evaluating the frozen model"
               + (f" and the learned rows {default} (the config's out_dir)" if args.prompts else ""))
 
     rank, world = distributed.setup(cfg.device)

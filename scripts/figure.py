@@ -28,9 +28,7 @@ from grounding.geometry import box_to_model  # noqa: E402
 from grounding.data.images import preprocess  # noqa: E402
 from grounding.prompts import LearnablePrompts  # noqa: E402
 from grounding.experiment.rows import load_rows  # noqa: E402
-from grounding.experiment.config import TrainConfig  # noqa: E402
-from grounding.experiment.rows import load_rows  # noqa: E402
-from grounding.experiment.config import load_config  # noqa: E402
+from grounding.experiment.config import TrainConfig, load_config  # noqa: E402
 
 
 def tile(grey, heat=None, box=None, scale=3):
