@@ -42,7 +42,8 @@ class VAEConfig(ConfigDict):
     mid_block_attention: bool = True
     quant: str = "joint"                 # "joint" (diffusers quant_conv) | "split" (MONAI quant_conv_mu / _log_sigma)
     silu_before_conv_out: bool = True    # MONAI's Encoder/Decoder go GroupNorm -> conv_out with no SiLU between
-    scale_factor: float = 0.18215        # latent scale used by the LDM (not applied inside this module)
+    # the latent scale is the pipeline's (model.yaml's top-level scale_factor), not this module's
+    retired_keys = frozenset({"scale_factor"})
 
     def __post_init__(self):
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -66,17 +67,14 @@ class VAEConfig(ConfigDict):
         """MONAI CXR LDM autoencoder: 4,607,848 parameters, grey in [0, 1], f = 8, no attention, no mid block."""
         return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[64, 128, 128, 128],
                    layers_per_block=2, decoder_layers_per_block=2, mid_block=False, mid_block_attention=False,
-                   quant="split", silu_before_conv_out=False, scale_factor=0.3)
+                   quant="split", silu_before_conv_out=False)
 
     @classmethod
     def tiny(cls):
-        """Tests and the phantom world: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent).
-
-        scale_factor 1.0 is a placeholder: the phantom pretraining should set it from the latents' std.
-        """
+        """Tests and the phantom world: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent)."""
         return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[32, 64],
                    layers_per_block=1, decoder_layers_per_block=1, norm_num_groups=8, mid_block=False,
-                   mid_block_attention=False, quant="split", silu_before_conv_out=False, scale_factor=1.0)
+                   mid_block_attention=False, quant="split", silu_before_conv_out=False)
 
     # ---- (de)serialisation (model.yaml)
 

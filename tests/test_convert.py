@@ -239,8 +239,13 @@ def test_diffusers_folder_round_trip(tmp_path, layout):
     src = tmp_path / "src"
     tok = write_diffusers(src, models, pad="eos" if flavour == "sd1" else "!", safe=layout != "sd1-bin",
                           shard_unet=layout == "sd2-sharded", legacy_vae=layout == "sd1-legacy-vae")
+    scale = 0.18215
     if layout == "sd2-sharded":
         assert (src / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+        # the folder's own latent scale (vae/config.json scaling_factor) becomes the pipeline's
+        vae_json = src / "vae" / "config.json"
+        scale = 0.13025
+        vae_json.write_text(json.dumps({**json.loads(vae_json.read_text()), "scaling_factor": scale}))
     out = convert_ok(src, tmp_path / "dst")
     assert f"family: {flavour}" in out
     if layout == "sd1-legacy-vae":
@@ -248,7 +253,7 @@ def test_diffusers_folder_round_trip(tmp_path, layout):
     pipe = P.load_pipeline(tmp_path / "dst")
     assert pipe.family == flavour and pipe.tokenizer.pad_id == tok.pad_id
     assert pipe.prediction_type == ("epsilon" if flavour == "sd1" else "v_prediction")
-    assert pipe.scale_factor == pytest.approx(0.18215) and pipe.image["range"] == [-1.0, 1.0]
+    assert pipe.scale_factor == pytest.approx(scale) and pipe.image["range"] == [-1.0, 1.0]
     compare_sd(pipe, models, src / "tokenizer", layout)
     if layout != "sd1-safetensors":
         return

@@ -55,7 +55,7 @@ def tiny_monai_pipeline(texts):
             layer.to_k.weight.mul_(3.0)
     text = dataclasses.replace(TextEncoderConfig.tiny(), vocab_size=tokenizer.vocab_size, hidden_size=32,
                                intermediate_size=64)
-    vae = dataclasses.replace(VAEConfig.tiny(), block_out_channels=[8, 16], norm_num_groups=4, scale_factor=0.3)
+    vae = dataclasses.replace(VAEConfig.tiny(), block_out_channels=[8, 16], norm_num_groups=4)
     return Pipeline(tokenizer=tokenizer, text_encoder=TextEncoder(text), vae=AutoencoderKL(vae), unet=unet,
                     scheduler=DDIMScheduler(SchedulerConfig.monai_cxr()), scale_factor=0.3,
                     prediction_type="v_prediction", family="monai_cxr",

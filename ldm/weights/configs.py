@@ -16,7 +16,8 @@ def unet_config_from_diffusers(d):
     if None in levels or None in up_levels or up_levels != levels[::-1]:
         raise ValueError(f"unet config: unsupported block types down={down} up={up} (need mirrored "
                          "CrossAttnDownBlock2D/DownBlock2D and CrossAttnUpBlock2D/UpBlock2D)")
-    # Settings we do not implement must have their default value.
+    # Settings we do not implement must have their default value. (`upcast_attention` needs no check: our
+    # attention always computes in float32.)
     defaults = {"mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": 1,
                 "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
                 "time_embedding_type": "positional", "resnet_time_scale_shift": "default",
@@ -45,8 +46,7 @@ def unet_config_from_diffusers(d):
                layers_per_block=lpb, attention_levels=tuple(levels), num_attention_heads=heads,
                cross_attention_dim=cross, use_linear_projection=d.get("use_linear_projection", False),
                norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
-               flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-               upcast_attention=d.get("upcast_attention", False))
+               flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0))
 
 
 def vae_config_from_diffusers(d):
@@ -64,6 +64,7 @@ def vae_config_from_diffusers(d):
     for key in ("shift_factor", "latents_mean", "latents_std"):
         if d.get(key) is not None:
             unsupported.append(f"{key}={d[key]}")
+    # scaling_factor is the pipeline's latent scale: ldm/weights/folder.py reads it
     ignored = {"sample_size", "force_upcast", "scaling_factor", "mid_block_add_attention", "down_block_types",
                "up_block_types", "act_fn", "use_quant_conv", "use_post_quant_conv", "shift_factor",
                "latents_mean", "latents_std"}
@@ -80,8 +81,7 @@ def vae_config_from_diffusers(d):
                latent_channels=d.get("latent_channels", 4), block_out_channels=list(d.get("block_out_channels", [64])),
                layers_per_block=layers, decoder_layers_per_block=layers + 1,
                norm_num_groups=d.get("norm_num_groups", 32), norm_eps=1e-6, mid_block=True,
-               mid_block_attention=attention, quant="joint", silu_before_conv_out=True,
-               scale_factor=d.get("scaling_factor", 0.18215))
+               mid_block_attention=attention, quant="joint", silu_before_conv_out=True)
 
 
 def text_config_from_hf(d):

@@ -271,7 +271,7 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
             tok = CLIPTokenizer.from_dir(src / "tokenizer")  # the folder's own pad token
         except ValueError:
             tok = _tokenizer(src, family)
-        scale = vae_cfg.scale_factor
+        scale = _json(src / "vae" / "config.json").get("scaling_factor", SCALE_FACTORS[family])
     elif kind == "compvis":
         parts, family, dropped = split_compvis(load_state_dict(src), use_ema=use_ema)
         for what, n in dropped.items():
@@ -304,7 +304,7 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
         if bundle_json is not None:  # the bundle says how the networks were built: heads, groups, eps, schedule
             bundle = read_bundle(bundle_json, sched_cfg.to_dict())
             try:  # values our configs refuse (e.g. clip_sample true, widths not divisible by the groups)
-                vae_cfg = VAEConfig.from_dict({**bundle["vae"], "scale_factor": scale})
+                vae_cfg = VAEConfig.from_dict(bundle["vae"])
                 unet_cfg = UNetConfig.from_dict(bundle["unet"])
                 if bundle["scheduler"] is not None:
                     sched_cfg = SchedulerConfig.from_dict(bundle["scheduler"])
@@ -321,8 +321,7 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
                 "show (32 groups, eps 1e-6, one head per attention layer, scaled_linear 0.0015-0.0205 v-prediction)")
             vae_cfg = VAEConfig.from_dict({**vae_config_from_state_dict(vae_sd), "silu_before_conv_out": False,
                                            "mid_block": any(k.startswith("encoder.mid_block.") for k in vae_sd),
-                                           "quant": "split" if "quant_conv_mu.weight" in vae_sd else "joint",
-                                           "scale_factor": scale})
+                                           "quant": "split" if "quant_conv_mu.weight" in vae_sd else "joint"})
             unet_cfg = UNetConfig.from_dict({**unet_config_from_state_dict(unet_sd, heads=1), "norm_eps": 1e-6})
             source = str(src)
         text_cfg, text_sd = _text_from_diffusers(text_encoder)
