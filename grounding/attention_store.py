@@ -16,32 +16,32 @@ import torch
 
 
 class AttentionStore:
-    def __init__(self, layers=None, token_positions=None, keep_grad=False, average_heads=True, steps=None):
+    def __init__(self, layers=None, columns=None, keep_grad=False, average_heads=True):
         """layers: cross_index values to record (None = every cross-attention layer).
-        token_positions: the prompt's token columns to keep: one list for the whole batch, a list of lists
-            (one per batch item; shorter ones are padded and masked, see `token_mask`), or None = all 77
-            columns (what a loss over every token, special ones included, would need).
-        steps: optional set of step keys to record (None = whatever step is set).
+        columns: the prompt's token columns to keep (grounding/prompts.py `token_positions`): one list for the
+            whole batch, a list of lists (one per batch item; shorter ones are padded and masked, see
+            `token_mask`), or None = all 77 columns (what a loss over every token, special ones included, would
+            need).
+        The caller chooses the steps: it calls set_step() before each forward it wants recorded and passes
+        store=None to the others.
         """
         self.layers = None if layers is None else sorted({int(i) for i in layers})
-        self.steps = None if steps is None else {int(s) for s in steps}
         self.keep_grad = keep_grad
         self.average_heads = average_heads
         self.step = 0
-        self._set_positions(token_positions)
+        self._set_columns(columns)
         self.reset()
 
     # ---- configuration ----------------------------------------------------------------------------
 
-    def _set_positions(self, token_positions):
-        self.token_positions = token_positions
+    def _set_columns(self, columns):
+        self.columns = columns
         self._index = self._mask = None
-        if token_positions is None:
+        if columns is None:
             return
-        per_item = token_positions if len(token_positions) and isinstance(token_positions[0], (list, tuple)) \
-            else [token_positions]
+        per_item = columns if len(columns) and isinstance(columns[0], (list, tuple)) else [columns]
         if any(len(p) == 0 for p in per_item):
-            raise ValueError(f"AttentionStore: a prompt has no token positions: {token_positions!r}")
+            raise ValueError(f"AttentionStore: a prompt has no token columns: {columns!r}")
         S = max(len(p) for p in per_item)
         # (B', S) gather index, padded with column 0 and masked out; B' = 1 broadcasts over the batch
         self._index = torch.tensor([list(p) + [0] * (S - len(p)) for p in per_item], dtype=torch.long)
@@ -66,10 +66,8 @@ class AttentionStore:
     # ---- the protocol ldm/attention.py calls ------------------------------------------------------
 
     def wants(self, layer):
-        """True for a chosen cross-attention layer at a chosen step."""
+        """True for a chosen cross-attention layer."""
         if not layer.is_cross:
-            return False
-        if self.steps is not None and self.step not in self.steps:
             return False
         return self.layers is None or layer.cross_index in self.layers
 
@@ -80,10 +78,10 @@ class AttentionStore:
         B, K = probs.shape[0], probs.shape[-1]
         if self._index is not None:
             if self._index.shape[0] not in (1, B):
-                raise ValueError(f"AttentionStore: token_positions has {self._index.shape[0]} lists but the "
+                raise ValueError(f"AttentionStore: columns has {self._index.shape[0]} lists but the "
                                  f"batch has {B} items")
             if int(self._index.max()) >= K:
-                raise ValueError(f"AttentionStore: token position {int(self._index.max())} >= context length {K}")
+                raise ValueError(f"AttentionStore: token column {int(self._index.max())} >= context length {K}")
             # select the columns BEFORE any other work, so only the prompt's columns survive
             idx = self._index.to(probs.device).expand(B, -1)[:, None, None, :]      # (B, 1, 1, S)
             probs = probs.gather(-1, idx.expand(-1, probs.shape[1], probs.shape[2], -1))
@@ -115,7 +113,7 @@ class AttentionStore:
         All chosen layers must share one resolution (N); every (step, layer) must have been recorded.
         """
         if not self.store:
-            raise ValueError("AttentionStore.maps: nothing recorded (wrong layers or steps?)")
+            raise ValueError("AttentionStore.maps: nothing recorded (wrong layers, or no set_step/forward?)")
         steps = sorted({s for s, _ in self.store}) if steps is None else list(steps)
         layers = sorted({l for _, l in self.store}) if layers is None else list(layers)
         missing = [(s, l) for s in steps for l in layers if (s, l) not in self.store]

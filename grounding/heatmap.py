@@ -129,7 +129,7 @@ def record_straightforward(pipe, z0, cond, uncond, store, cfg):
             pipe.unet(z.repeat(V, 1, 1, 1), t, cond, store=full)   # conditional pass, full depth, all columns
             z = sched.invert_step(pipe.unet(z, t, uncond), t, z)    # the unconditional pass drives the trajectory
     for (t, layer), m in full.store.items():                        # selection afterwards
-        if t in window and layer in layers and (store.steps is None or t in store.steps):
+        if t in window and layer in layers:
             store.store[(t, layer)] = store.select_columns(m)
     return z, full
 
@@ -266,7 +266,7 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
     """
     cfg = cfg or HeatmapConfig()
     if isinstance(maps, AttentionStore):
-        if token_mask is None and maps.token_positions is not None:
+        if token_mask is None and maps.columns is not None:
             token_mask = maps.token_mask()
         items = [maps.store[k] for k in maps.keys()]
     else:

@@ -13,7 +13,7 @@ def _layer(i, cross=True):
 
 
 def test_keeps_only_prompt_columns_averaged_over_heads():
-    store = AttentionStore(layers=[1], token_positions=[2, 3])
+    store = AttentionStore(layers=[1], columns=[2, 3])
     probs = torch.rand(2, 4, 16, 77).softmax(-1)                  # (B, heads, N, K)
     assert store.wants(_layer(1)) and not store.wants(_layer(0)) and not store.wants(_layer(1, cross=False))
     store.set_step(7)
@@ -28,7 +28,7 @@ def test_keeps_only_prompt_columns_averaged_over_heads():
 
 
 def test_per_item_positions_are_padded_and_masked():
-    store = AttentionStore(layers=None, token_positions=[[1, 2, 3], [1]], average_heads=False)
+    store = AttentionStore(layers=None, columns=[[1, 2, 3], [1]], average_heads=False)
     probs = torch.rand(2, 3, 4, 77)
     store.record(_layer(0), probs)
     kept = store.maps()                                           # (T, L, B, heads, N, S)
@@ -37,13 +37,12 @@ def test_per_item_positions_are_padded_and_masked():
     assert store.token_mask().tolist() == [[True, True, True], [True, False, False]]
 
 
-def test_step_filter_and_reset():
-    store = AttentionStore(layers=[0], token_positions=[1], steps={10, 20})
-    store.set_step(5)
-    assert not store.wants(_layer(0))                             # step not chosen
-    store.set_step(10)
-    assert store.wants(_layer(0))
-    store.record(_layer(0), torch.rand(1, 1, 4, 77))
+def test_step_keys_and_reset():
+    store = AttentionStore(layers=[0], columns=[1])
+    for step in (10, 20):                                         # the caller's step key (here a timestep)
+        store.set_step(step)
+        store.record(_layer(0), torch.rand(1, 1, 4, 77))
+    assert store.keys() == [(10, 0), (20, 0)] and store.maps().shape == (2, 1, 1, 4, 1)
     store.reset()
     assert store.keys() == [] and store.numel() == 0
     with pytest.raises(ValueError, match="nothing recorded"):
