@@ -94,7 +94,7 @@ def main(argv=None):
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
-    pairs = all_pairs = data.split(args.split)
+    pairs = all_pairs = data.pairs(args.split)
     if args.limit:
         pairs = pairs[:args.limit]
     subset = f" (MS-CXR subset mscxr_split: {cfg.mscxr_split})" if args.split != "vindr" else ""

@@ -35,14 +35,15 @@ class Data:
 
     @property
     def test_pairs(self):
+        """What train.py's final table scores: the MS-CXR-loc pairs (standardised prompts)."""
         return self.mscxr_loc
 
-    def split(self, name):
-        """Pairs of an evaluate.py split."""
+    def pairs(self, split):
+        """The pairs of an evaluate.py split (mscxr, mscxr-loc, phantom, vindr)."""
         table = {"mscxr": self.mscxr, "mscxr-loc": self.mscxr_loc, "phantom": self.mscxr_loc, "vindr": self.vindr}
-        if not table[name]:
-            raise ValueError(f"split {name!r} has no pairs here ({self.description}); check the config's paths")
-        return table[name]
+        if not table[split]:
+            raise ValueError(f"split {split!r} has no pairs here ({self.description}); check the config's paths")
+        return table[split]
 
     @staticmethod
     def image(sample, image_cfg):
