@@ -23,49 +23,6 @@ import torch.nn.functional as F
 from ldm.configs import ConfigDict
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class TextEncoderConfig(ConfigDict):
-    vocab_size: int = 49408             # 2 x 256 byte symbols (plain, +</w>) + 48,894 merges + 2 specials
-    hidden_size: int = 768              # D, the width of the context the UNet cross-attends to
-    intermediate_size: int = 3072       # MLP width, 4 D
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77   # L: CLIP's fixed context length
-    hidden_act: str = "quick_gelu"      # "quick_gelu" (OpenAI CLIP, SD1) | "gelu" (OpenCLIP, SD2)
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"text encoder hidden_act={self.hidden_act!r} is not supported; "
-                             f"use one of {sorted(_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"text encoder hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
-
-    @classmethod
-    def clip_vit_l14(cls):
-        """OpenAI CLIP ViT-L/14 text tower: Stable Diffusion 1.x and RoentGen (123,060,480 parameters)."""
-        return cls()
-
-    @classmethod
-    def sd21(cls):
-        """OpenCLIP ViT-H/14 text tower as shipped in SD 2.x diffusers folders (and used by the MONAI CXR
-        LDM): 24 OpenCLIP blocks with the last one dropped -> 23 layers (340,387,840 parameters)."""
-        return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                   hidden_act="gelu")
-
-    @classmethod
-    def tiny(cls):
-        """A few-thousand-parameter size for tests and the phantom world."""
-        return cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4)
-
-
-
 def quick_gelu(x):
     # OpenAI CLIP's sigmoid approximation of GELU; SD1 text encoders were trained with it.
     return x * torch.sigmoid(1.702 * x)
@@ -160,6 +117,48 @@ class CLIPTextTransformer(nn.Module):
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TextEncoderConfig(ConfigDict):
+    vocab_size: int = 49408             # 2 x 256 byte symbols (plain, +</w>) + 48,894 merges + 2 specials
+    hidden_size: int = 768              # D, the width of the context the UNet cross-attends to
+    intermediate_size: int = 3072       # MLP width, 4 D
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77   # L: CLIP's fixed context length
+    hidden_act: str = "quick_gelu"      # "quick_gelu" (OpenAI CLIP, SD1) | "gelu" (OpenCLIP, SD2)
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"text encoder hidden_act={self.hidden_act!r} is not supported; "
+                             f"use one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"text encoder hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+
+    @classmethod
+    def clip_vit_l14(cls):
+        """OpenAI CLIP ViT-L/14 text tower: Stable Diffusion 1.x and RoentGen (123,060,480 parameters)."""
+        return cls()
+
+    @classmethod
+    def sd21(cls):
+        """OpenCLIP ViT-H/14 text tower as shipped in SD 2.x diffusers folders (and used by the MONAI CXR
+        LDM): 24 OpenCLIP blocks with the last one dropped -> 23 layers (340,387,840 parameters)."""
+        return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   hidden_act="gelu")
+
+    @classmethod
+    def tiny(cls):
+        """A few-thousand-parameter size for tests and the phantom world."""
+        return cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,82 +22,6 @@ from ldm.attention import Attention, Transformer2DModel
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class UNetConfig(ConfigDict):
-    """Defaults are Stable Diffusion 1.x (859,520,964 parameters)."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    sample_size: int = 64  # latent side the model was trained at (informational)
-    block_out_channels: tuple = (320, 640, 1280, 1280)
-    layers_per_block: int = 2
-    attention_levels: tuple = (True, True, True, False)  # a spatial transformer after each resnet of the level
-    num_attention_heads: tuple = (8, 8, 8, 8)  # head COUNT per level (diffusers' `attention_head_dim` in SD1/2)
-    cross_attention_dim: int = 768  # text width D
-    use_linear_projection: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 convs
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5  # resnets and conv_norm_out (MONAI: 1e-6)
-    transformer_norm_eps: float = 1e-6  # GroupNorm in front of each spatial transformer (both families)
-    flip_sin_to_cos: bool = True  # sinusoid order [cos, sin] (diffusers SD and MONAI alike)
-    freq_shift: int = 0  # frequencies exp(-log(10000) * i / (half - freq_shift))
-    # diffusers' SD2 `upcast_attention` has no key here: ldm/attention.py always computes attention in float32
-    retired_keys = frozenset({"upcast_attention"})
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
-        heads = self.num_attention_heads
-        heads = (heads,) * len(self.block_out_channels) if isinstance(heads, int) else heads
-        self.num_attention_heads = tuple(int(h) for h in heads)
-        n = len(self.block_out_channels)
-        if len(self.attention_levels) != n or len(self.num_attention_heads) != n:
-            raise ValueError(
-                f"UNetConfig: block_out_channels {self.block_out_channels}, attention_levels {self.attention_levels} "
-                f"and num_attention_heads {self.num_attention_heads} must have one entry per level"
-            )
-        for c, h in zip(self.block_out_channels, self.num_attention_heads):
-            if c % self.norm_num_groups or c % h:
-                raise ValueError(
-                    f"UNetConfig: channel width {c} must be divisible by norm_num_groups={self.norm_num_groups} "
-                    f"and by its head count {h}"
-                )
-
-    @classmethod
-    def sd15(cls):
-        return cls()
-
-    @classmethod
-    def sd2(cls):
-        # SD 2.x: head width 64 everywhere (diffusers writes the counts [5, 10, 20, 20] as `attention_head_dim`)
-        return cls(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
-
-    @classmethod
-    def monai_cxr(cls):
-        # MONAI bundle cxr_image_synthesis_latent_diffusion_model: num_head_channels = channel width -> ONE head
-        return cls(in_channels=3, out_channels=3, block_out_channels=(256, 512, 768),
-                   attention_levels=(False, True, True), num_attention_heads=(1, 1, 1),
-                   cross_attention_dim=1024, norm_eps=1e-6)
-
-    @classmethod
-    def phantom(cls):
-        # The embedded tiny world: 3x32x32 latents, two levels (32x32, 16x16). Like MONAI's CXR UNet (attention at
-        # its two deepest levels only), attention sits at the bottleneck level alone: 6 cross-attention layers, all
-        # at 16x16 (2 down, 1 mid, 3 up). Self-attention at 32x32 would more than double the cost on 2 CPU cores.
-        # The paper's "mid + first three decoder layers" are indices 2,3,4,5 here (4,5,6,7 in MONAI's UNet).
-        return cls(in_channels=3, out_channels=3, sample_size=32, block_out_channels=(32, 64),
-                   attention_levels=(False, True), num_attention_heads=(1, 1), cross_attention_dim=64,
-                   norm_num_groups=16, norm_eps=1e-6)
-
-    @classmethod
-    def tiny(cls):
-        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, True),
-                   num_attention_heads=(2, 2), cross_attention_dim=32, norm_num_groups=8)
-
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
 def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10000):
@@ -175,6 +99,81 @@ class UNetLevel(nn.Module):
             self.downsamplers = nn.ModuleList([downsample])
         if upsample is not None:
             self.upsamplers = nn.ModuleList([upsample])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class UNetConfig(ConfigDict):
+    """Defaults are Stable Diffusion 1.x (859,520,964 parameters)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64  # latent side the model was trained at (informational)
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: tuple = (True, True, True, False)  # a spatial transformer after each resnet of the level
+    num_attention_heads: tuple = (8, 8, 8, 8)  # head COUNT per level (diffusers' `attention_head_dim` in SD1/2)
+    cross_attention_dim: int = 768  # text width D
+    use_linear_projection: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 convs
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5  # resnets and conv_norm_out (MONAI: 1e-6)
+    transformer_norm_eps: float = 1e-6  # GroupNorm in front of each spatial transformer (both families)
+    flip_sin_to_cos: bool = True  # sinusoid order [cos, sin] (diffusers SD and MONAI alike)
+    freq_shift: int = 0  # frequencies exp(-log(10000) * i / (half - freq_shift))
+    # diffusers' SD2 `upcast_attention` has no key here: ldm/attention.py always computes attention in float32
+    retired_keys = frozenset({"upcast_attention"})
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        heads = self.num_attention_heads
+        heads = (heads,) * len(self.block_out_channels) if isinstance(heads, int) else heads
+        self.num_attention_heads = tuple(int(h) for h in heads)
+        n = len(self.block_out_channels)
+        if len(self.attention_levels) != n or len(self.num_attention_heads) != n:
+            raise ValueError(
+                f"UNetConfig: block_out_channels {self.block_out_channels}, attention_levels {self.attention_levels} "
+                f"and num_attention_heads {self.num_attention_heads} must have one entry per level"
+            )
+        for c, h in zip(self.block_out_channels, self.num_attention_heads):
+            if c % self.norm_num_groups or c % h:
+                raise ValueError(
+                    f"UNetConfig: channel width {c} must be divisible by norm_num_groups={self.norm_num_groups} "
+                    f"and by its head count {h}"
+                )
+
+    @classmethod
+    def sd15(cls):
+        return cls()
+
+    @classmethod
+    def sd2(cls):
+        # SD 2.x: head width 64 everywhere (diffusers writes the counts [5, 10, 20, 20] as `attention_head_dim`)
+        return cls(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+
+    @classmethod
+    def monai_cxr(cls):
+        # MONAI bundle cxr_image_synthesis_latent_diffusion_model: num_head_channels = channel width -> ONE head
+        return cls(in_channels=3, out_channels=3, block_out_channels=(256, 512, 768),
+                   attention_levels=(False, True, True), num_attention_heads=(1, 1, 1),
+                   cross_attention_dim=1024, norm_eps=1e-6)
+
+    @classmethod
+    def phantom(cls):
+        # The embedded tiny world: 3x32x32 latents, two levels (32x32, 16x16). Like MONAI's CXR UNet (attention at
+        # its two deepest levels only), attention sits at the bottleneck level alone: 6 cross-attention layers, all
+        # at 16x16 (2 down, 1 mid, 3 up). Self-attention at 32x32 would more than double the cost on 2 CPU cores.
+        # The paper's "mid + first three decoder layers" are indices 2,3,4,5 here (4,5,6,7 in MONAI's UNet).
+        return cls(in_channels=3, out_channels=3, sample_size=32, block_out_channels=(32, 64),
+                   attention_levels=(False, True), num_attention_heads=(1, 1), cross_attention_dim=64,
+                   norm_num_groups=16, norm_eps=1e-6)
+
+    @classmethod
+    def tiny(cls):
+        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, True),
+                   num_attention_heads=(2, 2), cross_attention_dim=32, norm_num_groups=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,57 +28,6 @@ from ldm.configs import ConfigDict
 from ldm.unet import Upsample2D   # nearest x2 + 3x3 conv: the same upsampler as the UNet's
 
 
-@dataclass
-class VAEConfig(ConfigDict):
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: list = field(default_factory=lambda: [128, 256, 512, 512])
-    layers_per_block: int = 2            # encoder resnets per level
-    decoder_layers_per_block: int = 3    # SD: layers_per_block + 1; MONAI: layers_per_block
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
-    mid_block: bool = True               # resnet (-> attention) -> resnet at the lowest resolution
-    mid_block_attention: bool = True
-    quant: str = "joint"                 # "joint" (diffusers quant_conv) | "split" (MONAI quant_conv_mu / _log_sigma)
-    silu_before_conv_out: bool = True    # MONAI's Encoder/Decoder go GroupNorm -> conv_out with no SiLU between
-    # the latent scale is the pipeline's (model.yaml's top-level scale_factor), not this module's
-    retired_keys = frozenset({"scale_factor"})
-
-    def __post_init__(self):
-        self.block_out_channels = [int(c) for c in self.block_out_channels]
-        if self.quant not in ("joint", "split"):
-            raise ValueError(f"VAEConfig.quant must be 'joint' or 'split', got {self.quant!r}")
-        if self.mid_block_attention and not self.mid_block:
-            raise ValueError("VAEConfig.mid_block_attention=True needs mid_block=True")
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if not self.block_out_channels or bad:
-            raise ValueError(f"VAEConfig.block_out_channels {self.block_out_channels} must be non-empty and "
-                             f"divisible by norm_num_groups={self.norm_num_groups}")
-
-    # ---- named sizes
-    @classmethod
-    def sd(cls):
-        """Stable Diffusion 1.x/2.x and RoentGen: 83,653,863 parameters, RGB in [-1, 1], f = 8."""
-        return cls()
-
-    @classmethod
-    def monai_cxr(cls):
-        """MONAI CXR LDM autoencoder: 4,607,848 parameters, grey in [0, 1], f = 8, no attention, no mid block."""
-        return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[64, 128, 128, 128],
-                   layers_per_block=2, decoder_layers_per_block=2, mid_block=False, mid_block_attention=False,
-                   quant="split", silu_before_conv_out=False)
-
-    @classmethod
-    def tiny(cls):
-        """Tests and the phantom world: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent)."""
-        return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[32, 64],
-                   layers_per_block=1, decoder_layers_per_block=1, norm_num_groups=8, mid_block=False,
-                   mid_block_attention=False, quant="split", silu_before_conv_out=False)
-
-    # ---- (de)serialisation (model.yaml)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks (the VAE's own: its resnet has no time embedding)
 
@@ -179,6 +128,58 @@ class UpDecoderBlock(nn.Module):
         for module in [*self.resnets, *self.upsamplers]:
             x = module(x)
         return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class VAEConfig(ConfigDict):
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: list = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2            # encoder resnets per level
+    decoder_layers_per_block: int = 3    # SD: layers_per_block + 1; MONAI: layers_per_block
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    mid_block: bool = True               # resnet (-> attention) -> resnet at the lowest resolution
+    mid_block_attention: bool = True
+    quant: str = "joint"                 # "joint" (diffusers quant_conv) | "split" (MONAI quant_conv_mu / _log_sigma)
+    silu_before_conv_out: bool = True    # MONAI's Encoder/Decoder go GroupNorm -> conv_out with no SiLU between
+    # the latent scale is the pipeline's (model.yaml's top-level scale_factor), not this module's
+    retired_keys = frozenset({"scale_factor"})
+
+    def __post_init__(self):
+        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        if self.quant not in ("joint", "split"):
+            raise ValueError(f"VAEConfig.quant must be 'joint' or 'split', got {self.quant!r}")
+        if self.mid_block_attention and not self.mid_block:
+            raise ValueError("VAEConfig.mid_block_attention=True needs mid_block=True")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if not self.block_out_channels or bad:
+            raise ValueError(f"VAEConfig.block_out_channels {self.block_out_channels} must be non-empty and "
+                             f"divisible by norm_num_groups={self.norm_num_groups}")
+
+    # ---- named sizes
+    @classmethod
+    def sd(cls):
+        """Stable Diffusion 1.x/2.x and RoentGen: 83,653,863 parameters, RGB in [-1, 1], f = 8."""
+        return cls()
+
+    @classmethod
+    def monai_cxr(cls):
+        """MONAI CXR LDM autoencoder: 4,607,848 parameters, grey in [0, 1], f = 8, no attention, no mid block."""
+        return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[64, 128, 128, 128],
+                   layers_per_block=2, decoder_layers_per_block=2, mid_block=False, mid_block_attention=False,
+                   quant="split", silu_before_conv_out=False)
+
+    @classmethod
+    def tiny(cls):
+        """Tests and the phantom world: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent)."""
+        return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[32, 64],
+                   layers_per_block=1, decoder_layers_per_block=1, norm_num_groups=8, mid_block=False,
+                   mid_block_attention=False, quant="split", silu_before_conv_out=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
