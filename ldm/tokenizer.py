@@ -197,7 +197,10 @@ class CLIPTokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: a tokenizer folder needs vocab.json + merges.txt")
         if pad_id is None:
-            pad = _read_pad_token(path)
+            pad = read_pad_token(path)
+            if pad is None:
+                raise ValueError(f"{path}: no pad_token in tokenizer_config.json or special_tokens_map.json; "
+                                 "pass pad_id (49407 for SD1/RoentGen, 0 for SD2 and the MONAI CXR LDM)")
             vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
             if pad not in vocab:
                 raise ValueError(f"{path}: pad_token {pad!r} is not in vocab.json; pass pad_id explicitly")
@@ -294,15 +297,16 @@ def _vocab_from_merges(merges):
     return {t: i for i, t in enumerate(tokens)}
 
 
-def _read_pad_token(path):
-    """The pad token string from an HF tokenizer folder (a string, or an AddedToken dict with "content")."""
+def read_pad_token(path):
+    """The pad token string an HF tokenizer folder declares (a string, or an AddedToken dict with "content"),
+    or None when neither tokenizer_config.json nor special_tokens_map.json names one."""
+    path = Path(path)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (path / name).is_file():
             pad = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token")
             if pad is not None:
                 return pad["content"] if isinstance(pad, dict) else pad
-    raise ValueError(f"{path}: no pad_token in tokenizer_config.json or special_tokens_map.json; "
-                     "pass pad_id (49407 for SD1/RoentGen, 0 for SD2 and the MONAI CXR LDM)")
+    return None
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ldm.weights.monai_bundle import find_inference_json, read_bundle
 from ldm.weights.safetensors import current_umask, load_file, save_file
 from ldm.schedulers import DDIMScheduler, SchedulerConfig
 from ldm.text_encoder import TextEncoderConfig
-from ldm.tokenizer import CLIPTokenizer
+from ldm.tokenizer import CLIPTokenizer, read_pad_token
 from ldm.unet import UNetConfig
 from ldm.vae import VAEConfig
 from ldm.pipeline import COMPONENTS, FAMILIES, IMAGE_RANGES, PAD_TOKENS, Pipeline, SCALE_FACTORS
@@ -267,10 +267,10 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
         # OpenAI CLIP (SD1, RoentGen) uses quick_gelu, OpenCLIP (SD2) exact gelu
         family = "sd1" if text_cfg.hidden_act == "quick_gelu" else "sd2"
         sched_cfg = scheduler_config_from_diffusers(sched)
-        try:
+        if read_pad_token(src / "tokenizer") is not None:
             tok = CLIPTokenizer.from_dir(src / "tokenizer")  # the folder's own pad token
-        except ValueError:
-            tok = _tokenizer(src, family)
+        else:
+            tok = _tokenizer(src, family)                    # the family's convention
         scale = _json(src / "vae" / "config.json").get("scaling_factor", SCALE_FACTORS[family])
     elif kind == "compvis":
         parts, family, dropped = split_compvis(load_state_dict(src), use_ema=use_ema)
