@@ -1,7 +1,7 @@
 """Grounded pneumothorax classification with the frozen LDM (paper App. K, Table 6).
 
     python classify.py                                   # phantom world, frozen heatmaps + runs/tune's learned rows
-    python classify.py --prompts runs/tune14/learned_rows.safetensors n_draws=32
+    python classify.py --prompts runs/tune/learned_rows.safetensors n_draws=32
     python classify.py --config configs/mimic_monai.yaml --prompts ... chexpert_csv=.../mimic-cxr-2.0.0-chexpert.csv
     python evaluate.py --task classify ...               # the same script
 

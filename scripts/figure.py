@@ -1,5 +1,7 @@
-"""The README figure: held-out phantom pairs with their box, the frozen and the tuned heatmap, the tuned heatmap of
-the left/right-swapped prompt, and an LDM sample.
+"""The README figure: held-out phantom pairs with their box and the frozen, tuned and swapped-prompt heatmaps.
+
+Each row: the image with its box, the frozen and the tuned heatmap, the tuned heatmap of the left/right-swapped
+prompt; plus an LDM sample.
 
     python scripts/figure.py --prompts runs/tune/learned_rows.safetensors --out docs/grounding.png
 

@@ -16,7 +16,7 @@ from grounding.experiment.provenance import tensor_digest
 
 
 def rows_identity(prompts):
-    """What learned rows are only valid with: vocabulary size, token ids, mode, text encoder fingerprint.
+    """What learned rows are only valid with: vocabulary size, token ids, shared_tokens, text encoder fingerprint.
 
     The fingerprint is a sha256 of the frozen input embedding table (fp32 bytes).
     """
