@@ -140,7 +140,7 @@ def tune(cfg, resume=False):
         uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))      # the "" context the inversion follows
     # Cache every sample's inversion up front, in chunks, when it fits in cfg.latent_cache_mb (the phantom world);
     # at MIMIC scale (6,480 x 30 latents of 3x64x64) it does not, and each step inverts its own image.
-    h = pipe.image["size"] // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    h = pipe.image["size"] // pipe.vae.downscale_factor
     cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
     latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
     if cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb:

@@ -71,7 +71,7 @@ class Step:
                 store = AttentionStore(None, None, keep_grad=True)        # every layer, all 77 columns
                 unet(self.z[:, 0], self.ts, context.expand(T, -1, -1), store=store)   # the whole UNet
                 idx = torch.tensor(self.positions, device=self.z.device)
-                maps = torch.stack([store.store[(0, l)][..., idx] for l in self.layers])  # (L, T, N, S)
+                maps = torch.stack([store.records[(0, l)][..., idx] for l in self.layers])  # (L, T, N, S)
                 maps = maps[:, :, None].transpose(0, 1)                   # (T, L, 1, N, S)
                 side = int(maps.shape[-2] ** 0.5)
                 G = render_gaussians(GAUSSIANS, side)[None].to(maps.device)   # the same target as tuning_loss

@@ -7,7 +7,7 @@ Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (docs/paper.md section 3
 - the 8 MS-CXR pathologies;
 - the Chest ImaGenome region names each location stands for (base and pleural -> lower lung zone,
   lingular -> left mid lung zone, bilateral -> both sides);
-- the LUT: every gold ImaGenome box rescaled to the 512x512 model frame, mu = box centre, sigma = side / 6
+- the LUT: every gold ImaGenome box rescaled to the paper's 512x512 frame (the LUT frame), mu = box centre, sigma = side / 6
   (the +-3 sigma rule), averaged per region name;
 - Gaussian rendering (the L_loc target G), +-5% jitter, and the nearest-Gaussian match (squared
   2-Wasserstein) used to synthesise VinDr-CXR prompts (docs/paper.md section 8).
@@ -19,7 +19,7 @@ import torch
 
 from grounding.geometry import box_to_model
 
-FRAME = 512  # the LUT lives in the paper's 512x512 model frame
+FRAME = 512  # the LUT frame: the paper's 512x512 model input (rendering rescales it to any map or image side)
 
 # ---------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -146,6 +146,9 @@ def load_lut(path):
     with open(path) as f:
         data = json.load(f)
     lut = data.get("lut", data) if isinstance(data, dict) else None
+    frame = data.get("frame", FRAME) if isinstance(data, dict) else FRAME
+    if frame != FRAME:  # every consumer (jitter, rendering, the VinDr match) assumes the 512 frame
+        raise ValueError(f"{path}: LUT in a {frame}-px frame, expected {FRAME}; rebuild it with anatomy.build_lut")
     if not isinstance(lut, dict):
         raise ValueError(f"{path}: expected a JSON object {{location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}}")
     for loc, gs in lut.items():
@@ -171,7 +174,7 @@ def gaussians_for(lut, locations):
 
 
 def jitter(gaussians, frac=0.05, generator=None, frame=FRAME):
-    """Shift each mu and sigma by U(-frac, frac) x image size (paper: +-5%, i.e. +-25 px at 512)."""
+    """Shift each mu and sigma by U(-frac, frac) x the LUT frame side (paper: +-5%, i.e. +-25 px at 512)."""
     out = []
     for g in gaussians:
         d = (torch.rand(4, generator=generator) * 2 - 1) * frac * frame

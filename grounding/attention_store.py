@@ -5,7 +5,8 @@ In the spirit of prompt-to-prompt / Attend-and-Excite's AttentionStore, but pass
 probabilities (B, heads, N, 77) and calls `store.record(layer, probs)` right after the softmax.
 
 What is kept (paper Sec. 3.2, A = T x L x D x S): for each (step, layer) one tensor (B, N, S) holding
-only the prompt's token columns (S = its non-special tokens), averaged over heads. Memory is therefore
+only the prompt's token columns (S = the columns the caller names: training drops the joining "and",
+the heatmaps keep every token between BOS and EOS), averaged over heads. Memory is therefore
 selected steps x selected layers x pixels x prompt tokens, not x 77 x all steps x all layers.
 Detached unless keep_grad=True (prompt tuning puts the loss on them).
 
@@ -22,8 +23,9 @@ class AttentionStore:
             whole batch, a list of lists (one per batch item; shorter ones are padded and masked, see
             `token_mask`), or None = all 77 columns (what a loss over every token, special ones included, would
             need).
-        The caller chooses the steps: it calls set_step() before each forward it wants recorded and passes
-        store=None to the others.
+        The caller chooses the steps: set_step(key) before each forward it wants recorded (its maps are kept under
+        that key) and store=None for the others. Without set_step everything is kept under step 0: prompt tuning
+        runs its T timesteps as the batch of ONE forward (grounding/tuning.py), so its maps are (1, L, T, N, S).
         """
         self.layers = None if layers is None else sorted({int(i) for i in layers})
         self.keep_grad = keep_grad
@@ -48,7 +50,7 @@ class AttentionStore:
         self._mask = torch.tensor([[True] * len(p) + [False] * (S - len(p)) for p in per_item])
 
     def select_columns(self, m):
-        """(..., 77) maps of every column -> (..., S) this store's token columns (padded per item as `record`)."""
+        """(B, ..., 77) maps of every column -> (B, ..., S) this store's token columns (padded per item as `record`)."""
         if self._index is None:
             return m
         idx = self._index.to(m.device).expand(m.shape[0], -1)                   # (B, S)
@@ -61,7 +63,7 @@ class AttentionStore:
 
     def reset(self):
         """Drop every stored map (call between images / optimisation steps)."""
-        self.store = {}
+        self.records = {}
 
     # ---- the protocol ldm/attention.py calls ------------------------------------------------------
 
@@ -90,16 +92,16 @@ class AttentionStore:
         if not self.keep_grad:
             probs = probs.detach()
         key = (self.step, layer.cross_index)
-        if key in self.store:
+        if key in self.records:
             raise RuntimeError(f"AttentionStore: step {self.step} layer {layer.cross_index} recorded twice; "
                                "call set_step() before each forward or reset()")
-        self.store[key] = probs
+        self.records[key] = probs
 
     # ---- reading ----------------------------------------------------------------------------------
 
     def keys(self):
         """Sorted (step, layer) pairs that hold a map."""
-        return sorted(self.store)
+        return sorted(self.records)
 
     def token_mask(self, batch_size=None):
         """(B, S) bool, True = a real prompt token (False = padding of a shorter prompt)."""
@@ -112,19 +114,19 @@ class AttentionStore:
 
         All chosen layers must share one resolution (N); every (step, layer) must have been recorded.
         """
-        if not self.store:
+        if not self.records:
             raise ValueError("AttentionStore.maps: nothing recorded (wrong layers, or no set_step/forward?)")
-        steps = sorted({s for s, _ in self.store}) if steps is None else list(steps)
-        layers = sorted({l for _, l in self.store}) if layers is None else list(layers)
-        missing = [(s, l) for s in steps for l in layers if (s, l) not in self.store]
+        steps = sorted({s for s, _ in self.records}) if steps is None else list(steps)
+        layers = sorted({l for _, l in self.records}) if layers is None else list(layers)
+        missing = [(s, l) for s in steps for l in layers if (s, l) not in self.records]
         if missing:
             raise ValueError(f"AttentionStore.maps: {len(missing)} (step, layer) maps missing, e.g. {missing[:4]}")
-        sizes = {self.store[(steps[0], l)].shape[-2] for l in layers}
+        sizes = {self.records[(steps[0], l)].shape[-2] for l in layers}
         if len(sizes) > 1:
             raise ValueError(f"AttentionStore.maps: layers {layers} have different resolutions N={sorted(sizes)}; "
                              "choose layers of one resolution or read them one by one with keys()")
-        return torch.stack([torch.stack([self.store[(s, l)] for l in layers]) for s in steps])
+        return torch.stack([torch.stack([self.records[(s, l)] for l in layers]) for s in steps])
 
     def numel(self):
         """How many numbers are held (memory check)."""
-        return sum(t.numel() for t in self.store.values())
+        return sum(t.numel() for t in self.records.values())

@@ -61,7 +61,8 @@ class HeatmapConfig:
     spacing: str = "trailing"            # timestep spacing used for the inversion (predecessor code)
     window: tuple = TEST_WINDOW          # recorded timesteps, half-open [lo, hi)
     family: str = "monai_cxr"            # picks the layer preset
-    tuned: bool = True                   # tuned model preset (no Otsu) vs frozen baseline (Otsu)
+    tuned: bool = True                   # the tuned-layer reading (no Otsu), also used for the original rows
+                                         # ("untuned"); False = the frozen baseline protocol (its layers, Otsu)
     layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, tuned)]
     otsu: Optional[bool] = None          # None = preset: Otsu mask for the frozen baseline only
     sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
@@ -128,9 +129,9 @@ def record_straightforward(pipe, z0, cond, uncond, store, cfg):
             full.set_step(t)
             pipe.unet(z.repeat(V, 1, 1, 1), t, cond, store=full)   # conditional pass, full depth, all columns
             z = sched.invert_step(pipe.unet(z, t, uncond), t, z)    # the unconditional pass drives the trajectory
-    for (t, layer), m in full.store.items():                        # selection afterwards
+    for (t, layer), m in full.records.items():                        # selection afterwards
         if t in window and layer in layers:
-            store.store[(t, layer)] = store.select_columns(m)
+            store.records[(t, layer)] = store.select_columns(m)
     return z, full
 
 
@@ -268,7 +269,7 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
     if isinstance(maps, AttentionStore):
         if token_mask is None and maps.columns is not None:
             token_mask = maps.token_mask()
-        items = [maps.store[k] for k in maps.keys()]
+        items = [maps.records[k] for k in maps.keys()]
     else:
         items = list(maps.flatten(0, 1))
     if not items:
@@ -297,7 +298,8 @@ def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):
 
 
 def prompt_contexts(pipe, texts, prompts=None):
-    """((B, 77, D) contexts, per-item non-special token positions) from LearnablePrompts or the plain text encoder."""
+    """((B, 77, D) contexts, per-item token positions between BOS and EOS) from LearnablePrompts or the plain
+    text encoder."""
     if prompts is not None:
         # every token between BOS and EOS, the joining "and" included: the predecessor's heatmap averages them all
         return prompts.encode(texts), [prompts.token_positions(t, include_join=True) for t in texts]
@@ -307,7 +309,7 @@ def prompt_contexts(pipe, texts, prompts=None):
 
 
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
-    """Model-frame images (B, C, S, S) in the family's range and one prompt each -> (B, S, S) heatmaps in [0, 1]
+    """Model-frame images (B, C, H, W) in the family's range and one prompt each -> (B, H, W) heatmaps in [0, 1]
     (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
     per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
     (plain text encoder). One variant of extract_heatmaps_shared below."""
@@ -329,7 +331,7 @@ def extract_heatmaps_shared(pipe, images, variants, fast=True):
     LearnablePrompts or None (plain text encoder), and one or more HeatmapConfigs read from the same recorded maps
     (e.g. the frozen baseline and the "untuned" reading share the original embeddings and differ only in layers
     and Otsu; the union of their layers is recorded once).
-    Returns, per variant, a list with one (B, S, S) heatmap tensor per cfg: the same maps as extract_heatmaps called
+    Returns, per variant, a list with one (B, H, W) heatmap tensor per cfg: the same maps as extract_heatmaps called
     per (variant, cfg) (tests/test_swap.py checks it), about V times fewer inversions.
     """
     cfgs = [c for _, _, cs in variants for c in cs]
@@ -361,7 +363,7 @@ def extract_heatmaps_shared(pipe, images, variants, fast=True):
         maps_v = []
         for c in cs:
             sub = AttentionStore(c.resolved_layers(), positions[sl])
-            sub.store = {k: m[sl] for k, m in store.store.items() if k[1] in sub.layers}
+            sub.records = {k: m[sl] for k, m in store.records.items() if k[1] in sub.layers}
             # the shared store pads every prompt to the longest of ALL variants: slice its mask, do not rebuild it
             maps_v.append(heatmap_from_maps(sub, tuple(images.shape[-2:]), c, token_mask=store.token_mask()[sl])
                           .float().cpu())

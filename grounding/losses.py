@@ -8,7 +8,9 @@ T recorded steps, L recorded layers, B batch, N = h*w pixels of the map, S the p
 (only the non-special ones: the store already dropped the BOS/EOS/pad columns and the "and" joining locations,
 grounding/prompts.py `token_positions`). When the prompts of a batch
 have different lengths the store pads S and gives a (B, S) `token_mask` (True = a real token); pass it here.
-G is the anatomy Gaussian target, (B, h', w') at any resolution; it is resized to the map's h x w.
+G is the anatomy Gaussian target, (B, h', w'). Prompt tuning renders it directly at the map's h x w
+(grounding/tuning.py: grounding/anatomy.py `render_gaussians` evaluates each Gaussian at the map's pixel centres,
+peak 1), so no resize happens there; a G given at another resolution is resized here (`resize_target`).
 """
 import math
 
@@ -72,15 +74,12 @@ def resize_target(G, map_size):
                          align_corners=False, antialias=True)[:, 0]
 
 
-def _map_size(N, map_size):
-    if map_size is not None:
-        if map_size[0] * map_size[1] != N:
-            raise ValueError(f"map_size {map_size} does not have N={N} pixels")
-        return tuple(map_size)
+def _map_side(N):
+    """The side of a square map of N pixels (every cross-attention map of these UNets is square)."""
     side = math.isqrt(N)
     if side * side != N:
-        raise ValueError(f"maps have N={N} pixels, not a square: pass map_size=(h, w)")
-    return side, side
+        raise ValueError(f"maps have N={N} pixels, not a square map")
+    return side
 
 
 def localisation_target(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS):
@@ -94,19 +93,18 @@ def localisation_target(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS):
     return support * A_sp.detach() + alpha * G                 # .detach() is the stop-gradient
 
 
-def localisation_loss(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS, map_size=None):
+def localisation_loss(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS):
     """Eq. 4: L_loc = mean over t, l, b of 1 - cos(A_sp, trg), the cosine taken over the N pixels.
 
     A_sp (T, L, B, N) (or any leading dims ending in B, N); G (B, H, W) at any resolution.
     """
-    h, w = _map_size(A_sp.shape[-1], map_size)
-    g = resize_target(G.to(A_sp.device), (h, w)).flatten(1)    # (B, N)
+    side = _map_side(A_sp.shape[-1])
+    g = resize_target(G.to(A_sp.device), (side, side)).flatten(1)    # (B, N)
     trg = localisation_target(A_sp, g, alpha=alpha, eps=eps)
     return (1 - F.cosine_similarity(A_sp.float(), trg.float(), dim=-1)).mean()
 
 
-def grounding_loss(maps, G, weights=(1.0, 1.0), alpha=PAPER_ALPHA, eps=PAPER_EPS, token_mask=None,
-                   map_size=None):
+def grounding_loss(maps, G, weights=(1.0, 1.0), alpha=PAPER_ALPHA, eps=PAPER_EPS, token_mask=None):
     """Total L = w_div * L_div + w_loc * L_loc (paper: both weights 1). Returns (total, parts dict).
 
     maps (T, L, B, N, S) prompt-token probabilities; G (B, H, W) the (jittered, merged) Gaussian.
@@ -115,6 +113,6 @@ def grounding_loss(maps, G, weights=(1.0, 1.0), alpha=PAPER_ALPHA, eps=PAPER_EPS
         raise ValueError(f"maps must be (T, L, B, N, S), got {tuple(maps.shape)}")
     w_div, w_loc = weights
     l_div = diversity_loss(maps, token_mask)
-    l_loc = localisation_loss(token_average(maps, token_mask), G, alpha=alpha, eps=eps, map_size=map_size)
+    l_loc = localisation_loss(token_average(maps, token_mask), G, alpha=alpha, eps=eps)
     total = w_div * l_div + w_loc * l_loc
     return total, {"div": l_div.detach(), "loc": l_loc.detach(), "total": total.detach()}

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grounding.anatomy import LOCATIONS, PATHOLOGIES
+from grounding.anatomy import LOCATIONS, PATHOLOGY_WORDS
 
 SHARED_MODES = ("frozen", "trainable", "positional")
 # prompts say the pathology in lower case; "opacity" alone is how "lung opacity" is often written
-PATHOLOGY_PHRASES = tuple(p.lower() for p in PATHOLOGIES) + ("opacity",)
+PATHOLOGY_PHRASES = tuple(PATHOLOGY_WORDS.values()) + ("opacity",)
 JOIN_WORDS = ("and",)   # several locations are joined with "and" (docs/paper.md section 3)
 
 
@@ -80,7 +80,7 @@ class LearnablePrompts(nn.Module):
         self.codebook = rows
 
         # ONE trainable parameter: the anatomy rows, initialised from the frozen table
-        self.anatomy = nn.Parameter(table[self.anatomy_ids].clone())        # (K, D)
+        self.anatomy = nn.Parameter(table[self.anatomy_ids].clone())        # (R, D), R anatomy sub-tokens
         # vocabulary id -> anatomy row (-1 = not trainable), a lookup for `encode`
         row_of = torch.full((table.shape[0],), -1, dtype=torch.long)
         row_of[torch.tensor(self.anatomy_ids, dtype=torch.long)] = torch.arange(len(self.anatomy_ids))
@@ -143,36 +143,36 @@ class LearnablePrompts(nn.Module):
 
     # ---- prompts -> context ---------------------------------------------------------------------
 
-    def token_embeds(self, prompts):
+    def token_embeds(self, texts):
         """(B, 77, D) token embeddings (no positions) with the anatomy rows (and CoOp context) substituted."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        for p in prompts:
+        if isinstance(texts, str):
+            texts = [texts]
+        for p in texts:
             self.token_positions(p)                                           # length check, clear error
         te = self.text_encoder
-        ids = self.tokenizer(list(prompts)).to(self.anatomy.device)           # (B, 77)
+        ids = self.tokenizer(list(texts)).to(self.anatomy.device)           # (B, 77)
         base = te.token_embedding(ids).detach()                               # frozen rows
         row = self.row_of_id[ids]                                             # (B, 77), -1 = frozen
         if self.shared_tokens == "positional":
             # shared ids are trainable only inside a location phrase (position in the prompt decides)
-            for b, p in enumerate(prompts):
-                loc = torch.tensor([False] + self.location_mask(p), device=ids.device)
+            for b, p in enumerate(texts):
+                loc = torch.tensor([False] + self.location_mask(p), device=ids.device)   # [False]: BOS
                 n = loc.numel()
                 shared = torch.isin(ids[b, :n], torch.tensor(self.shared_ids, device=ids.device, dtype=ids.dtype))
                 row[b, :n] = torch.where(shared & ~loc, torch.full_like(row[b, :n], -1), row[b, :n])
-        use = (row >= 0)[..., None]
+        use = (row >= 0)[..., None]                                           # (B, 77, 1)
         # grads reach `anatomy` only; the learned fp32 rows follow the text encoder's dtype (fp16/bf16 runs)
-        x = torch.where(use, self.anatomy[row.clamp(min=0)].to(base.dtype), base)
+        x = torch.where(use, self.anatomy[row.clamp(min=0)].to(base.dtype), base)  # (B, 77, D)
         if self.n_ctx:
             # CoOp: [BOS, ctx_1..ctx_n, prompt..., EOS, pad...] cut back to 77 (only padding is dropped)
             ctx = self.ctx.to(x.dtype)[None].expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1:x.shape[1] - self.n_ctx]], dim=1)
         return x
 
-    def encode(self, prompts):
-        """prompts (str or list) -> UNet context (B, 77, D) through the frozen text encoder."""
+    def encode(self, texts):
+        """texts (str or list) -> UNet context (B, 77, D) through the frozen text encoder."""
         te = self.text_encoder
-        return te(embeds=te.embed(token_embeds=self.token_embeds(prompts)))
+        return te(embeds=te.embed(token_embeds=self.token_embeds(texts)))
 
     # ---- reports ------------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class LearnablePrompts(nn.Module):
         # only rows that have a token string (a text encoder may carry more rows than the vocabulary)
         table = self.text_encoder.token_embedding.weight[:self.tokenizer.vocab_size]
         table = F.normalize(table.float(), dim=-1)
-        sims = F.normalize(self.anatomy.float(), dim=-1) @ table.T            # (K, V)
+        sims = F.normalize(self.anatomy.float(), dim=-1) @ table.T            # (R, V)
         top = sims.topk(k, dim=-1)
         out = {}
         for r, i in enumerate(self.anatomy_ids):

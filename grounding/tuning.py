@@ -8,7 +8,7 @@
 
 The noisy latents come from grounding/heatmap.py `training_latents` (DDIM inversion, as at test time, or forward
 noising); the jittered Gaussians from grounding/anatomy.py. train.py calls `tuning_loss` once per image of a batch
-and sums; benchmarks/tuning_step.py times `prompt_attention` against a naive full forward.
+and averages; benchmarks/tuning_step.py times `tuning_loss` against a naive full forward.
 """
 import math
 
@@ -28,9 +28,10 @@ def prompt_attention(pipe, prompts, prompt, z_t, timesteps, layers, autocast_mod
     store = AttentionStore(layers, prompts.token_positions(prompt), keep_grad=True)
     with autocast(device, autocast_mode):                              # the recorded maps stay float32
         context = prompts.encode([prompt])                            # (1, 77, D), grad to the anatomy rows
-        T = len(timesteps)
+        T = len(timesteps)                                            # the T timesteps form the UNet batch
         pipe.unet(z_t[:, 0], timesteps.to(device), context.expand(T, -1, -1), store=store, stop_after=max(layers))
-    return store.maps().transpose(0, 2)                                # (1, L, T, N, S) -> (T, L, 1, N, S)
+    # one forward = one store step (0), its batch the T timesteps: (1, L, T, N, S) -> (T, L, 1, N, S)
+    return store.maps().transpose(0, 2)
 
 
 def tuning_loss(pipe, prompts, prompt, z_t, timesteps, layers, gaussians, merge="max", weights=(1.0, 1.0),

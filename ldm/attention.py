@@ -34,9 +34,9 @@ class Attention(nn.Module):
         self.name = ""  # key prefix, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
         self.place = None  # "down" | "mid" | "up"
         self.is_cross = is_cross
-        self.cross_index = None  # 0..K-1 in down-mid-up order among cross-attention layers
+        self.cross_index = None  # 0..n-1 in down-mid-up order among cross-attention layers
         self.downscale = None  # map side = latent side // downscale
-        self.fused = True  # default path when nothing is recorded: SDPA (True) or the explicit math (False)
+        self.fused = True  # when nothing is recorded: SDPA (True) or the explicit math (False; the tests compare both)
 
     def extra_repr(self):
         return f"name={self.name!r}, heads={self.heads}, dim_head={self.dim_head}, cross_index={self.cross_index}"

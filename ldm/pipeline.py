@@ -35,7 +35,7 @@ class Pipeline:
     prediction_type: str                          # "epsilon" | "v_prediction"
     family: str                                   # one of FAMILIES
     image: dict = field(default_factory=dict)     # {"channels": 3, "size": 512, "range": [-1.0, 1.0]}
-    config: dict = field(default_factory=dict)    # the model.yaml contents
+    config: dict = field(default_factory=dict)    # the model.yaml it was loaded from (informational, for users)
 
     def model_config(self):
         """The model.yaml contents for this pipeline's current modules."""

@@ -10,9 +10,8 @@ from PIL import Image
 
 def latent_shape(pipe, batch_size):
     """(B, latent channels, h, w) for the family's image size: the VAE halves the side at every level but the last."""
-    cfg = pipe.vae.config
-    side = pipe.image["size"] // 2 ** (len(cfg.block_out_channels) - 1)
-    return (batch_size, cfg.latent_channels, side, side)
+    side = pipe.image["size"] // pipe.vae.downscale_factor
+    return (batch_size, pipe.vae.config.latent_channels, side, side)
 
 
 @torch.no_grad()

@@ -156,7 +156,7 @@ class TextEncoderConfig(ConfigDict):
 
     @classmethod
     def tiny(cls):
-        """A few-thousand-parameter size for tests and the phantom world."""
+        """About 136k parameters, for tests and (with its own vocabulary size) the phantom world."""
         return cls(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4)
 

@@ -110,7 +110,7 @@ class UNetConfig(ConfigDict):
 
     in_channels: int = 4
     out_channels: int = 4
-    sample_size: int = 64  # latent side the model was trained at (informational)
+    sample_size: int = 64  # latent side it was trained at; conversion derives the image size from it
     block_out_channels: tuple = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     attention_levels: tuple = (True, True, True, False)  # a spatial transformer after each resnet of the level
@@ -263,7 +263,7 @@ class UNet2DConditionModel(nn.Module):
         return x, stop_after is not None and transformer.transformer_blocks[-1].attn2.cross_index >= stop_after
 
     def forward(self, sample, timestep, encoder_hidden_states, store=None, stop_after=None):
-        """sample (B, C, H, W) latents; timestep int, 0-d or (B,); encoder_hidden_states (B, L, D).
+        """sample (B, C, H, W) latents; timestep int, 0-d or (B,); encoder_hidden_states (B, K, D).
 
         Returns the model output (eps or v) of the same shape as sample, or None when stopped right after
         cross-attention layer `stop_after` (its maps and all earlier ones have then been recorded).

@@ -3,14 +3,14 @@
 Mirrors diffusers `models/autoencoders/autoencoder_kl.py` + `vae.py` (Encoder, Decoder, DownEncoderBlock2D,
 UpDecoderBlock2D, UNetMidBlock2D) and MONAI `networks/nets/autoencoderkl.py` (the CXR LDM of Pinaya et al.
 2022 that the paper uses as its frozen backbone). Both are the same network with small layout differences,
-which are config flags here:
+which are config flags here (Z = latent channels, `latent_channels`):
 
 |                          | SD 1.x / 2.x / RoentGen (diffusers)  | MONAI CXR                              |
 |--------------------------|--------------------------------------|----------------------------------------|
 | mid block (res-attn-res) | yes, one-head attention              | none ("no attention anywhere")         |
 | decoder resnets / level  | layers_per_block + 1                 | layers_per_block                       |
-| posterior head           | conv_out -> 2L, quant_conv 2L -> 2L  | conv_out -> L, 1x1 quant_conv_mu and   |
-|                          | then split into mean, logvar         | quant_conv_log_sigma (L -> L each)     |
+| posterior head           | conv_out -> 2Z, quant_conv 2Z -> 2Z  | conv_out -> Z, 1x1 quant_conv_mu and   |
+|                          | then split into mean, logvar         | quant_conv_log_sigma (Z -> Z each)     |
 | before each conv_out     | GroupNorm, SiLU                      | GroupNorm only (no activation)         |
 
 Parameter names are the diffusers keys, so a diffusers `vae/` folder loads with `load_state_dict(strict=True)`;
@@ -176,7 +176,7 @@ class VAEConfig(ConfigDict):
 
     @classmethod
     def tiny(cls):
-        """Tests and the phantom world: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent)."""
+        """Tests: MONAI layout, ONE downsampling (64x64 image -> 3x32x32 latent); the phantom uses it at half width."""
         return cls(in_channels=1, out_channels=1, latent_channels=3, block_out_channels=[32, 64],
                    layers_per_block=1, decoder_layers_per_block=1, norm_num_groups=8, mid_block=False,
                    mid_block_attention=False, quant="split", silu_before_conv_out=False)
@@ -198,7 +198,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(channels[-1], config) if config.mid_block else None
         self.conv_norm_out = group_norm(channels[-1], config)
         self.conv_act = nn.SiLU() if config.silu_before_conv_out else nn.Identity()  # MONAI: no activation here
-        # "joint": mean | logvar stacked on channels; "split": L channels, the two heads come after
+        # "joint": mean | logvar stacked on channels; "split": Z channels, the two heads come after
         out = 2 * config.latent_channels if config.quant == "joint" else config.latent_channels
         self.conv_out = nn.Conv2d(channels[-1], out, 3, padding=1)
 
@@ -238,16 +238,16 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or VAEConfig()
-        L = config.latent_channels
+        Z = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         if config.quant == "joint":
-            self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1)
+            self.quant_conv = nn.Conv2d(2 * Z, 2 * Z, 1)
         else:
-            self.quant_conv_mu = nn.Conv2d(L, L, 1)
+            self.quant_conv_mu = nn.Conv2d(Z, Z, 1)
             # MONAI's name says sigma but the head predicts the log VARIANCE (sigma = exp(out / 2))
-            self.quant_conv_log_sigma = nn.Conv2d(L, L, 1)
-        self.post_quant_conv = nn.Conv2d(L, L, 1)
+            self.quant_conv_log_sigma = nn.Conv2d(Z, Z, 1)
+        self.post_quant_conv = nn.Conv2d(Z, Z, 1)
 
     @property
     def downscale_factor(self):
@@ -258,7 +258,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"AutoencoderKL.{what} expects (B, {channels}, H, W), got shape {tuple(t.shape)}")
 
     def encode_dist(self, x):
-        """x (B, C_in, H, W) in the family's range -> (mean, logvar), each (B, L, H/f, W/f), unscaled."""
+        """x (B, C_in, H, W) in the family's range -> (mean, logvar), each (B, Z, H/f, W/f), unscaled."""
         self._check(x, self.config.in_channels, "encode")
         f = self.downscale_factor
         if x.shape[-2] % f or x.shape[-1] % f:
@@ -276,7 +276,7 @@ class AutoencoderKL(nn.Module):
         return self.encode_dist(x)[0]
 
     def decode(self, z):
-        """UNSCALED latents (B, L, h, w) -> image (B, C_out, h*f, w*f), no output activation."""
+        """UNSCALED latents (B, Z, h, w) -> image (B, C_out, h*f, w*f), no output activation."""
         self._check(z, self.config.latent_channels, "decode")
         return self.decoder(self.post_quant_conv(z))
 

@@ -73,6 +73,9 @@ def test_save_load_roundtrip_and_bad_file(tmp_path):
     (tmp_path / "short.json").write_text(json.dumps({"left": [[1, 2, 3, 4]]}))
     with pytest.raises(ValueError, match="lacks locations"):
         an.load_lut(tmp_path / "short.json")
+    (tmp_path / "frame.json").write_text(json.dumps({"frame": 224, "lut": lut}))  # e.g. ImaGenome's 224 frame
+    with pytest.raises(ValueError, match="224-px frame"):
+        an.load_lut(tmp_path / "frame.json")
 
 
 def test_render_gaussians_peak_merge_and_frame():

@@ -19,7 +19,7 @@ def test_keeps_only_prompt_columns_averaged_over_heads():
     store.set_step(7)
     store.record(_layer(1), probs)
     assert store.keys() == [(7, 1)]
-    kept = store.store[(7, 1)]
+    kept = store.records[(7, 1)]
     assert kept.shape == (2, 16, 2)
     assert torch.equal(kept, probs[..., [2, 3]].mean(1))
     assert not kept.requires_grad
@@ -67,9 +67,9 @@ def test_memory_is_steps_x_layers_x_pixels_x_tokens_on_the_unet():
     full = AttentionStore([1], None, average_heads=False)
     with torch.no_grad():
         pipe.unet(z0, 500, cond, store=full)
-    probs = full.store[(0, 1)]                                    # (B, heads, N, 77)
+    probs = full.records[(0, 1)]                                    # (B, heads, N, 77)
     assert probs.shape[-1] == 77 and torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
-    assert torch.allclose(store.store[(0, 1)], probs[..., pos].mean(1), atol=0)
+    assert torch.allclose(store.records[(0, 1)], probs[..., pos].mean(1), atol=0)
     # layers of different resolutions cannot be stacked silently
     mixed = AttentionStore([0, 1], pos)
     with torch.no_grad():
