@@ -103,11 +103,12 @@ class AttentionStore:
         """Sorted (step, layer) pairs that hold a map."""
         return sorted(self.records)
 
-    def token_mask(self, batch_size=None):
-        """(B, S) bool, True = a real prompt token (False = padding of a shorter prompt)."""
+    def token_mask(self):
+        """(B, S) bool, True = a real prompt token (False = padding of a shorter prompt); (1, S) when one list of
+        columns serves the whole batch."""
         if self._mask is None:
             raise ValueError("AttentionStore: recorded all columns, there is no token mask")
-        return self._mask if batch_size is None else self._mask.expand(batch_size, -1)
+        return self._mask
 
     def maps(self, steps=None, layers=None):
         """Stack to (T, L, B, N, S) (or (T, L, B, heads, N, S)), steps and layers in ascending order.

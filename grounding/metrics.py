@@ -201,8 +201,8 @@ def auc_roc(heatmap, boxes):
     return float(u / (n_pos * n_neg))
 
 
-def auc_binned5(heatmap, boxes, n_thresholds=5):
-    """The predecessor's pixel AUC-ROC: binned at n_thresholds = 5 levels (0, .25, .5, .75, 1), for comparison.
+def auc_binned5(heatmap, boxes):
+    """The predecessor's pixel AUC-ROC: binned at 5 levels (0, .25, .5, .75, 1), for comparison.
 
     Same numbers as torcheval's binary_binned_auroc(scores, labels, threshold=5) on the flattened map: a pixel
     is called positive at level t when score >= t; the ROC runs through (0, 0) and the (FP, TP) counts from
@@ -214,7 +214,7 @@ def auc_binned5(heatmap, boxes, n_thresholds=5):
     for box in boxes:
         target |= box_mask(box, hm.shape, allow_empty=True)
     tp, fp = [0], [0]
-    for t in torch.linspace(0, 1, n_thresholds).flip(0):   # float32 levels, highest first
+    for t in torch.linspace(0, 1, 5).flip(0):               # float32 levels, highest first
         pred = hm >= t
         tp.append(int((pred & target).sum()))
         fp.append(int((pred & ~target).sum()))
