@@ -1,6 +1,4 @@
 """Shared test helpers: the nn-zero-to-hero style `cmp` report, seeding, and reference-library skips."""
-import importlib
-
 import pytest
 import torch
 

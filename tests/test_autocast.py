@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import cmp
-from grounding.heatmap import HeatmapConfig, extract_heatmaps
+from grounding.heatmap import extract_heatmaps
 from grounding.precision import autocast
 from test_heatmap import tiny_pipe, tiny_heatmap_config
 from tiny_world import make_tiny_setup

@@ -164,7 +164,7 @@ def test_lut_from_the_gold_csv_prints_boxes_per_region(tmp_path):
     assert "gold CSV" in text and os.path.exists(tmp_path / "lut.json") and "left lower" in lut
     # a second run reads the saved LUT, and still says where it came from and how many boxes it averaged
     again, text2 = sources._lut(_Cfg(lut_path=str(tmp_path / "lut.json")), path, records, str(tmp_path))
-    assert again == lut and "saved earlier" in text2 and f"right lung 2, left lung 2" in text2 and "gold CSV" in text2
+    assert again == lut and "saved earlier" in text2 and "right lung 2, left lung 2" in text2 and "gold CSV" in text2
     with pytest.raises(ValueError, match="imagenome_gold_ids applies to a scene-graph folder"):
         sources._lut(_Cfg(imagenome_gold_ids="ids.txt"), path, records, str(tmp_path))
 

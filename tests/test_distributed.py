@@ -9,7 +9,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from ldm.weights.safetensors import load_file
 from tiny_world import REPO, make_tiny_setup, run

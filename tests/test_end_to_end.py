@@ -82,7 +82,7 @@ def test_killed_training_resumes_to_the_same_result(setup):
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 1 <= step <= 6
     log = run(args + ["out_dir=run_killed", "--resume"], cwd=root)
-    assert f"resumed from" in log
+    assert "resumed from" in log
     a = learned(os.path.join(root, "run_full", "learned_rows.safetensors"))
     b = learned(os.path.join(root, "run_killed", "learned_rows.safetensors"))
     print(f"killed at step {step}; max diff after resume {float((a - b).abs().max()):.3e}")

@@ -2,7 +2,6 @@
 
 The heatmap extraction is replaced by a fixed map (no model): these tests are about what happens after it.
 """
-import json
 import math
 
 import pytest

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import cmp
 from grounding.attention_store import AttentionStore
-from grounding.heatmap import HeatmapConfig, invert_and_record
+from grounding.heatmap import invert_and_record
 from ldm.unet import UNet2DConditionModel, UNetConfig
 from test_heatmap import tiny_heatmap_config, prompt_context, extract_heatmap
 
@@ -167,7 +167,7 @@ def test_inversion_under_bf16_autocast_keeps_float32_latents_and_maps():
         uncond = pipe.text_encoder(pipe.tokenizer([""]))
     cfg = tiny_heatmap_config()
     s32, s16 = AttentionStore(cfg.layers, pos), AttentionStore(cfg.layers, pos)
-    z32 = invert_and_record(pipe, z0, cond, uncond, s32, cfg)
+    invert_and_record(pipe, z0, cond, uncond, s32, cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z16 = invert_and_record(pipe, z0, cond, uncond, s16, cfg)
     # the scheduler upcasts the bf16 model output, so the trajectory itself stays float32

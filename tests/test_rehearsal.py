@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from ldm.pipeline import Pipeline
 from ldm.weights.folder import save_pipeline
@@ -29,7 +28,7 @@ from ldm.vae import AutoencoderKL, VAEConfig
 from grounding.experiment import sources
 from grounding.anatomy import LOCATIONS, PATHOLOGIES
 from grounding.experiment.config import load_config, TrainConfig
-from grounding.phantom.world import PhantomConfig, build_world
+from grounding.phantom.world import PhantomConfig
 from grounding.phantom.real import build_real_world
 from grounding.geometry import box_to_model
 from tiny_world import REPO

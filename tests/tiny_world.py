@@ -7,7 +7,6 @@ seconds: a 16-study world, 32-pixel model inputs, a UNet with the phantom layout
 import dataclasses
 import os
 import subprocess
-import sys
 
 import torch
 import yaml
