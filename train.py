@@ -14,6 +14,7 @@ python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml (docs/
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,6 +72,24 @@ def make_optimizer(cfg, params):
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"config key 'optimizer': expected adamw | adam | sgd, got {cfg.optimizer!r}")
 
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    """The order of the n tuning samples in `epoch`: a function of (seed, epoch) only."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+
+
+def sample_index(step, k, global_batch, n, seed):
+    """The tuning sample of item k of step's global batch: the items of all steps form one stream of epochs, each
+    epoch a fresh permutation, so every sample is seen once per epoch whatever the batch size."""
+    epoch, pos = divmod(step * global_batch + k, n)
+    return int(epoch_order(n, seed, epoch)[pos])
+
+
+def draw_seed(step, k, global_batch, seed):
+    """The seed of item k's random draws (noise, timestep subset, jitter): distinct for every (step, k)."""
+    return (seed * 1_000_003 + step) * max(64, global_batch) + k
 
 
 def noisy_latents(pipe, data, indices, train_ts, cfg, hcfg, uncond, gen=None):
@@ -156,12 +175,10 @@ def tune(cfg, resume=False):
     for step in bar:
         # the data order and every random draw depend only on (seed, step, place in the global batch): resuming,
         # or splitting the batch over ranks, reproduces the same run
-        epoch, pos = divmod(step * global_batch, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * epoch))
         total = 0.0
         for k in range(rank, global_batch, world):                        # this rank's slice of the global batch
-            i = int(order[(pos + k) % n])
-            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + k)
+            i = sample_index(step, k, global_batch, n, cfg.seed)
+            gen = torch.Generator().manual_seed(draw_seed(step, k, global_batch, cfg.seed))
             sample = data.samples[i]
             z = latent_cache[i] if i in latent_cache else \
                 noisy_latents(pipe, data, [i], train_ts, cfg, hcfg, uncond, gen)   # (T, 1, C, h, w)
@@ -180,7 +197,7 @@ def tune(cfg, resume=False):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-            t = torch.tensor([total])
+            t = torch.tensor([total], device=device)                      # nccl reduces CUDA tensors only
             dist.all_reduce(t)
             total = t.item()
         if not math.isfinite(total):

@@ -117,6 +117,19 @@ def test_read_mscxr_v01_and_v110(tmp_path):
     assert [p["category"] for p in test] == ["Pleural Effusion", "Pneumothorax"] and test[0]["split"] == "test"
 
 
+def test_mscxr_patients_are_all_excluded_even_when_their_pairs_are_skipped(tmp_path):
+    root = str(tmp_path)
+    rows = _mscxr_rows(root) + [["d", "Atelectasis", "left base atelectasis", "files/p10/p10000002/s50000002/d.jpg",
+                                 1, 1, 5, 5, 40, 30]]                # d.jpg missing: its only pair is skipped
+    _csv(str(tmp_path / "ms.csv"), MSCXR_COLS, rows)
+    pairs, _ = ds.read_mscxr(str(tmp_path / "ms.csv"), root, on_missing="skip")
+    assert {p["subject_id"] for p in pairs} == {"10000001"}        # what the kept pairs alone would exclude
+    assert ds.mscxr_subjects(str(tmp_path / "ms.csv")) == {"10000001", "10000002"}
+    _csv(str(tmp_path / "bad.csv"), MSCXR_COLS, [rows[0][:3] + ["images/a.jpg"] + rows[0][4:]])
+    with pytest.raises(ValueError, match="bad.csv row 2: path 'images/a.jpg' names no patient"):
+        ds.mscxr_subjects(str(tmp_path / "bad.csv"))
+
+
 def test_read_mscxr_json_twin_matches_csv(tmp_path):
     root = str(tmp_path)
     rows = _mscxr_rows(root)[:4]

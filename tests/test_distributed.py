@@ -52,3 +52,23 @@ def test_two_process_training_learns_the_single_process_rows(setup):
     print(f"2 ranks x batch 1 vs 1 process x batch 2: max diff of the learned rows {diff:.3e}")
     assert diff < 1e-5
     assert log.count("tuning done") == 1  # only rank 0 reports
+
+
+def test_sample_stream_covers_every_epoch_and_draws_never_repeat():
+    import collections
+    from train import draw_seed, sample_index
+    n, gb = 7, 4                                                  # a batch that crosses epoch boundaries
+    seen = [sample_index(step, k, gb, n, seed=0) for step in range(7) for k in range(gb)]   # 28 items = 4 epochs
+    for e in range(4):
+        assert sorted(seen[e * n:(e + 1) * n]) == list(range(n)), f"epoch {e}: {seen[e * n:(e + 1) * n]}"
+    assert collections.Counter(seen) == {i: 4 for i in range(n)}
+    for gb in (1, 2, 96, 200):                                    # every (step, k) its own random stream
+        seeds = [draw_seed(step, k, gb, seed=0) for step in range(5) for k in range(gb)]
+        assert len(set(seeds)) == len(seeds), gb
+
+
+def test_cuda_under_torchrun_takes_the_local_gpu_and_refuses_a_fixed_one(monkeypatch):
+    from grounding.experiment import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="every rank on one GPU"):
+        distributed.setup("cuda:1")

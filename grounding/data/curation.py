@@ -41,7 +41,7 @@ def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=
     """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
 
     mimic_records: from read_mimic (all views; filter splits there, e.g. splits=("train",)).
-    exclude_subjects: subject ids to leave out (MS-CXR patients: {p["subject_id"] for p in mscxr_pairs}).
+    exclude_subjects: subject ids to leave out (MS-CXR patients: grounding/data/readers.py `mscxr_subjects`).
     views: the allowed ViewPosition values, in order of preference: PA only by default (the MONAI CXR LDM was
     trained on PA images), ("PA", "AP") to also allow AP; a study without an allowed view is skipped and counted.
     One image per study (the first allowed view, then the lowest dicom_id); one sample per distinct prompt of the

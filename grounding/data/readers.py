@@ -258,6 +258,19 @@ def read_mscxr(csv_path, image_root=None, splits=None, on_missing="error", sourc
     return _group_pairs(rows, image_root, on_missing, report, source), report
 
 
+def mscxr_subjects(csv_path):
+    """Every patient an MS-CXR CSV names, from ALL its rows (also those read_mscxr drops: a missing image, a class
+    outside the 8, ...): the tuning set must never hold an MS-CXR patient's study."""
+    subjects = set()
+    for n, r in enumerate(_read_csv(csv_path, ["path"]), start=2):
+        subject, _ = _ids_from_path(r["path"])
+        if subject is None:
+            raise ValueError(f"{csv_path} row {n}: path {r['path']!r} names no patient (expected .../p<subject>/"
+                             "s<study>/...); the MS-CXR patients could not be kept out of the tuning set")
+        subjects.add(subject)
+    return subjects
+
+
 def read_mscxr_json(json_path, image_root=None, on_missing="error", source="mimic"):
     """The COCO-style twin: images [{id, file_name | path, width, height}], annotations [{image_id,
     category_id, bbox [x, y, w, h], label_text}], categories [{id, name}]."""

@@ -6,12 +6,22 @@ its per-rank gradients itself (an all-reduce in the tuning loop); evaluate.py sh
 """
 import os
 
+import torch
 import torch.distributed as dist
 
 
 def setup(device):
-    """(rank, world_size); under torchrun the process group is created (once) for `device` ("cpu" | "cuda...")."""
+    """(rank, world_size); under torchrun the process group is created (once) for `device` ("cpu" | "cuda").
+
+    On CUDA each process takes the GPU torchrun assigns it (LOCAL_RANK) as its current device, so "cuda" means a
+    different GPU on every rank (an explicit "cuda:N" would put every rank on one GPU, so it is refused).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(f"config key 'device': {device!r} under torchrun would put every rank on one GPU; "
+                             "use device=cuda (each rank takes its LOCAL_RANK GPU)")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return (dist.get_rank() if world > 1 else 0), world

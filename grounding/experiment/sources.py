@@ -154,8 +154,7 @@ def load(cfg, need_samples=True, image_size=512):
     samples = []
     if need_samples:  # MS-CXR patients never enter the tuning set; frontal views only (cfg.views)
         train = [r for r in records if r["split"] == "train"]
-        samples, rep = cu.curate_tuning_set(train, exclude_subjects={p["subject_id"] for p in all_pairs},
-                                            views=cfg.views)
+        samples, rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv), views=cfg.views)
         lines.append(str(rep))
         if getattr(cfg, "max_train_samples", 0):
             samples = samples[:cfg.max_train_samples]
