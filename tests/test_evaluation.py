@@ -91,3 +91,17 @@ def test_config_key_defaults_to_reference_and_is_checked():
     assert TrainConfig().metric_protocol == "reference"
     with pytest.raises(ValueError, match="metric_protocol"):
         TrainConfig(metric_protocol="per-box")
+
+
+def test_resume_rescores_a_row_whose_pair_prompt_changed(fake_extraction, tmp_path, capsys):
+    import json
+    path = str(tmp_path / "rows.jsonl")
+    record = {"weights": "w", "code": "c"}
+    ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    changed = dict(_pair(), prompt="right edema")        # e.g. a VinDr prompt from a rebuilt LUT, same pair id
+    rows = ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
+    assert "scored with another prompt" in capsys.readouterr().out and rows[0]["prompt"] == "right edema"
+    assert ev.read_rows(path)["p0"]["prompt"] == "right edema"          # the new row is the one a resume reads
+    ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
+    assert "another prompt" not in capsys.readouterr().out
+    assert [json.loads(l)["prompt"] for l in open(path)] == ["right edema"]   # a resume rewrites one row per pair

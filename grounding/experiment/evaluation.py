@@ -94,6 +94,16 @@ def evaluate_models(pipe, pairs, models, batch_size=16, rank=0, world_size=1, sw
                 provenance.check_rows(m.rows_path, {**m.record, "metric_protocol": protocol, "swap": swap},
                                       on_mismatch)
             done[m.name] = _resume(m.rows_path) if m.rows_path else {}
+            # a row counts only for the pair as it is now: the data record names the files, not e.g. the LUT that
+            # synthesises VinDr prompts, so a pair whose prompt or class changed is scored again (last row wins)
+            stale = [p["pair_id"] for p in mine if p["pair_id"] in done[m.name]
+                     and (done[m.name][p["pair_id"]].get("prompt"), done[m.name][p["pair_id"]].get("category"))
+                     != (p["prompt"], p["category"])]
+            if stale:
+                print(f"{m.rows_path}: {len(stale)} rows were scored with another prompt or class than their pair "
+                      f"has now (e.g. {stale[0]}): scoring them again")
+            for pair_id in stale:
+                del done[m.name][pair_id]
             n_done = sum(p["pair_id"] in done[m.name] for p in mine)
             if n_done:
                 print(f"resuming: {n_done} of {len(mine)} pairs already scored in {m.rows_path}")
