@@ -30,7 +30,8 @@ from grounding.experiment.rows import load_rows
 from grounding.experiment.config import load_config, TrainConfig
 from grounding.experiment.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
-from grounding.experiment.provenance import code_version, describe_heatmap, eval_heatmap_config
+from grounding.experiment.provenance import (code_version, describe_heatmap, eval_heatmap_config, folder_digest,
+                                             prompts_digest)
 
 
 def split_overrides(overrides):
@@ -84,8 +85,10 @@ def main(argv=None):
     # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config
     hcfgs = {m: eval_heatmap_config(cfg, pipe.family, m == "tuned") for m in ("frozen", "tuned")}
     heatmaps = "; ".join(describe_heatmap(m, h) for m, h in hcfgs.items())
+    # what the weights and rows ARE, not only where they lie: retraining into the same out_dir must not resume
     settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,
-                    data=data.description, heatmaps=heatmaps)
+                    weights_sha256=folder_digest(cfg.weights), prompts_sha256=prompts_digest(prompts),
+                    mscxr_split=cfg.mscxr_split, data=data.description, heatmaps=heatmaps)
     settings.pop("limit")      # how many cases are scored does not change a row: a longer run resumes a shorter one
     header = (f"Data: {data.description}; {len(positives)} {ccfg.category} pairs vs {len(negatives)} No Finding images\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family}, {pipe.prediction_type}; the error is "

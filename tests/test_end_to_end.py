@@ -222,3 +222,21 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
             assert abs(r["miou_drop"] - (r["miou_true"] - r["miou_swap"])) < 1e-12
     swap_md = open(os.path.join(ev, "swap.md")).read()
     assert "side share swapped untuned" in swap_md and "Location-swap test" in log
+
+
+def test_classify_runs_resumes_and_refuses_rows_retrained_in_place(setup):
+    from ldm.weights.safetensors import read_header, save_file
+    root = setup["root"]
+    run([os.path.join(REPO, "train.py"), "--config", setup["config"], "out_dir=run_cls", "max_steps=1",
+         "eval_pairs=0"], cwd=root)
+    rows = os.path.join(root, "run_cls", "learned_rows.safetensors")
+    args = [os.path.join(REPO, "classify.py"), "--config", setup["config"], "--prompts", rows, "--out", "cls",
+            "n_draws=2", "n_boot=50", "n_perm=50"]
+    log = run(args, cwd=root)
+    table = open(os.path.join(root, "cls", "table.md")).read()
+    assert "tuned LDM heatmap" in table and "AUROC all" in table and "SYNTHETIC" in log
+    assert "images already scored" in run(args, cwd=root)              # the same settings: resumed, not rescored
+    tensors = load_file(rows)                                          # retrained into the same path
+    save_file({k: v + 0.5 for k, v in tensors.items()}, rows, metadata=read_header(rows)["__metadata__"])
+    out = subprocess.run([sys.executable, *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode != 0 and "prompts_sha256" in out.stderr, out.stderr[-2000:]
