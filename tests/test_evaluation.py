@@ -105,3 +105,9 @@ def test_resume_rescores_a_row_whose_pair_prompt_changed(fake_extraction, tmp_pa
     ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
     assert "another prompt" not in capsys.readouterr().out
     assert [json.loads(l)["prompt"] for l in open(path)] == ["right edema"]   # a resume rewrites one row per pair
+
+
+def test_swap_table_without_one_sided_prompts_says_so(fake_extraction):
+    pair = dict(_pair(), prompt="edema", category="Edema")               # names no side: not in the swap test
+    rows, _, tables, swap_md, _ = ev.compare_models(_Pipe(), [pair], [ev.Model("frozen")], swap=True, n_boot=50)
+    assert "no pair takes part" in swap_md and "Edema" in tables["frozen"] and "true_side" not in rows["frozen"][0]

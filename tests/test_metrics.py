@@ -257,3 +257,16 @@ def test_summarise_average_is_mean_of_class_means():
     assert s["Average"]["cnr"][1] <= 0.5 <= s["Average"]["cnr"][2]
     table = summary_markdown(s, ["cnr"])
     assert "| Average | 4 | 0.50 [0.50, 0.50] |" in table
+
+
+def test_summarise_counts_nan_values_and_survives_a_class_without_any():
+    nan = float("nan")
+    rows = [{"category": "A", "cnr": 1.0}, {"category": "A", "cnr": nan},     # one of A's two is NaN
+            {"category": "B", "cnr": nan}, {"category": "C", "cnr": 0.0}]      # B has no finite CNR at all
+    s = summarise(rows, ["cnr"], n=200)
+    assert s["A"]["cnr"][0] == 1.0 and s["A"]["dropped"]["cnr"] == 1
+    assert all(math.isnan(x) for x in s["B"]["cnr"])
+    assert s["Average"]["cnr"][0] == pytest.approx(0.5) and s["Average"]["dropped"]["cnr"] == 2   # A and C only
+    table = summary_markdown(s, ["cnr"])
+    assert "| A | 2 | 1.00 [1.00, 1.00] (1 of 2) |" in table and "| B | 1 | nan |" in table
+    assert all(math.isnan(x) for x in bootstrap_ci([nan, nan]))

@@ -168,8 +168,11 @@ def compare_models(pipe, pairs, models, batch_size=16, swap=False, n_boot=10000,
     swap_md = None
     if swap:
         _, excluded = swap_pairs(pairs)
-        swap_md = (f"Location-swap test ({swap_caption(excluded)}):\n"
-                   + swap_markdown({m.name: swap_summary(rows[m.name], n_boot=n_boot) for m in models}))
+        if any("true_side" in r for m in models for r in rows[m.name]):
+            swap_md = (f"Location-swap test ({swap_caption(excluded)}):\n"
+                       + swap_markdown({m.name: swap_summary(rows[m.name], n_boot=n_boot) for m in models}))
+        else:  # e.g. a few eval_pairs, none of whose prompts names one side
+            swap_md = f"Location-swap test: no pair takes part ({swap_caption(excluded)})"
     comparison = comparison_markdown(summaries) if len(summaries) > 1 else None
     return rows, summaries, tables, swap_md, comparison
 
