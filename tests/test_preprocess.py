@@ -69,7 +69,9 @@ def test_load_image_formats_and_errors(tmp_path):
     a16 = (np.arange(64 * 32).reshape(32, 64) * 30).astype(np.uint16)
     Image.fromarray(a16).save(tmp_path / "x16.png")
     x = pp.load_image(str(tmp_path / "x16.png"))
-    assert x.shape == (32, 64) and x.max() == pytest.approx(a16.max() / 65535, abs=1e-6)
+    assert x.shape == (32, 64) and x.min() == 0 and x.max() == pytest.approx(1.0)        # min-max, as DICOM
+    Image.fromarray(a16 // 16).save(tmp_path / "x12.png")           # 12-bit data in a 16-bit PNG: same picture
+    assert np.allclose(pp.load_image(str(tmp_path / "x12.png")), x, atol=1e-3)
     assert pp.image_size(str(tmp_path / "x16.png")) == (64, 32)
     with pytest.raises(FileNotFoundError, match="nothere.jpg"):
         pp.load_image(str(tmp_path / "nothere.jpg"))

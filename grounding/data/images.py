@@ -28,8 +28,10 @@ def load_image(path):
             if im.mode == "F":  # 32-bit float (TIFF): the values themselves, not convert("L")'s 8-bit clip
                 return _float_image(np.asarray(im, dtype=np.float32), path)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit PNGs (VinDr conversions) often hold 12-bit data: min-max scaled, like DICOM, so the
+                # stored bit depth does not decide the brightness
                 arr = np.asarray(im, dtype=np.float32)
-                return arr / (65535.0 if arr.max() > 255 else 255.0)  # 16-bit PNGs (VinDr conversions)
+                return (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
