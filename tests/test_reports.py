@@ -38,6 +38,9 @@ CASES = [
     ("Left lower lobe atelectasis.", "Atelectasis", "left lower atelectasis"),
     ("Atelectasis in the right lower lobe.", "Atelectasis", "right lower atelectasis"),
     ("Left and right lower lobe atelectasis.", "Atelectasis", "bilateral lower atelectasis"),
+    # two pathologies in one clause: cut at "and", but not at the "and" joining two sides
+    ("Left and right lower lobe opacities concerning for pneumonia.", "Pneumonia", "bilateral lower pneumonia"),
+    ("Left and right basilar opacities, likely atelectasis.", "Atelectasis", "bibasilar atelectasis"),
     ("Atelectatic changes in both lower lobes.", "Atelectasis", "bilateral lower atelectasis"),
     ("Blunting of the left costophrenic angle from a small effusion.", "Pleural Effusion",
      "left costophrenic pleural effusion"),

@@ -217,12 +217,27 @@ def sentence_locations(sentence, pathology):
     name any ("right effusion with left basilar atelectasis" -> atelectasis: left base), else the sentence."""
     units = [c for c in clauses(sentence) if mentions(c, pathology) and not is_negated(c)]
     # "right lower lobe pneumonia and left pleural effusion": cut a clause naming two pathologies at "and"
-    units = [part for u in units for part in (re.split(r"\band\b", u) if _n_pathologies(u) > 1 else [u])
+    units = [part for u in units for part in (_cut_at_and(u) if _n_pathologies(u) > 1 else [u])
              if mentions(part, pathology)]
     locs = []
     for u in units:
         locs += [loc for loc in extract_locations(u, pathology) if loc not in locs]
     return merge_symmetric([split_location(n) for n in locs]) if locs else extract_locations(sentence, pathology)
+
+
+_SIDE_AND_SIDE = re.compile(r"\b(?:left|right)\s+and\s+(?:the\s+)?(?:left|right)\b")
+
+
+def _cut_at_and(text):
+    """Cut at every "and" except one joining two sides: "left and right lower lobe opacities concerning for
+    pneumonia" names ONE location (bilateral lower), which a cut would reduce to "right lower"."""
+    keep = [m.span() for m in _SIDE_AND_SIDE.finditer(text)]
+    parts, start = [], 0
+    for m in re.finditer(r"\band\b", text):
+        if not any(a <= m.start() < b for a, b in keep):
+            parts.append(text[start:m.start()])
+            start = m.end()
+    return parts + [text[start:]]
 
 
 def _n_pathologies(text):
