@@ -137,8 +137,10 @@ def save_lut(lut, path, **provenance):
 
     provenance: extra JSON keys kept beside it (e.g. source, boxes_per_region); load_lut ignores them."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"      # written whole, then renamed: a reader never sees half a LUT
+    with open(tmp, "w") as f:
         json.dump({"frame": FRAME, "lut": lut, **provenance}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def load_lut(path):

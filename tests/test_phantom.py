@@ -131,3 +131,17 @@ def test_pretrain_config_defaults_are_the_committed_run():
     from grounding.phantom.pretrain import PretrainConfig
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert load_config(PretrainConfig, os.path.join(repo, "configs", "phantom_pretrain.yaml")) == PretrainConfig()
+
+
+def test_ensure_phantom_reuses_a_finished_world_and_never_builds_over_other_files(tmp_path):
+    from grounding.phantom.world import ensure_phantom
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "world.json").write_text(json.dumps({"config": {"seed": 3}}))   # what a finished build leaves last
+    assert ensure_phantom(str(done), seed=3) == str(done)                     # reused, nothing rebuilt
+    for folder, seed in ((done, 4), (tmp_path / "mine", 0)):                 # another seed; a user's own folder
+        folder.mkdir(exist_ok=True)
+        (folder / "notes.txt").write_text("keep me")
+        with pytest.raises(FileExistsError, match="delete it, or set phantom_root"):
+            ensure_phantom(str(folder), seed=seed)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

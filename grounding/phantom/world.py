@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import time
 
 import numpy as np
@@ -308,14 +309,35 @@ def build_normal_set(root, n):
     return out
 
 
+def _complete(root, seed):
+    path = os.path.join(root, "world.json")  # written last: its presence means the tree is whole
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["config"]["seed"] == seed
+
+
 def ensure_phantom(root, seed=0):
-    """Build the phantom world into `root` unless a complete one with this seed is already there."""
-    path = os.path.join(root, "world.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f)["config"]["seed"] == seed:
-                return root
+    """Build the phantom world into `root` unless a complete one with this seed is already there.
+
+    The world is built in a temporary folder beside `root` and renamed into place, so a process reading `root`
+    (another torchrun rank, say) never sees a half-written tree.
+    """
+    if _complete(root, seed):
+        return root
+    if os.path.exists(root) and os.listdir(root):   # never build over (or delete) a folder we did not finish
+        raise FileExistsError(f"phantom_root {root} holds something other than the phantom world of seed {seed} "
+                              "(another seed's world, or an interrupted build): delete it, or set phantom_root to a "
+                              "new folder")
     print(f"building the phantom world (SYNTHETIC) into {root} ...")
-    summary = build_world(root, PhantomConfig(seed=seed))
+    tmp = f"{os.path.abspath(root)}.building-{os.getpid()}"
+    summary = build_world(tmp, PhantomConfig(seed=seed))
+    if _complete(root, seed):            # another process (torchrun rank) finished the same world first
+        shutil.rmtree(tmp)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+        if os.path.isdir(root):
+            os.rmdir(root)               # the empty folder checked above
+        os.rename(tmp, root)
     print(f"built {summary['counts']['images']} images in {summary['build_seconds']}s")
     return root
