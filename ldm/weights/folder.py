@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -106,7 +107,16 @@ def _read_yaml(path):
         raise PipelineError(f"{path}: missing keys {missing}; is this a folder written by convert_weights.py?")
     if cfg["family"] not in FAMILIES:
         raise PipelineError(f"{path}: family {cfg['family']!r} is not one of {FAMILIES}")
-    if cfg["scheduler"].get("prediction_type", cfg["prediction_type"]) != cfg["prediction_type"]:
+    # every field of every section: a key left out would silently take the default of another model (SD1.5's)
+    sections = {**{name: cfg_cls for name, (cfg_cls, _) in COMPONENTS.items()}, "scheduler": SchedulerConfig}
+    for name, cfg_cls in sections.items():
+        if not isinstance(cfg[name], dict):
+            raise PipelineError(f"{path}: section {name!r} must be a mapping of config keys")
+        absent = [f.name for f in fields(cfg_cls) if f.name not in cfg[name]]
+        if absent:
+            raise PipelineError(f"{path}: section {name!r} lacks keys {absent}; re-convert the checkpoint with "
+                                "convert_weights.py (model.yaml is written whole, never by hand)")
+    if cfg["scheduler"]["prediction_type"] != cfg["prediction_type"]:
         raise PipelineError(f"{path}: prediction_type {cfg['prediction_type']!r} disagrees with the scheduler's "
                             f"{cfg['scheduler']['prediction_type']!r}")
     return cfg
@@ -121,10 +131,15 @@ def load_pipeline(path, device="cpu", dtype=torch.float32):
     try:
         configs = {name: cfg_cls.from_dict(cfg[name]) for name, (cfg_cls, _) in COMPONENTS.items()}
         scheduler = DDIMScheduler(SchedulerConfig.from_dict(cfg["scheduler"]))
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"{path / 'model.yaml'}: bad value ({type(e).__name__}: {e})") from None
+    try:
         tokenizer = CLIPTokenizer.from_dir(path / "tokenizer", pad_id=cfg["tokenizer"]["pad_id"],
                                            max_length=cfg["tokenizer"].get("max_length", 77))
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        raise PipelineError(f"{path}: bad model.yaml or tokenizer ({type(e).__name__}: {e})") from None
+    except (ValueError, TypeError, KeyError, OSError) as e:  # incl. a truncated vocab.json (JSONDecodeError)
+        raise PipelineError(f"{path / 'tokenizer'} (vocab.json, merges.txt; pad_id in model.yaml): cannot be read "
+                            f"({type(e).__name__}: {e}); re-convert, or copy the tokenizer folder of the source "
+                            "model") from None
     weights = {}
     for name in COMPONENTS:
         file = path / f"{name}.safetensors"
