@@ -10,7 +10,7 @@ A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of Tra
 keys and wrong types are errors). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
 L_div + L_loc on the cross-attention maps of the chosen layers (`layers`; the paper: 4) at T timesteps (docs/paper.md section 5; one image's loss is
 grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
-python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml (docs/phantom.md).
+python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml --overwrite (docs/phantom.md).
 """
 import argparse
 import dataclasses

@@ -145,3 +145,19 @@ def test_ensure_phantom_reuses_a_finished_world_and_never_builds_over_other_file
         with pytest.raises(FileExistsError, match="delete it, or set phantom_root"):
             ensure_phantom(str(folder), seed=seed)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_pretraining_never_replaces_a_model_folder_silently(tmp_path, capsys):
+    import importlib.util
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("pretrain_script", os.path.join(repo, "scripts", "pretrain_phantom.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.yaml").write_text("family: phantom\n")
+    for bad, message in ((["weights=" + str(tmp_path / "model")], "pass --overwrite"),
+                         (["caption_dropout=1.5"], "caption_dropout"), (["vocab_size=10"], "at least 514")):
+        with pytest.raises(SystemExit):
+            script.main(bad + ["out_dir=" + str(tmp_path / "run")])
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "model" / "model.yaml").read_text() == "family: phantom\n" and not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
 """Pretraining of the tiny phantom LDM: VAE first, then CLIP-style text encoder + UNet, from scratch.
 
-    python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml [key=value ...]
+    python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml --overwrite [key=value ...]
 
 The embedded default world (docs/phantom.md) needs a base model that, like the paper's MONAI CXR LDM, denoises chest
 X-ray latents conditioned on report text, and whose cross-attention is only loosely tied to anatomy. Same code as
