@@ -139,7 +139,7 @@ def tune(cfg, resume=False):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step0 = 0
     if resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = provenance.read_checkpoint(ckpt_path, map_location=device)
         prompts.load_state_dict(ckpt["prompts"])
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:  # the config's lr and decay, not the saved ones (--resume --force may change them)
@@ -201,7 +201,9 @@ def tune(cfg, resume=False):
             dist.all_reduce(t)
             total = t.item()
         if not math.isfinite(total):
-            raise SystemExit(f"step {step}: loss is {total}; stopping. The last good checkpoint is {ckpt_path}")
+            last = f"The last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+                "No checkpoint was written yet (a lower lr?)"
+            raise SystemExit(f"step {step}: loss is {total}; stopping. {last}")
         scaler.step(opt)                                                   # = opt.step() unless fp16
         scaler.update()
         opt.zero_grad(set_to_none=True)

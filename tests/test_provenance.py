@@ -98,7 +98,7 @@ def test_resume_and_overwrite_rules(tmp_path):
     provenance.prepare_run_dir(cfg)                                           # a new run: config.yaml written
     first = tmp_path / "run" / "config.yaml"
     assert yaml.safe_load(first.read_text())["lr"] == 0.05
-    torch.save({"step": 3, "config": dataclasses.asdict(cfg)}, str(tmp_path / "run" / "ckpt.pt"))
+    torch.save({"step": 3, "prompts": {}, "opt": {}, "config": dataclasses.asdict(cfg)}, str(tmp_path / "run" / "ckpt.pt"))
     with pytest.raises(SystemExit, match="already holds a checkpoint"):      # no silent replacement
         provenance.prepare_run_dir(cfg)
     # a longer run and another device are a resume; another lr or seed is not
@@ -113,6 +113,23 @@ def test_resume_and_overwrite_rules(tmp_path):
         provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), force=True)
     provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), overwrite=True)      # explicit: a new run in its place
     assert yaml.safe_load(first.read_text())["lr"] == 0.2
+    # settings that change the checkpoint's tensors or optimiser state: not even --force, and nothing written
+    for key, value in (("n_ctx", 2), ("shared_tokens", "frozen"), ("optimizer", "sgd")):
+        with pytest.raises(SystemExit, match=f"{key}: .* even --force cannot"):
+            provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2, **{key: value}), resume=True, force=True)
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.resume_step3.yaml", "config.yaml"]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04truncated", None])
+def test_an_unreadable_checkpoint_is_named_with_the_remedy(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        torch.save({"step": 3}, str(path))                                    # readable, but not train.py's
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match="ckpt.pt .*(cannot be read|lacks).*--overwrite") as err:
+        provenance.read_checkpoint(str(path))
+    assert "weights_only set to False" not in str(err.value)              # never torch's advice to run pickles
 
 
 def test_overrides_anywhere_on_the_command_line(tmp_path, capsys):

@@ -221,8 +221,26 @@ def release_lock(path):
 # train.py's run directory: one config per run, resume only what was started, never replace a checkpoint silently
 
 # settings that may change on --resume without changing what the run learns
+# settings that change what the checkpoint holds (the learned tensors' shapes, the optimiser's state, the model the
+# rows belong to): even --force cannot resume across them
+STRUCTURAL_KEYS = ("weights", "shared_tokens", "n_ctx", "optimizer")
 RESUME_FREE_KEYS = ("out_dir", "device", "threads", "max_steps", "ckpt_every", "val_every", "val_pairs",
                     "eval_at_end", "eval_pairs", "eval_batch", "eval_untuned", "eval_swap", "latent_cache_mb")
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """train.py's ckpt.pt (tensors and plain values only, never pickled code); a clear stop when it is unreadable."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SystemExit(f"{path} cannot be read as a train.py checkpoint ({type(e).__name__}: {first[:200]}); "
+                         "restore it from a backup, or start over with --overwrite") from None
+    missing = [k for k in ("prompts", "opt", "step") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SystemExit(f"{path} lacks {missing}: not a train.py checkpoint; restore it, or start over with "
+                         "--overwrite")
+    return state
 
 
 def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):
@@ -248,7 +266,7 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
         print(f"--resume: no checkpoint {ckpt} yet; starting a new run")
         resume = False
     if resume:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = read_checkpoint(ckpt)
         saved = state.get("config")
         if saved is None and os.path.exists(first):  # a checkpoint from before configs were stored in it
             with open(first) as f:
@@ -257,6 +275,11 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
         diffs = differences(saved or {}, new, ignore=RESUME_FREE_KEYS + retired) if saved is not None else []
         if saved is None:
             print(f"note: {ckpt} records no config and {first} is missing; the resume cannot be checked")
+        structural = [d for d in diffs if d[0] in STRUCTURAL_KEYS]
+        if structural:
+            raise SystemExit(f"--resume: {_format(structural)} changes what the checkpoint in {cfg.out_dir} holds; "
+                             "even --force cannot continue across it: use the run's value, or start a new run "
+                             "(another out_dir, or --overwrite)")
         if diffs and not force:
             raise SystemExit(f"--resume: settings differ from the run in {cfg.out_dir} ({_format(diffs)}). "
                              f"Resume with the run's settings, or pass --force to continue with the new ones "
