@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import torch
@@ -60,9 +61,12 @@ def main(argv=None):
     p.add_argument("--out", default="runs/classify", help="output folder")
     p.add_argument("overrides", nargs="*", help="key=value: TrainConfig or ClassifyConfig keys")
     args = p.parse_args(argv)
-    train_over, cls_over = split_overrides(args.overrides)
-    cfg = load_config(TrainConfig, args.config, train_over)
-    ccfg = load_config(ClassifyConfig, None, cls_over)
+    try:
+        train_over, cls_over = split_overrides(args.overrides)
+        cfg = load_config(TrainConfig, args.config, train_over)
+        ccfg = load_config(ClassifyConfig, None, cls_over)
+    except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
+        p.error(str(e))
     if args.weights:
         cfg.weights = args.weights
     if args.prompts is None:
@@ -101,7 +105,7 @@ def main(argv=None):
 
     # a rerun resumes only with the same settings (rows of other settings would mix silently otherwise)
     settings_path, rows_path = os.path.join(args.out, "settings.json"), os.path.join(args.out, "rows.jsonl")
-    if os.path.exists(settings_path):
+    if os.path.exists(settings_path) and read_rows(rows_path):   # settings with no row scored bind nothing
         with open(settings_path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(settings)):
@@ -143,4 +147,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: its message, not a traceback
+        sys.exit(f"classify.py: error: {e}")

@@ -19,6 +19,7 @@ anywhere on the command line. One inversion per image batch serves every model e
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -156,4 +157,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: its message, not a traceback
+        sys.exit(f"evaluate.py: error: {e}")

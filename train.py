@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -278,4 +279,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: its message, not a traceback
+        sys.exit(f"train.py: error: {e}")

@@ -167,3 +167,12 @@ def test_read_no_finding_keeps_frontal_studies_labelled_one(tmp_path):
     csv.write_text("subject_id,study_id,No Finding\n1,100,yes\n")
     with pytest.raises(ValueError, match="row 2"):
         read_no_finding(str(csv), recs)
+
+
+@pytest.mark.parametrize("item", ["n_draws=0", "error_norm=l3", "test=ttest", "normal_bins=some", "sources=[bogus]",
+                                  "n_draw=4"])
+def test_classify_settings_are_checked_before_anything_loads(item, capsys):
+    import classify
+    with pytest.raises(SystemExit):
+        classify.main([item, "--out", "/nonexistent/never-written"])
+    assert f"'{item.split('=')[0]}'" in capsys.readouterr().err

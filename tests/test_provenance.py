@@ -147,11 +147,22 @@ def test_overrides_anywhere_on_the_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("item", ["batch_size=0", "ckpt_every=0", "eval_batch=0", "max_steps=-1", "lr=0",
                                   "lr=-1e-4", "num_inference_steps=0", "val_pairs=0", "eval_pairs=-2",
                                   "layers=[2,-1]", "layers=[2,2]", "on_missing=ignore", "optimizer=lion",
-                                  "train_window=[700,400]"])
+                                  "train_window=[700,400]", "layers=foo", "layers=5", "views=PA",
+                                  "train_window=[400,x]", "device=foo", "out_dir="])
 def test_bad_values_are_named_when_the_config_is_loaded(item):
     key = item.split("=")[0]
-    with pytest.raises(ValueError, match=f"config key '{key}'"):
+    with pytest.raises(ValueError, match=f"config key '{key}(\\[\\d\\])?'"):     # a list item: 'train_window[1]'
         load_config(TrainConfig, None, [item])
+
+
+def test_config_files_that_are_not_yaml_and_where_an_unknown_key_came_from(tmp_path):
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    for path in (tmp_path / "bad.yaml", tmp_path):                      # broken YAML; a folder
+        with pytest.raises(ValueError, match=f"config file {path} cannot be read as YAML"):
+            load_config(TrainConfig, str(path))
+    (tmp_path / "ok.yaml").write_text("lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"\['max_step'\] \(from the command line\)"):
+        load_config(TrainConfig, str(tmp_path / "ok.yaml"), ["max_step=2"])
 
 
 def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from grounding.experiment.config import check_values
+
 NORMAL_PROMPT = "No acute cardiopulmonary process"
 
 # heatmap sources of Table 6: name -> (model whose heatmaps weight the error, which pneumothorax prompt).
@@ -58,10 +60,19 @@ class ClassifyConfig:
     n_boot: int = 10000                     # bootstrap resamples for the AUROC CIs (and the bootstrap test)
     n_perm: int = 10000                     # permutations for the permutation test
     chexpert_csv: str = ""                  # real data: mimic-cxr-2.0.0-chexpert.csv or -negbio.csv
-    normal_views: list = field(default_factory=lambda: ["PA", "AP"])  # frontal "No Finding" images only
+    normal_views: list[str] = field(default_factory=lambda: ["PA", "AP"])  # frontal "No Finding" images only
     n_normals: int = 0                      # 0 = as many as the pneumothorax pairs (the paper)
     limit: int = 0                          # score only the first N pneumothorax pairs (0 = all)
-    sources: list = field(default_factory=lambda: list(SOURCES))
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))
+
+    def __post_init__(self):  # checked when loaded: a bad value is named before the model and data load
+        check_values(self, positive=("n_draws", "unet_batch", "batch", "n_boot", "n_perm"),
+                     non_negative=("n_normals", "limit"),
+                     choices={"error_norm": ("squared", "l2"), "normal_bins": ("paired", "all"),
+                              "test": ("permutation", "bootstrap")})
+        unknown = [s for s in self.sources if s not in SOURCES]
+        if unknown or not self.sources:
+            raise ValueError(f"config key 'sources': {self.sources!r}; choose one or more of {list(SOURCES)}")
 
 
 def case_generator(seed, case_id):

@@ -18,7 +18,7 @@ from grounding.heatmap import TRAIN_WINDOW
 
 def _check_type(name, value, annotation):
     """Return `value` converted to the field's type, or raise a ValueError naming the key."""
-    origin = typing.get_origin(annotation)
+    origin = list if annotation in (list, tuple) else typing.get_origin(annotation)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads `1` as int; a float field accepts it
     if annotation is float and isinstance(value, str):
@@ -45,28 +45,34 @@ def _check_type(name, value, annotation):
 
 def load_config(cls, path=None, overrides=()):
     """Build `cls` (a dataclass) from a YAML file and `key=value` strings; later sources win."""
-    values = {}
+    values, source = {}, {}
     if path is not None:
         try:
             with open(path) as f:
                 loaded = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        except (OSError, yaml.YAMLError) as e:  # a folder, unreadable, or not YAML
+            raise ValueError(f"config file {path} cannot be read as YAML ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if not loaded:
             print(f"config file {path} is empty: running on the built-in defaults (plus any key=value overrides)")
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path}: expected a mapping of key: value, got {type(loaded).__name__}")
         values.update(loaded)
+        source.update({k: path for k in loaded})
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(raw)  # YAML typing: 1e-4 -> float, [4,5] -> list, true -> bool
+        source[key.strip()] = "the command line"
     values = _drop_retired(cls, values, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} (from {path or 'the command line'}); "
+        where = sorted({source.get(k, "the command line") for k in unknown})
+        raise ValueError(f"unknown config key(s) {unknown} (from {' and '.join(map(str, where))}); "
                          f"known keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     checked = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
@@ -128,6 +134,14 @@ def check_train_config(cfg):
     from grounding.data.curation import check_views
     check_views(cfg.views)
     check_layers("layers", cfg.layers)
+    if not cfg.out_dir:
+        raise ValueError("config key 'out_dir': must name a folder (runs/NAME)")
+    import torch
+    try:
+        torch.device(cfg.device)
+    except RuntimeError:
+        raise ValueError(f"config key 'device': {cfg.device!r} is not a torch device (cpu, cuda, cuda:1, "
+                         "mps)") from None
     window = list(cfg.train_window)
     if len(window) != 2 or not 0 <= window[0] < window[1]:
         raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, got {window!r}")
@@ -157,7 +171,7 @@ class TrainConfig:
     mscxr_csv: str = ""                      # MS-CXR CSV (v0.1 or v1.1.0): its patients are excluded from tuning
     mscxr_split: str = "all"                 # MS-CXR pairs scored: "all" (the paper's 1,043 MS-CXR-loc pairs come from
                                              # all of MS-CXR) | "train" | "val" | "test" (v1.1.0's split column)
-    views: list = field(default_factory=lambda: ["PA"])  # tuning-set views: PA (the MONAI CXR LDM's training view);
+    views: list[str] = field(default_factory=lambda: ["PA"])  # tuning-set views: PA (the MONAI CXR LDM's training view);
                                              # add "AP" to allow AP images; lateral images never enter
     imagenome_root: str = ""                 # Chest ImaGenome gold boxes for the Gaussian LUT: the gold CSV
                                              # (gold_dataset/gold_bbox_coordinate_annotations_1000images.csv) or a
@@ -176,10 +190,10 @@ class TrainConfig:
     lr: float = 1e-4                         # paper: 1e-4
     optimizer: str = "adamw"                 # paper: not stated. "adamw" | "adam" | "sgd"
     weight_decay: float = 0.0                # no decay: the rows should stay near real token embeddings
-    layers: list = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
+    layers: list[int] = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
                                              # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
     num_inference_steps: int = 100          # the DDIM schedule the window is taken from
-    train_window: list = field(default_factory=lambda: list(TRAIN_WINDOW))  # timesteps [lo, hi) = [400, 700): steps
+    train_window: list[int] = field(default_factory=lambda: list(TRAIN_WINDOW))  # timesteps [lo, hi) = [400, 700): steps
                                              # [30, 60) of 100 in reverse-process order (grounding/heatmap.py)
     timesteps_per_step: int = 0              # 0 = all T window steps per image (paper); k = a random k of them (cheaper)
     noisy_latents: str = "inversion"         # "inversion" (DDIM inversion, as at test time) | "noise" (forward noising)

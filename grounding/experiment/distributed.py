@@ -17,6 +17,8 @@ def setup(device):
     different GPU on every rank (an explicit "cuda:N" would put every rank on one GPU, so it is refused).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config key 'device': {device!r}, but this torch sees no CUDA device; use device=cpu")
     if world > 1 and device.startswith("cuda"):
         if device != "cuda":
             raise ValueError(f"config key 'device': {device!r} under torchrun would put every rank on one GPU; "
