@@ -65,6 +65,8 @@ def parse_args(argv=None):
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
         p.error(str(e))
+    if args.prompts and not os.path.isfile(args.prompts):   # before the data and the model load
+        p.error(f"--prompts {args.prompts}: no such file (train.py writes <out_dir>/learned_rows.safetensors)")
     return cfg, args
 
 

@@ -217,6 +217,29 @@ def test_learned_rows_refuse_another_encoder_vocabulary_or_mode(tmp_path):
         load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"), path)
 
 
+def test_broken_rows_files_are_named(tmp_path):
+    from ldm.weights.safetensors import load_file, read_header, save_file
+    pipe = tiny_pipe()
+    fresh = lambda: LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional")
+    path = str(tmp_path / "rows.safetensors")
+    save_rows(fresh(), path)
+    meta, tensors = read_header(path)["__metadata__"], load_file(path)
+    with pytest.raises(FileNotFoundError, match="learned rows .*nothere.safetensors not found"):
+        load_rows(fresh(), str(tmp_path / "nothere.safetensors"))
+    cases = [({**meta, "tokens": "not json"}, tensors, "'tokens' is not JSON"),
+             ({**meta, "n_ctx": "two"}, tensors, "'n_ctx' must be a whole number"),
+             (meta, {"other": tensors["anatomy"]}, "no 'anatomy' tensor"),
+             (meta, {"anatomy": tensors["anatomy"] * float("nan")}, "NaN or inf")]
+    for i, (m, t, message) in enumerate(cases):
+        bad = str(tmp_path / f"bad{i}.safetensors")
+        save_file(t, bad, metadata=m)
+        with pytest.raises(ValueError, match=message):
+            load_rows(fresh(), bad)
+    torch.save({"anatomy": tensors["anatomy"]}, str(tmp_path / "ckpt.pt"))          # a torch file, not safetensors
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_rows(fresh(), str(tmp_path / "ckpt.pt"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # data checked before the run
 

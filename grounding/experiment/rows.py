@@ -8,6 +8,7 @@ repository writes"). Rows learned against one text encoder mean nothing to anoth
 loading refuses a file whose identity differs from the model's, naming what differs.
 """
 import json
+import os
 
 import torch
 
@@ -40,9 +41,20 @@ def load_rows(prompts, path):
     """Load rows written by `save_rows` into `prompts`; tokens, ids, vocabulary, mode and text encoder must match.
 
     Returns `prompts`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"learned rows {path} not found (train.py writes <out_dir>/learned_rows.safetensors)")
     meta = read_header(path).get("__metadata__") or {}
     if "tokens" not in meta:
         raise ValueError(f"{path}: no 'tokens' in __metadata__; not a file written by save_rows")
+    for key in ("tokens", "ids"):
+        if key in meta:
+            try:
+                json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: __metadata__ {key!r} is not JSON ({_short(meta[key])}); "
+                                 "not a file written by save_rows") from None
+    if not str(meta.get("n_ctx", "0")).isdigit():
+        raise ValueError(f"{path}: __metadata__ 'n_ctx' must be a whole number, got {meta['n_ctx']!r}")
     mine = rows_identity(prompts)
     missing = [k for k in mine if k not in meta]
     if missing:  # a file from before these were recorded: it loads, but cannot be checked
@@ -65,6 +77,12 @@ def load_rows(prompts, path):
     if int(meta.get("n_ctx", 0)) != prompts.n_ctx:
         raise ValueError(f"{path}: saved with n_ctx={meta.get('n_ctx')}, this model has n_ctx={prompts.n_ctx}")
     tensors = load_file(path)
+    for key in ("anatomy", "ctx") if prompts.n_ctx else ("anatomy",):
+        if key not in tensors:
+            raise ValueError(f"{path}: no {key!r} tensor; not a file written by save_rows")
+        if not torch.isfinite(tensors[key]).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or inf values (a diverged run?); use an earlier "
+                             "checkpoint's rows")
     if tuple(tensors["anatomy"].shape) != tuple(prompts.anatomy.shape):
         raise ValueError(f"{path}: anatomy shape {tuple(tensors['anatomy'].shape)} != {tuple(prompts.anatomy.shape)}")
     with torch.no_grad():

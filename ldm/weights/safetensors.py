@@ -101,7 +101,8 @@ def _parse(path, f):
         raise SafetensorsError(f"{path}: file is {file_size} bytes, too short for the 8-byte header length")
     (n,) = struct.unpack("<Q", f.read(8))
     if n > MAX_HEADER_BYTES:
-        raise SafetensorsError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise SafetensorsError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit: not a "
+                               "safetensors file (a torch .pt/.ckpt zip? convert it first)")
     if 8 + n > file_size:
         raise SafetensorsError(f"{path}: header length {n} runs past the end of the {file_size}-byte file "
                                "(truncated or not a safetensors file)")
