@@ -4,6 +4,9 @@
     python sample.py --weights weights/roentgen --prompt "big right-sided pleural effusion" --steps 50 --guidance 4
 """
 import argparse
+import math
+import os
+import sys
 
 import torch
 
@@ -22,6 +25,15 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="samples.png", help="PNG grid: one row per prompt")
     args = p.parse_args(argv)
+    # checked before the model loads: a bad value must not cost a sampling run
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if not 1 <= args.steps <= 1000:
+        p.error(f"--steps must be in [1, 1000] (the training schedule's length), got {args.steps}")
+    if not math.isfinite(args.guidance):
+        p.error(f"--guidance must be a finite number, got {args.guidance}")
+    if not args.out.lower().endswith((".png", ".jpg", ".jpeg")) or not os.path.isdir(os.path.dirname(args.out) or "."):
+        p.error(f"--out {args.out}: a .png or .jpg path in an existing folder")
     pipe = load_pipeline(args.weights, device=args.device)
     prompts = [q for q in args.prompt for _ in range(args.n)]
     images = sample(pipe, prompts, num_steps=args.steps, guidance_scale=args.guidance,
@@ -31,4 +43,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input (a broken weights folder): its message, no traceback
+        sys.exit(f"sample.py: error: {e}")

@@ -404,6 +404,9 @@ def test_save_is_atomic_and_never_clobbers_other_folders(tmp_path, monkeypatch):
 
 def test_bad_sources_are_clear_errors(tmp_path):
     r = run_cli(tmp_path / "nothing-here", tmp_path / "dst")
+    assert r.returncode != 0 and "nothing-here: no such file or folder" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli(tmp_path / "empty", tmp_path / "dst")
     assert r.returncode != 0 and "not a diffusers folder" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "evil.ckpt").write_bytes(b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
     r = run_cli(tmp_path / "evil.ckpt", tmp_path / "dst")

@@ -1,4 +1,5 @@
 """ldm/sampling.py: classifier-free guidance and the DDIM loop, checked against a hand-written loop."""
+import pytest
 import torch
 
 from ldm.sampling import grid, latent_shape, sample, to_pil
@@ -44,3 +45,13 @@ def test_to_pil_and_grid_shapes():
     assert [im.mode for im in imgs] == ["L"] * 3
     g = grid(imgs, cols=2)
     assert g.size == (16, 16)
+
+
+@pytest.mark.parametrize("args, message", [(["--n", "0"], "--n must be >= 1"), (["--steps", "0"], "--steps must be"),
+                                           (["--guidance", "nan"], "--guidance must be a finite"),
+                                           (["--out", "/nonexistent/x.png"], "an existing folder")])
+def test_sample_checks_its_arguments_before_loading(args, message, capsys):
+    import sample
+    with pytest.raises(SystemExit):
+        sample.main(["--weights", "/nonexistent-weights", "--prompt", "x", *args])
+    assert message in capsys.readouterr().err

@@ -221,6 +221,8 @@ def _json(path):
 def detect_source(src):
     """-> "diffusers" | "compvis" | "monai", from the files present."""
     src = Path(src)
+    if not src.exists():
+        raise PipelineError(f"{src}: no such file or folder")
     if src.is_file():
         if src.suffix in (".ckpt", ".safetensors", ".pt", ".pth", ".bin"):
             return "compvis"
@@ -288,7 +290,10 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
             tok = _tokenizer(src, family)                    # the family's convention
         scale = _json(src / "vae" / "config.json").get("scaling_factor", SCALE_FACTORS[family])
     elif kind == "compvis":
-        parts, family, dropped = split_compvis(load_state_dict(src), use_ema=use_ema)
+        try:
+            parts, family, dropped = split_compvis(load_state_dict(src), use_ema=use_ema)
+        except ValueError as e:  # e.g. a converted folder's unet.safetensors given as a CompVis file
+            raise PipelineError(f"{src}: {e}") from None
         for what, n in dropped.items():
             log(f"dropped {n} keys: {what}")
         text_sd, vae_sd, unet_sd = parts["text"], parts["vae"], parts["unet"]
