@@ -118,6 +118,8 @@ def tune(cfg, resume=False):
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
+    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])   # checked before any data is read
+    check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     data = sources.load(cfg, image_size=pipe.image["size"])
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
     say(data.report)
@@ -149,8 +151,6 @@ def tune(cfg, resume=False):
         say(f"resumed from {ckpt_path} at step {step0}")
 
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
-    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])
-    check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers),
                          autocast=cfg.autocast)
     sched = inversion_scheduler(pipe.scheduler, hcfg)
