@@ -46,14 +46,29 @@ class DataReport:
 
 
 def _read_csv(path, required):
+    """The data rows of a CSV as {column: value} dicts (as csv.DictReader). A file without a header, without the
+    `required` columns or without data rows, or a row whose field count differs from the header's, raises naming
+    the file (and row): csv.DictReader would fill a short row with None and keep a long row's extra fields aside."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"CSV file not found: {path}")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols = set(rows[0]) if rows else set()
-    missing = [c for c in required if c not in cols]
-    if rows and missing:
-        raise ValueError(f"{path}: missing columns {missing} (has {sorted(cols)})")
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}: no header row (an empty file?); expected the columns {list(required)}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (has {sorted(header)})")
+        rows = []
+        for fields in reader:
+            if not fields:  # a blank line, skipped as csv.DictReader does
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path} row {len(rows) + 2} has {len(fields)} fields, the header has {len(header)} "
+                                 "(an unquoted comma, or a truncated file?)")
+            rows.append(dict(zip(header, fields)))
+    if not rows:
+        raise ValueError(f"{path}: no data rows (empty or truncated file?)")
     return rows
 
 

