@@ -8,7 +8,7 @@ import pytest
 
 from grounding.data import readers as ds
 from grounding.data.imagenome import read_gold_ids
-from test_datasets import _csv
+from test_datasets import MSCXR_COLS, _csv, _img
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,3 +51,36 @@ def test_readers_name_a_truncated_csv(tmp_path):
     _csv(str(tmp_path / "ids.csv"), ["image_id"], [])
     with pytest.raises(ValueError, match=r"ids.csv: no data rows"):
         read_gold_ids(str(tmp_path / "ids.csv"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split values outside the release's: counted by value in the data report (were kept, then matched no split)
+
+
+def test_mimic_split_values_outside_the_release_are_counted(tmp_path):
+    root = str(tmp_path / "mimic")
+    meta, split = [], []
+    for i, value in enumerate(["train", "Train", "", "validate"]):
+        subject, study = f"1000000{i}", f"5000000{i}"
+        meta.append([f"d{i}", subject, study, "PA", 30, 40])
+        split.append([f"d{i}", study, subject, value])
+        _img(ds.mimic_image_path(root, subject, study, f"d{i}"))
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
+    _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    recs, rep = ds.read_mimic(root)
+    assert [r["dicom_id"] for r in recs] == ["d0", "d3"]
+    assert rep["split 'Train' not one of train/validate/test (skipped)"] == 1
+    assert rep["split '' not one of train/validate/test (skipped)"] == 1 and "e.g. d2" in str(rep)
+
+
+def test_mscxr_split_values_outside_the_release_are_counted(tmp_path):
+    rel = "files/p10/p10000000/s50000000/d0.jpg"
+    _img(str(tmp_path / rel))
+    rows = [["d0", "Cardiomegaly", f"enlarged heart {i}", rel, 10, 10, 20, 15, 40, 30, value]
+            for i, value in enumerate(["test", "Test", "", "val"])]
+    _csv(str(tmp_path / "ms.csv"), MSCXR_COLS + ["split"], rows)
+    pairs, rep = ds.read_mscxr(str(tmp_path / "ms.csv"), str(tmp_path))
+    assert [p["split"] for p in pairs] == ["test", "val"]
+    assert rep["split 'Test' not one of train/val/test (skipped)"] == 1 and "e.g. row 3" in str(rep)
+    assert rep["split '' not one of train/val/test (skipped)"] == 1

@@ -147,6 +147,9 @@ def _clip_box(x, y, w, h, W, H, report, key):
 # ---------------------------------------------------------------------------------------------------
 # MIMIC-CXR-JPG (+ MIMIC-CXR reports)
 
+MIMIC_SPLITS = ("train", "validate", "test")  # the values of mimic-cxr-2.0.0-split.csv's `split` column
+
+
 def mimic_image_path(root, subject_id, study_id, dicom_id):
     """files/p1X/p<subject>/s<study>/<dicom_id>.jpg (p1X = first two digits of the subject id)."""
     s = str(subject_id)
@@ -180,6 +183,9 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
         if split is None:
             report.add("not in split CSV", d)
             continue
+        if split not in MIMIC_SPLITS:
+            report.add(f"split {split!r} not one of {'/'.join(MIMIC_SPLITS)} (skipped)", d)
+            continue
         if splits and split not in splits:
             report.add(f"split {split} not requested")
             continue
@@ -201,6 +207,7 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
 # ---------------------------------------------------------------------------------------------------
 # MS-CXR (CSV v0.1 / v1.1.0 and the COCO JSON twin)
 
+MSCXR_SPLIT_VALUES = ("train", "val", "test")  # the values of MS-CXR v1.1.0's `split` column
 _PATH_IDS = re.compile(r"p(\d+)[/\\]s(\d+)")
 
 
@@ -261,6 +268,9 @@ def read_mscxr(csv_path, image_root=None, splits=None, on_missing="error", sourc
         raise ValueError(f"{csv_path}: no `split` column (MS-CXR v0.1); drop the split filter or use v1.1.0")
     rows = []
     for n, r in enumerate(raw, start=2):  # CSV row n of the file (row 1 is the header)
+        if has_split and r["split"] not in MSCXR_SPLIT_VALUES:
+            report.add(f"split {r['split']!r} not one of {'/'.join(MSCXR_SPLIT_VALUES)} (skipped)", f"row {n}")
+            continue
         if splits and r["split"] not in splits:
             report.add(f"split {r['split']} not requested")
             continue
