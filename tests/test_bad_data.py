@@ -8,6 +8,9 @@ import pytest
 
 from grounding.data import readers as ds
 from grounding.data.imagenome import read_gold_ids
+from grounding.experiment import sources
+from grounding.experiment.config import TrainConfig, load_config
+from grounding.phantom import world as ph
 from test_datasets import MSCXR_COLS, _csv, _img
 
 
@@ -84,3 +87,34 @@ def test_mscxr_split_values_outside_the_release_are_counted(tmp_path):
     assert [p["split"] for p in pairs] == ["test", "val"]
     assert rep["split 'Test' not one of train/val/test (skipped)"] == 1 and "e.g. row 3" in str(rep)
     assert rep["split '' not one of train/val/test (skipped)"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources.load: the config's paths and what the curation leaves
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    ph.build_world(root, ph.PhantomConfig.tiny())
+    return root
+
+
+def _mimic_cfg(world, tmp_path, *overrides):
+    """The tiny phantom world read as data: mimic (its files are in the real formats)."""
+    return load_config(TrainConfig, None, [
+        "data=mimic", f"mimic_root={world}/mimic-cxr-jpg", f"reports_root={world}/mimic-cxr-reports",
+        f"mscxr_csv={world}/ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv",
+        f"imagenome_root={world}/chest-imagenome/silver_dataset/scene_graph", f"out_dir={tmp_path}", *overrides])
+
+
+def test_no_tuning_sample_left_names_the_drops_and_config_keys(tiny_world, tmp_path):
+    assert sources.load(_mimic_cfg(tiny_world, tmp_path / "ok")).samples  # the world as written has samples
+    empty = tmp_path / "no-reports"
+    empty.mkdir()
+    cfg = _mimic_cfg(tiny_world, tmp_path / "run", f"reports_root={empty}")
+    with pytest.raises(ValueError, match=r"no tuning sample left after curation \(\d+ MIMIC images of the train "
+                                         r"split; most dropped: report file missing: \d+.*reports_root "
+                                         f"{empty}.*views \\['PA'\\]"):
+        sources.load(cfg)
+    assert sources.load(cfg, need_samples=False).mscxr  # evaluation needs no tuning sample
