@@ -118,3 +118,17 @@ def test_no_tuning_sample_left_names_the_drops_and_config_keys(tiny_world, tmp_p
                                          f"{empty}.*views \\['PA'\\]"):
         sources.load(cfg)
     assert sources.load(cfg, need_samples=False).mscxr  # evaluation needs no tuning sample
+
+
+def test_a_configured_vindr_csv_that_does_not_exist_is_an_error(tiny_world, tmp_path):
+    images = f"vindr_images={tiny_world}/vindr-cxr/test"
+    data = sources.load(_mimic_cfg(tiny_world, tmp_path, f"vindr_csv={tiny_world}/vindr-cxr/annotations_test.csv",
+                                   images), need_samples=False)
+    assert data.vindr
+    assert sources.load(_mimic_cfg(tiny_world, tmp_path), need_samples=False).vindr == []  # empty: not configured
+    with pytest.raises(ValueError, match=r"config key vindr_csv: /no/annotations_test.csv not found.*leave vindr_csv "
+                                         "empty"):
+        sources.load(_mimic_cfg(tiny_world, tmp_path, "vindr_csv=/no/annotations_test.csv", images))
+    with pytest.raises(ValueError, match=r"config key vindr_images: folder /no/test_png not found"):
+        sources.load(_mimic_cfg(tiny_world, tmp_path, f"vindr_csv={tiny_world}/vindr-cxr/annotations_test.csv",
+                                "vindr_images=/no/test_png"))

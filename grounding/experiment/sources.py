@@ -64,6 +64,12 @@ def _paths(cfg):
         missing = [k for k in ("mimic_root", "reports_root", "mscxr_csv") if not getattr(cfg, k)]
         if missing:
             raise ValueError(f"data: mimic needs the config keys {missing} (see configs/mimic_monai.yaml)")
+        if cfg.vindr_csv and not os.path.exists(cfg.vindr_csv):  # empty = VinDr-CXR not configured
+            raise ValueError(f"config key vindr_csv: {cfg.vindr_csv} not found; correct the path, or leave vindr_csv "
+                             "empty to run without VinDr-CXR")
+        if cfg.vindr_csv and cfg.vindr_images and not os.path.isdir(cfg.vindr_images):
+            raise ValueError(f"config key vindr_images: folder {cfg.vindr_images} not found (the VinDr-CXR test "
+                             "images, <image_id>.png)")
         # a phantom world written in the real layout (grounding/phantom/real.py) is still named as synthetic
         notice = world_notice_for(cfg.mimic_root)
         return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, cfg.vindr_csv, cfg.vindr_images,
@@ -186,7 +192,7 @@ def load(cfg, need_samples=True, image_size=512):
     lines.append(f"MS-CXR-loc pairs scored: {cu.class_counts(test_loc)}")
     val_loc, _ = cu.mscxr_loc(val)
     vindr = []
-    if vindr_csv and os.path.exists(vindr_csv):
+    if vindr_csv:
         vpairs, rep = read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
         lines.append(str(rep))
         vpairs, rep = cu.drop_cropped_boxes(vpairs, image_size, "VinDr-CXR")
