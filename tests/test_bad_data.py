@@ -132,3 +132,8 @@ def test_a_configured_vindr_csv_that_does_not_exist_is_an_error(tiny_world, tmp_
     with pytest.raises(ValueError, match=r"config key vindr_images: folder /no/test_png not found"):
         sources.load(_mimic_cfg(tiny_world, tmp_path, f"vindr_csv={tiny_world}/vindr-cxr/annotations_test.csv",
                                 "vindr_images=/no/test_png"))
+
+
+def test_an_imagenome_root_that_does_not_exist_names_the_config_key(tiny_world, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config key imagenome_root: /no/scene_graph not found"):
+        sources.load(_mimic_cfg(tiny_world, tmp_path, "imagenome_root=/no/scene_graph"), need_samples=False)

@@ -92,6 +92,9 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
     if not imagenome:
         raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
                          "folder) or lut_path (a saved LUT)")
+    if not os.path.exists(imagenome):
+        raise FileNotFoundError(f"config key imagenome_root: {imagenome} not found (the Chest ImaGenome gold CSV or a "
+                                "folder of <dicom_id>_SceneGraph.json)")
     sizes = {r["dicom_id"]: (r["image_width"], r["image_height"]) for r in mimic_records}
     if os.path.isfile(imagenome):
         if getattr(cfg, "imagenome_gold_ids", ""):
