@@ -2,9 +2,12 @@
 
 Truncated and ragged CSVs, split values outside the release's, a curation that leaves no tuning sample, configured
 paths that do not exist, a broken LUT file, a broken phantom world.json, truncated images."""
+import json
 import os
 
 import pytest
+
+from grounding import anatomy as an
 
 from grounding.data import readers as ds
 from grounding.data.imagenome import read_gold_ids
@@ -137,3 +140,25 @@ def test_a_configured_vindr_csv_that_does_not_exist_is_an_error(tiny_world, tmp_
 def test_an_imagenome_root_that_does_not_exist_names_the_config_key(tiny_world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config key imagenome_root: /no/scene_graph not found"):
         sources.load(_mimic_cfg(tiny_world, tmp_path, "imagenome_root=/no/scene_graph"), need_samples=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A broken LUT file
+
+
+def test_a_truncated_lut_file_is_named_with_the_remedy(tiny_world, tmp_path):
+    lut_path = tmp_path / "lut.json"
+    sources.load(_mimic_cfg(tiny_world, tmp_path, f"lut_path={lut_path}"), need_samples=False)  # built and saved
+    text = lut_path.read_text()
+    lut_path.write_text(text[:len(text) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match=r"lut.json: not a JSON LUT .*delete it to rebuild the LUT from the gold"):
+        sources.load(_mimic_cfg(tiny_world, tmp_path, f"lut_path={lut_path}"), need_samples=False)
+
+
+def test_lut_entries_that_are_not_four_finite_numbers_are_named(tiny_world, tmp_path):
+    lut = sources.load(_mimic_cfg(tiny_world, tmp_path), need_samples=False).lut
+    lut_path = tmp_path / "lut.json"
+    for bad in ([5], [[1, 2, "3", 4]], [[1, "x", 3, 4]], [[1, 2, float("nan"), 4]], [[1, 2, 3, True]], [None]):
+        lut_path.write_text(json.dumps(dict(lut, left=bad)))
+        with pytest.raises(ValueError, match=r"entry 'left' must be .*\(four finite numbers each\), got .*delete"):
+            an.load_lut(lut_path)

@@ -84,11 +84,12 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
     (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report).
     """
     if cfg.lut_path and os.path.exists(cfg.lut_path):
+        lut = load_lut(cfg.lut_path)  # checks the file before its provenance keys are read here
         with open(cfg.lut_path) as f:
             saved = json.load(f)
-        return load_lut(cfg.lut_path), (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
-                                        f"built from {saved.get('source', 'an unrecorded source')}\n"
-                                        f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
+        return lut, (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
+                     f"built from {saved.get('source', 'an unrecorded source')}\n"
+                     f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
     if not imagenome:
         raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
                          "folder) or lut_path (a saved LUT)")
