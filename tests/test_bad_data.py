@@ -51,7 +51,8 @@ def test_readers_name_a_truncated_csv(tmp_path):
     with pytest.raises(ValueError, match=r"metadata.csv row 2 has 4 fields, the header has 6"):
         ds.read_mimic(root)
     _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
-         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], [["d0", "10000001", "5", "PA", 3, 4]])
+         ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
+         [["d0", "10000001", "5", "PA", 3, 4]])
     with pytest.raises(ValueError, match=r"split.csv: no data rows"):  # was read as "every image not in the split"
         ds.read_mimic(root)
     _csv(str(tmp_path / "ids.csv"), ["image_id"], [])
@@ -162,3 +163,17 @@ def test_lut_entries_that_are_not_four_finite_numbers_are_named(tiny_world, tmp_
         lut_path.write_text(json.dumps(dict(lut, left=bad)))
         with pytest.raises(ValueError, match=r"entry 'left' must be .*\(four finite numbers each\), got .*delete"):
             an.load_lut(lut_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A broken phantom world.json: an incomplete world (delete the folder), never a bare KeyError
+
+
+@pytest.mark.parametrize("text", ['{"notice": "SYNTHETIC", "config": {"se', '{"config": {"seed": 0}}',
+                                  '{"notice": "SYNTHETIC", "config": {}}', '[]', ''])
+def test_a_broken_world_json_is_an_incomplete_world(tmp_path, text):
+    (tmp_path / "world.json").write_text(text)
+    with pytest.raises(FileExistsError, match=r"a broken world.json\): delete it"):
+        ph.ensure_phantom(str(tmp_path), seed=0)
+    with pytest.raises(ValueError, match=f"{tmp_path}/world.json is not a whole phantom world.json.*delete {tmp_path}"):
+        ph.world_notice(str(tmp_path))
