@@ -5,11 +5,14 @@ paths that do not exist, a broken LUT file, a broken phantom world.json, truncat
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from grounding import anatomy as an
 
 from grounding.data import readers as ds
+from grounding.data.images import load_image
 from grounding.data.imagenome import read_gold_ids
 from grounding.experiment import sources
 from grounding.experiment.config import TrainConfig, load_config
@@ -177,3 +180,52 @@ def test_a_broken_world_json_is_an_incomplete_world(tmp_path, text):
         ph.ensure_phantom(str(tmp_path), seed=0)
     with pytest.raises(ValueError, match=f"{tmp_path}/world.json is not a whole phantom world.json.*delete {tmp_path}"):
         ph.world_notice(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Truncated images: found before a run by their missing end marker, and named with the remedy when read
+
+
+def _noise_image(path, w=300, h=200):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8)).save(path)
+    return path
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_a_truncated_image_is_found_before_the_run(tmp_path, ext):
+    whole, cut = _noise_image(str(tmp_path / f"whole.{ext}")), _noise_image(str(tmp_path / f"cut.{ext}"))
+    padded = _noise_image(str(tmp_path / f"padded.{ext}"))
+    with open(padded, "ab") as f:
+        f.write(b"\0" * 100)  # bytes after the end marker, as some writers leave: still whole
+    _truncate(cut)
+    records = [dict(dicom_id=os.path.basename(p), image_path=p) for p in (whole, cut, padded)]
+    with pytest.raises(ValueError, match=rf"cut.{ext}: cannot read image .*end-of-image marker.*on_missing: skip"):
+        ds.check_images(records)
+    kept, rep = ds.check_images(records, on_missing="skip")
+    assert [r["dicom_id"] for r in kept] == [f"whole.{ext}", f"padded.{ext}"]
+    assert rep["unreadable image file (skipped)"] == 1
+
+
+def test_reading_a_truncated_image_says_the_remedy(tmp_path):
+    cut = _noise_image(str(tmp_path / "cut.jpg"))
+    _truncate(cut)
+    with pytest.raises(ValueError, match=r"cannot read image .*cut.jpg: image file is truncated.*; replace the file, "
+                                         "or delete it and set the config key on_missing: skip"):
+        load_image(cut)
+
+
+def test_a_truncated_mscxr_image_honours_on_missing(tmp_path):
+    rel = "files/p10/p10000000/s50000000/d0.jpg"
+    _truncate(_noise_image(str(tmp_path / rel), 40, 30))
+    _csv(str(tmp_path / "ms.csv"), MSCXR_COLS, [["d0", "Cardiomegaly", "enlarged heart", rel, 10, 10, 20, 15, 40, 30]])
+    with pytest.raises(ValueError, match=r"pair d0_00 \(CSV row 2\): cannot read image .*end-of-image marker"):
+        ds.read_mscxr(str(tmp_path / "ms.csv"), str(tmp_path))
+    pairs, rep = ds.read_mscxr(str(tmp_path / "ms.csv"), str(tmp_path), on_missing="skip")
+    assert pairs == [] and rep["unreadable image file (skipped)"] == 1

@@ -18,7 +18,7 @@ import os
 import re
 
 from grounding.anatomy import PATHOLOGIES
-from grounding.data.images import image_size
+from grounding.data.images import check_image_end, image_size
 
 
 class DataReport:
@@ -86,14 +86,16 @@ def _check_image(path, on_missing, report, key):
 def _check_header(path, on_missing, report, key, size=None):
     """True if the image's header reads (and gives `size` = (width, height) when one is recorded).
 
-    Opens the header only (PIL reads pixels lazily), so every image of a split is checked in seconds before a
-    long run starts. An unreadable file or a size that disagrees with the CSV raises (on_missing="error") or is
-    counted and skipped (on_missing="skip"). DICOM files are not opened here (pydicom is optional).
+    Opens the header only (PIL reads pixels lazily) and reads the last bytes of a JPEG or PNG for its end marker (a
+    truncated file), so every image of a split is checked in seconds before a long run starts. An unreadable or
+    truncated file or a size that disagrees with the CSV raises (on_missing="error") or is counted and skipped
+    (on_missing="skip"). DICOM files are not opened here (pydicom is optional).
     """
     if path.lower().endswith((".dcm", ".dicom")):
         return True
     try:
         w, h = image_size(path)
+        check_image_end(path)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         if on_missing == "error":
             raise ValueError(f"{key}: cannot read image {path} ({e}); replace the file, or set the config key "
