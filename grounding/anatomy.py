@@ -13,6 +13,7 @@ Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (docs/paper.md section 3
   2-Wasserstein) used to synthesise VinDr-CXR prompts (docs/paper.md section 8).
 """
 import json
+import math
 import os
 
 import torch
@@ -143,10 +144,20 @@ def save_lut(lut, path, **provenance):
     os.replace(tmp, path)
 
 
+def _is_gaussian(g):
+    """[mu_x, mu_y, sigma_x > 0, sigma_y > 0]: four finite numbers."""
+    return (isinstance(g, list) and len(g) == 4 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in g) and
+            g[2] > 0 and g[3] > 0)
+
+
 def load_lut(path):
     """Read a LUT written by save_lut (or a bare {location: [...]} dict) and check every entry."""
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"{path}: not a JSON LUT ({e}); delete it to rebuild the LUT from the gold boxes") from None
     lut = data.get("lut", data) if isinstance(data, dict) else None
     frame = data.get("frame", FRAME) if isinstance(data, dict) else FRAME
     if frame != FRAME:  # every consumer (jitter, rendering, the VinDr match) assumes the 512 frame
@@ -154,8 +165,10 @@ def load_lut(path):
     if not isinstance(lut, dict):
         raise ValueError(f"{path}: expected a JSON object {{location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}}")
     for loc, gs in lut.items():
-        if not isinstance(gs, list) or not gs or any(len(g) != 4 or g[2] <= 0 or g[3] <= 0 for g in gs):
-            raise ValueError(f"{path}: entry {loc!r} must be a non-empty list of [mu_x, mu_y, sigma_x>0, sigma_y>0]")
+        if not isinstance(gs, list) or not gs or not all(_is_gaussian(g) for g in gs):
+            raise ValueError(f"{path}: entry {loc!r} must be a non-empty list of [mu_x, mu_y, sigma_x>0, sigma_y>0] "
+                             f"(four finite numbers each), got {gs!r}; delete the file to rebuild the LUT from the "
+                             "gold boxes")
     missing = [loc for loc in LOCATIONS if loc not in lut]
     if missing:
         raise ValueError(f"{path}: LUT lacks locations {missing}; rebuild it with anatomy.build_lut")

@@ -137,7 +137,7 @@ def test_ensure_phantom_reuses_a_finished_world_and_never_builds_over_other_file
     from grounding.phantom.world import ensure_phantom
     done = tmp_path / "done"
     done.mkdir()
-    (done / "world.json").write_text(json.dumps({"config": {"seed": 3}}))   # what a finished build leaves last
+    (done / "world.json").write_text(json.dumps({"notice": "SYNTHETIC", "config": {"seed": 3}}))  # a build's last file
     assert ensure_phantom(str(done), seed=3) == str(done)                     # reused, nothing rebuilt
     for folder, seed in ((done, 4), (tmp_path / "mine", 0)):                 # another seed; a user's own folder
         folder.mkdir(exist_ok=True)

@@ -1,7 +1,6 @@
 """Reader for Chest ImaGenome: scene graphs (silver) and the gold bounding-box CSV, the boxes the anatomy LUT is
 built from (docs/formats.md "Datasets"). Records and DataReport as grounding/data/readers.py."""
 import collections
-import csv
 import glob
 import json
 import os
@@ -118,9 +117,8 @@ def read_gold_ids(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"gold id list not found: {path}")
     if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        col = next((c for c in ("image_id", "dicom_id") if rows and c in rows[0]), None)
+        rows = _read_csv(path, [])
+        col = next((c for c in ("image_id", "dicom_id") if c in rows[0]), None)
         if col is None:
             raise ValueError(f"{path}: a gold id CSV needs an image_id or dicom_id column")
         ids = [r[col] for r in rows]

@@ -33,8 +33,10 @@ def load_image(path):
                 arr = np.asarray(im, dtype=np.float32)
                 return (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except (OSError, SyntaxError) as e:  # PIL's truncated or corrupt pixel data (its header read before a run)
+        raise ValueError(f"cannot read image {path}: {e}; replace the file, or delete it and set the config key "
+                         "on_missing: skip to count and skip missing images (the check before a run reads headers "
+                         "and JPEG/PNG end markers, not pixels)") from e
 
 
 def _float_image(arr, path):
@@ -65,6 +67,23 @@ def image_size(path):
     """(width, height) from the file header without decoding the pixels."""
     with Image.open(path) as im:
         return im.size
+
+
+# (first bytes, end marker) of a JPEG (end-of-image marker FF D9) and a PNG (the IEND chunk's type and CRC)
+_END_MARKERS = ((b"\xff\xd8", b"\xff\xd9"), (b"\x89PNG", b"IEND\xaeB`\x82"))
+
+
+def check_image_end(path, tail=1024):
+    """Raise ValueError when a JPEG or PNG has no end marker in its last `tail` bytes: a truncated file, whose header
+    reads but whose pixels fail to decode only when a run reaches them. Reads a few bytes, not the pixels; the tail
+    (not the last two bytes) allows the padding some writers leave after the marker."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - tail))
+        end = f.read()
+    for magic, marker in _END_MARKERS:
+        if head.startswith(magic) and marker not in end:
+            raise ValueError("the file ends before its end-of-image marker (truncated?)")
 
 
 # ---------------------------------------------------------------------------------------------------

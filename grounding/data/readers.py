@@ -18,7 +18,7 @@ import os
 import re
 
 from grounding.anatomy import PATHOLOGIES
-from grounding.data.images import image_size
+from grounding.data.images import check_image_end, image_size
 
 
 class DataReport:
@@ -46,14 +46,29 @@ class DataReport:
 
 
 def _read_csv(path, required):
+    """The data rows of a CSV as {column: value} dicts (as csv.DictReader). A file without a header, without the
+    `required` columns or without data rows, or a row whose field count differs from the header's, raises naming
+    the file (and row): csv.DictReader would fill a short row with None and keep a long row's extra fields aside."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"CSV file not found: {path}")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols = set(rows[0]) if rows else set()
-    missing = [c for c in required if c not in cols]
-    if rows and missing:
-        raise ValueError(f"{path}: missing columns {missing} (has {sorted(cols)})")
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}: no header row (an empty file?); expected the columns {list(required)}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (has {sorted(header)})")
+        rows = []
+        for fields in reader:
+            if not fields:  # a blank line, skipped as csv.DictReader does
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path} row {len(rows) + 2} has {len(fields)} fields, the header has {len(header)} "
+                                 "(an unquoted comma, or a truncated file?)")
+            rows.append(dict(zip(header, fields)))
+    if not rows:
+        raise ValueError(f"{path}: no data rows (empty or truncated file?)")
     return rows
 
 
@@ -71,14 +86,16 @@ def _check_image(path, on_missing, report, key):
 def _check_header(path, on_missing, report, key, size=None):
     """True if the image's header reads (and gives `size` = (width, height) when one is recorded).
 
-    Opens the header only (PIL reads pixels lazily), so every image of a split is checked in seconds before a
-    long run starts. An unreadable file or a size that disagrees with the CSV raises (on_missing="error") or is
-    counted and skipped (on_missing="skip"). DICOM files are not opened here (pydicom is optional).
+    Opens the header only (PIL reads pixels lazily) and reads the last bytes of a JPEG or PNG for its end marker (a
+    truncated file), so every image of a split is checked in seconds before a long run starts. An unreadable or
+    truncated file or a size that disagrees with the CSV raises (on_missing="error") or is counted and skipped
+    (on_missing="skip"). DICOM files are not opened here (pydicom is optional).
     """
     if path.lower().endswith((".dcm", ".dicom")):
         return True
     try:
         w, h = image_size(path)
+        check_image_end(path)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         if on_missing == "error":
             raise ValueError(f"{key}: cannot read image {path} ({e}); replace the file, or set the config key "
@@ -132,6 +149,9 @@ def _clip_box(x, y, w, h, W, H, report, key):
 # ---------------------------------------------------------------------------------------------------
 # MIMIC-CXR-JPG (+ MIMIC-CXR reports)
 
+MIMIC_SPLITS = ("train", "validate", "test")  # the values of mimic-cxr-2.0.0-split.csv's `split` column
+
+
 def mimic_image_path(root, subject_id, study_id, dicom_id):
     """files/p1X/p<subject>/s<study>/<dicom_id>.jpg (p1X = first two digits of the subject id)."""
     s = str(subject_id)
@@ -165,6 +185,9 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
         if split is None:
             report.add("not in split CSV", d)
             continue
+        if split not in MIMIC_SPLITS:
+            report.add(f"split {split!r} not one of {'/'.join(MIMIC_SPLITS)} (skipped)", d)
+            continue
         if splits and split not in splits:
             report.add(f"split {split} not requested")
             continue
@@ -186,6 +209,7 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
 # ---------------------------------------------------------------------------------------------------
 # MS-CXR (CSV v0.1 / v1.1.0 and the COCO JSON twin)
 
+MSCXR_SPLIT_VALUES = ("train", "val", "test")  # the values of MS-CXR v1.1.0's `split` column
 _PATH_IDS = re.compile(r"p(\d+)[/\\]s(\d+)")
 
 
@@ -246,6 +270,9 @@ def read_mscxr(csv_path, image_root=None, splits=None, on_missing="error", sourc
         raise ValueError(f"{csv_path}: no `split` column (MS-CXR v0.1); drop the split filter or use v1.1.0")
     rows = []
     for n, r in enumerate(raw, start=2):  # CSV row n of the file (row 1 is the header)
+        if has_split and r["split"] not in MSCXR_SPLIT_VALUES:
+            report.add(f"split {r['split']!r} not one of {'/'.join(MSCXR_SPLIT_VALUES)} (skipped)", f"row {n}")
+            continue
         if splits and r["split"] not in splits:
             report.add(f"split {r['split']} not requested")
             continue

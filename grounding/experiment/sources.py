@@ -6,6 +6,7 @@ samples (MIMIC-CXR reports, MS-CXR patients excluded), the location -> Gaussian 
 and the grounding splits (MS-CXR, MS-CXR-loc, VinDr-CXR with synthesised prompts). Every skipped record is counted
 in `report`, and `description` says which data this is: synthetic data is never passed off as real.
 """
+import collections
 import dataclasses
 import json
 import os
@@ -63,6 +64,12 @@ def _paths(cfg):
         missing = [k for k in ("mimic_root", "reports_root", "mscxr_csv") if not getattr(cfg, k)]
         if missing:
             raise ValueError(f"data: mimic needs the config keys {missing} (see configs/mimic_monai.yaml)")
+        if cfg.vindr_csv and not os.path.exists(cfg.vindr_csv):  # empty = VinDr-CXR not configured
+            raise ValueError(f"config key vindr_csv: {cfg.vindr_csv} not found; correct the path, or leave vindr_csv "
+                             "empty to run without VinDr-CXR")
+        if cfg.vindr_csv and cfg.vindr_images and not os.path.isdir(cfg.vindr_images):
+            raise ValueError(f"config key vindr_images: folder {cfg.vindr_images} not found (the VinDr-CXR test "
+                             "images, <image_id>.png)")
         # a phantom world written in the real layout (grounding/phantom/real.py) is still named as synthetic
         notice = world_notice_for(cfg.mimic_root)
         return (cfg.mimic_root, cfg.reports_root, cfg.mscxr_csv, cfg.imagenome_root, cfg.vindr_csv, cfg.vindr_images,
@@ -77,14 +84,18 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
     (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report).
     """
     if cfg.lut_path and os.path.exists(cfg.lut_path):
+        lut = load_lut(cfg.lut_path)  # checks the file before its provenance keys are read here
         with open(cfg.lut_path) as f:
             saved = json.load(f)
-        return load_lut(cfg.lut_path), (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
-                                        f"built from {saved.get('source', 'an unrecorded source')}\n"
-                                        f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
+        return lut, (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
+                     f"built from {saved.get('source', 'an unrecorded source')}\n"
+                     f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
     if not imagenome:
         raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
                          "folder) or lut_path (a saved LUT)")
+    if not os.path.exists(imagenome):
+        raise FileNotFoundError(f"config key imagenome_root: {imagenome} not found (the Chest ImaGenome gold CSV or a "
+                                "folder of <dicom_id>_SceneGraph.json)")
     sizes = {r["dicom_id"]: (r["image_width"], r["image_height"]) for r in mimic_records}
     if os.path.isfile(imagenome):
         if getattr(cfg, "imagenome_gold_ids", ""):
@@ -137,6 +148,19 @@ def mscxr_subsets(pairs, split, csv_path=""):
     return scored, val, f"validation pairs: the MS-CXR 'val' split (disjoint from the scored {split!r} split)"
 
 
+def _no_samples(cfg, n_train, reports, lines):
+    """The error for a curation that leaves no tuning sample (train.py would divide by zero far later)."""
+    drops = collections.Counter()
+    for r in reports:
+        drops.update(r.counts)
+    top = "; ".join(f"{reason}: {n}" for reason, n in drops.most_common(3)) or "nothing dropped"
+    keys = (f"phantom_root {cfg.phantom_root} (delete it to rebuild the world)" if cfg.data == "phantom" else
+            f"mimic_root {cfg.mimic_root} (images, metadata and split CSVs), reports_root {cfg.reports_root} (the "
+            "report .txt files)")
+    return (f"no tuning sample left after curation ({n_train} MIMIC images of the train split; most dropped: {top}); "
+            f"check the config keys {keys} and views {list(cfg.views)}. The data report so far:\n" + "\n".join(lines))
+
+
 def load(cfg, need_samples=True, image_size=512):
     """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic").
 
@@ -145,8 +169,8 @@ def load(cfg, need_samples=True, image_size=512):
     mimic, reports, mscxr_csv, imagenome, vindr_csv, vindr_dir, description = _paths(cfg)
     lines = []
     on_missing = getattr(cfg, "on_missing", "error")  # "skip": missing/unreadable images are counted, not fatal
-    records, rep = ds.read_mimic(mimic, reports, on_missing=on_missing)
-    lines.append(str(rep))
+    records, mimic_rep = ds.read_mimic(mimic, reports, on_missing=on_missing)
+    lines.append(str(mimic_rep))
     lut, lut_line = _lut(cfg, imagenome, records, cfg.out_dir)
     lines.append(lut_line)
     all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
@@ -154,12 +178,15 @@ def load(cfg, need_samples=True, image_size=512):
     samples = []
     if need_samples:  # MS-CXR patients never enter the tuning set; frontal views only (cfg.views)
         train = [r for r in records if r["split"] == "train"]
-        samples, rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv), views=cfg.views)
-        lines.append(str(rep))
+        samples, curation_rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv),
+                                                     views=cfg.views)
+        lines.append(str(curation_rep))
         if getattr(cfg, "max_train_samples", 0):
             samples = samples[:cfg.max_train_samples]
         samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
         lines.append(str(rep))
+        if not samples:
+            raise ValueError(_no_samples(cfg, len(train), [mimic_rep, curation_rep, rep], lines))
     all_pairs, rep = cu.drop_cropped_boxes(all_pairs, image_size, "MS-CXR")  # after the patient exclusion
     lines.append(str(rep))
     test, val, val_note = mscxr_subsets(all_pairs, cfg.mscxr_split, mscxr_csv)
@@ -169,7 +196,7 @@ def load(cfg, need_samples=True, image_size=512):
     lines.append(f"MS-CXR-loc pairs scored: {cu.class_counts(test_loc)}")
     val_loc, _ = cu.mscxr_loc(val)
     vindr = []
-    if vindr_csv and os.path.exists(vindr_csv):
+    if vindr_csv:
         vpairs, rep = read_vindr(vindr_csv, vindr_dir, on_missing=on_missing)
         lines.append(str(rep))
         vpairs, rep = cu.drop_cropped_boxes(vpairs, image_size, "VinDr-CXR")

@@ -254,13 +254,30 @@ def build_world(root, config=None, layout="phantom"):
     return summary
 
 
+def _read_world_json(root):
+    """root/world.json as a dict when it reads and holds config.seed and notice, else None (no file, or a broken
+    one: an interrupted copy, say)."""
+    path = os.path.join(root, "world.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            w = json.load(fh)
+    except ValueError:  # not JSON, or not text
+        return None
+    whole = isinstance(w, dict) and "notice" in w and isinstance(w.get("config"), dict) and "seed" in w["config"]
+    return w if whole else None
+
+
 def world_notice(root):
     """The line every consumer prints: what data this is (raises if root is not a phantom world)."""
     path = os.path.join(root, "world.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: build the world first (grounding.phantom.build_world)")
-    with open(path) as fh:
-        w = json.load(fh)
+    w = _read_world_json(root)
+    if w is None:
+        raise ValueError(f"{path} is not a whole phantom world.json (unreadable, or without config.seed or notice): "
+                         f"delete {root} to rebuild the world")
     return f"[data] {w['notice']} at {root}, seed {w['config']['seed']}"
 
 
@@ -310,11 +327,8 @@ def build_normal_set(root, n):
 
 
 def _complete(root, seed):
-    path = os.path.join(root, "world.json")  # written last: its presence means the tree is whole
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f)["config"]["seed"] == seed
+    w = _read_world_json(root)  # world.json is written last: a whole one means the tree is whole
+    return w is not None and w["config"]["seed"] == seed
 
 
 def ensure_phantom(root, seed=0):
@@ -327,8 +341,8 @@ def ensure_phantom(root, seed=0):
         return root
     if os.path.exists(root) and os.listdir(root):   # never build over (or delete) a folder we did not finish
         raise FileExistsError(f"phantom_root {root} holds something other than the phantom world of seed {seed} "
-                              "(another seed's world, or an interrupted build): delete it, or set phantom_root to a "
-                              "new folder")
+                              "(another seed's world, an interrupted build or a broken world.json): delete it, or set "
+                              "phantom_root to a new folder")
     print(f"building the phantom world (SYNTHETIC) into {root} ...")
     tmp = f"{os.path.abspath(root)}.building-{os.getpid()}"
     summary = build_world(tmp, PhantomConfig(seed=seed))
