@@ -17,12 +17,12 @@ def setup(device):
     different GPU on every rank (an explicit "cuda:N" would put every rank on one GPU, so it is refused).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.startswith("cuda") and device != "cuda":
+        raise ValueError(f"config key 'device': {device!r} under torchrun would put every rank on one GPU; "
+                         "use device=cuda (each rank takes its LOCAL_RANK GPU)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"config key 'device': {device!r}, but this torch sees no CUDA device; use device=cpu")
     if world > 1 and device.startswith("cuda"):
-        if device != "cuda":
-            raise ValueError(f"config key 'device': {device!r} under torchrun would put every rank on one GPU; "
-                             "use device=cuda (each rank takes its LOCAL_RANK GPU)")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
