@@ -92,7 +92,8 @@ def main(argv=None):
     # what the weights and rows ARE, not only where they lie: retraining into the same out_dir must not resume
     settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,
                     weights_sha256=folder_digest(cfg.weights), prompts_sha256=prompts_digest(prompts),
-                    mscxr_split=cfg.mscxr_split, data=data.description, heatmaps=heatmaps)
+                    mscxr_split=cfg.mscxr_split, metric_protocol=cfg.metric_protocol, data=data.description,
+                    heatmaps=heatmaps)
     settings.pop("limit")      # how many cases are scored does not change a row: a longer run resumes a shorter one
     header = (f"Data: {data.description}; {len(positives)} {ccfg.category} pairs vs {len(negatives)} No Finding images\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family}, {pipe.prediction_type}; the error is "
@@ -100,7 +101,8 @@ def main(argv=None):
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n"
               f"Settings: {ccfg.n_draws} paired (t, eps) draws per image (t stratified, seed {ccfg.draw_seed}), "
               f"{ccfg.error_norm} error, normals binned {ccfg.normal_bins}, {ccfg.test} test, "
-              f"{ccfg.n_boot} bootstrap resamples\nHeatmaps: {heatmaps}\n")
+              f"{ccfg.n_boot} bootstrap resamples, mIoU bins by metric_protocol {cfg.metric_protocol}\n"
+              f"Heatmaps: {heatmaps}\n")
     print(header + data.report + "\n" + "\n".join(lines))
 
     # a rerun resumes only with the same settings (rows of other settings would mix silently otherwise)
@@ -124,7 +126,7 @@ def main(argv=None):
     with open(rows_path, "a") as out:
         for start in range(0, len(todo), ccfg.batch):
             chunk = todo[start:start + ccfg.batch]
-            for row in score_batch(pipe, chunk, ccfg, prompts, hcfgs):
+            for row in score_batch(pipe, chunk, ccfg, prompts, hcfgs, protocol=cfg.metric_protocol):
                 done[row["pair_id"]] = row
                 out.write(json.dumps(row) + "\n")
             out.flush()

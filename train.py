@@ -56,10 +56,10 @@ def parse_args(argv=None):
 # checkpoints, optimiser, noisy latents
 
 
-def save_checkpoint(path, prompts, opt, step, cfg):
+def save_checkpoint(path, prompts, opt, scaler, step, cfg):
     """Atomic: write a temporary file, then rename over the old checkpoint (a crash never leaves half a file)."""
     tmp = path + ".tmp"
-    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "step": step,
+    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "config": dataclasses.asdict(cfg)}, tmp)  # the settings that made it: --resume compares them
     os.replace(tmp, path)
 
@@ -145,6 +145,8 @@ def tune(cfg, resume=False):
         ckpt = provenance.read_checkpoint(ckpt_path, map_location=device)
         prompts.load_state_dict(ckpt["prompts"])
         opt.load_state_dict(ckpt["opt"])
+        if ckpt.get("scaler") and scaler.is_enabled():  # fp16: the loss scale reached so far
+            scaler.load_state_dict(ckpt["scaler"])
         for group in opt.param_groups:  # the config's lr and decay, not the saved ones (--resume --force may change them)
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         step0 = ckpt["step"]
@@ -213,7 +215,7 @@ def tune(cfg, resume=False):
                         drift=f"{prompts.drift().mean().item():.3f}")
         done = step + 1
         if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.max_steps):
-            save_checkpoint(ckpt_path, prompts, opt, done, cfg)
+            save_checkpoint(ckpt_path, prompts, opt, scaler, done, cfg)
         if rank == 0 and cfg.val_every and done % cfg.val_every == 0 and data.val_pairs:
             rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation",
                                   protocol=cfg.metric_protocol)

@@ -111,3 +111,8 @@ def test_swap_table_without_one_sided_prompts_says_so(fake_extraction):
     pair = dict(_pair(), prompt="edema", category="Edema")               # names no side: not in the swap test
     rows, _, tables, swap_md, _ = ev.compare_models(_Pipe(), [pair], [ev.Model("frozen")], swap=True, n_boot=50)
     assert "no pair takes part" in swap_md and "Edema" in tables["frozen"] and "true_side" not in rows["frozen"][0]
+
+
+def test_a_nan_heatmap_names_the_pair_and_the_likely_cause():
+    with pytest.raises(ValueError, match="pair p0 .*NaN.*autocast"):
+        ev._score_pair(_pair(), _model_map() * float("nan"))

@@ -158,10 +158,11 @@ def _needed(ccfg):
     return models, sorted({SOURCES[s][1] for s in ccfg.sources})
 
 
-def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None):
+def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None, protocol="reference"):
     """Rows for a batch of cases (dicts with pair_id, image_path, prompt, label, boxes, image size).
     hcfgs: {"frozen": HeatmapConfig, "tuned": HeatmapConfig} (classify.py passes its run's evaluation settings);
-    default the family's presets with the paper's 100 steps.
+    default the family's presets with the paper's 100 steps. protocol: the mIoU's metric_protocol
+    (grounding/metrics.py), the run's config key.
 
     Each row: pair_id, label, unit, prompt, score {source: err_normal - err_class}, miou {source: mIoU of the
     class heatmap, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
@@ -210,7 +211,7 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None):
                     w_c = None if w_c.sum() <= 0 else w_c
                 if c["label"] == 1:
                     full = to_original(heat[(model, kind)][i], c["image_width"], c["image_height"])
-                    row["miou"][s] = miou(full, c["boxes"])
+                    row["miou"][s] = miou(full, c["boxes"], protocol=protocol)
             row["score"][s] = float(scores(errs["normal"][i], errs[kind][i], w_n, w_c))
         rows.append(row)
     return rows

@@ -179,6 +179,10 @@ def compare_models(pipe, pairs, models, batch_size=16, swap=False, n_boot=10000,
 
 def _score_pair(pair, heatmap, swapped=None, protocol="reference"):
     """One pair's row from its model-frame heatmap (and the swapped prompt's, for the swap test)."""
+    for h in (heatmap, swapped):
+        if h is not None and torch.isnan(h).any():   # min-max keeps a constant map finite: NaN came from the model
+            raise ValueError(f"pair {pair['pair_id']} ({pair['image_path']}): its heatmap holds NaN values, i.e. the "
+                             "model's forward produced NaN (autocast fp16 overflow? try autocast: bf16 or none)")
     full = to_original(heatmap, pair["image_width"], pair["image_height"])
     row = {"pair_id": pair["pair_id"], "category": pair["category"], "prompt": pair["prompt"], "protocol": protocol,
            **score(full, pair["boxes"], protocol)}

@@ -181,7 +181,9 @@ def load(cfg, need_samples=True, image_size=512):
         samples, curation_rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv),
                                                      views=cfg.views)
         lines.append(str(curation_rep))
-        if getattr(cfg, "max_train_samples", 0):
+        if getattr(cfg, "max_train_samples", 0) and len(samples) > cfg.max_train_samples:
+            lines.append(f"max_train_samples: the first {cfg.max_train_samples} of {len(samples)} curated samples "
+                         "are used")
             samples = samples[:cfg.max_train_samples]
         samples, rep = ds.check_images(samples, on_missing, name="tuning images (headers read)")  # before the run
         lines.append(str(rep))
