@@ -107,7 +107,8 @@ def main(argv=None):
 
     # a rerun resumes only with the same settings (rows of other settings would mix silently otherwise)
     settings_path, rows_path = os.path.join(args.out, "settings.json"), os.path.join(args.out, "rows.jsonl")
-    if os.path.exists(settings_path) and read_rows(rows_path):   # settings with no row scored bind nothing
+    done = read_rows(rows_path)
+    if os.path.exists(settings_path) and done:   # settings with no row scored bind nothing
         with open(settings_path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(settings)):
@@ -116,7 +117,6 @@ def main(argv=None):
                              "delete it")
     with open(settings_path, "w") as f:
         json.dump(settings, f, indent=1)
-    done = read_rows(rows_path)
     cases = [c for pair in zip(positives, negatives) for c in pair]       # mixed batches, any interruption fair
     cases += positives[len(negatives):] + negatives[len(positives):]
     todo = [c for c in cases if c["pair_id"] not in done]

@@ -8,8 +8,8 @@
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig
 (grounding/experiment/config.py) with its default and a comment; YAML files and key=value overrides fill it (unknown
 keys and wrong types are errors). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
-L_div + L_loc on the cross-attention maps of the chosen layers (`layers`; the paper: 4) at T timesteps (docs/paper.md section 5; one image's loss is
-grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
+L_div + L_loc on the cross-attention maps of the chosen layers (`layers`; the paper: 4) at T timesteps
+(docs/paper.md section 5; one image's loss is grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
 python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml --overwrite (docs/phantom.md).
 """
 import argparse

@@ -274,7 +274,8 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
     log(f"source: {src} -> {kind}")
     if kind == "diffusers":
         text_cfg, text_sd = _text_from_diffusers(src)
-        vae_cfg = vae_config_from_diffusers(_json(src / "vae" / "config.json"))
+        vae_json = _json(src / "vae" / "config.json")
+        vae_cfg = vae_config_from_diffusers(vae_json)
         unet_cfg = unet_config_from_diffusers(_json(src / "unet" / "config.json"))
         sched = _json(src / "scheduler" / "scheduler_config.json")
         vae_sd = load_state_dict(_weights_in(src / "vae"))
@@ -288,7 +289,7 @@ def convert_checkpoint(src, text_encoder=None, tokenizer=None, prediction_type=N
             tok = CLIPTokenizer.from_dir(src / "tokenizer")  # the folder's own pad token
         else:
             tok = _tokenizer(src, family)                    # the family's convention
-        scale = _json(src / "vae" / "config.json").get("scaling_factor", SCALE_FACTORS[family])
+        scale = vae_json.get("scaling_factor", SCALE_FACTORS[family])
     elif kind == "compvis":
         try:
             parts, family, dropped = split_compvis(load_state_dict(src), use_ema=use_ema)
