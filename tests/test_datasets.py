@@ -1,5 +1,6 @@
 """Readers on small files in the real formats, incl. the awkward cases; curation, MS-CXR-loc, VinDr prompts."""
 import csv
+import gzip
 import json
 import os
 
@@ -71,6 +72,47 @@ def test_read_mimic_missing_image_error_or_counted_skip(mimic):
     assert rep["missing image file"] == 1 and rep["view LATERAL not requested"] == 1
     assert recs[0]["image_width"] == 40 and recs[0]["image_height"] == 30
     assert recs[0]["image_path"].endswith(os.path.join("files", "p10", "p10000001", "s50000001", "dcm0.jpg"))
+
+
+def _gzip(path, remove=True):
+    """path -> path.gz (as MIMIC-CXR-JPG releases its CSVs); the unzipped file removed unless remove=False."""
+    with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+        g.write(f.read())
+    if remove:
+        os.remove(path)
+    return path + ".gz"
+
+
+def test_mimic_csvs_are_read_as_released_gzipped(mimic, tmp_path):
+    want, _ = ds.read_mimic(mimic, views=("PA", "AP"), on_missing="skip")
+    meta, split = (os.path.join(mimic, f"mimic-cxr-2.0.0-{n}.csv") for n in ("metadata", "split"))
+    _gzip(meta)
+    _gzip(split)
+    got, rep = ds.read_mimic(mimic, views=("PA", "AP"), on_missing="skip")
+    assert got == want and len(got) == 4 and rep["missing image file"] == 1
+    # the chexpert / negbio labels, named with or without .gz, either file on disk
+    from grounding.experiment.classify_data import read_no_finding
+    labels = str(tmp_path / "mimic-cxr-2.0.0-chexpert.csv")
+    _csv(labels, ["subject_id", "study_id", "No Finding"], [["10000004", "50000004", "1.0"], ["10000001", "50000001", ""]])
+    gz = _gzip(labels)
+    for name in (labels, gz):
+        normals, _ = read_no_finding(name, got)
+        assert [r["dicom_id"] for r in normals] == ["dcm3"]
+    # both present: the named file is read (here the unzipped one differs, to tell them apart)
+    _csv(labels, ["subject_id", "study_id", "No Finding"], [["10000005", "50000005", "1.0"]])
+    assert ds.find_csv(labels) == labels and ds.find_csv(gz) == gz
+    assert [r["dicom_id"] for r in read_no_finding(labels, got)[0]] == ["dcm4"]
+    assert [r["dicom_id"] for r in read_no_finding(gz, got)[0]] == ["dcm3"]
+    # neither: both names in the error; a cut-off download: named, with the remedy
+    with pytest.raises(FileNotFoundError, match=r"no-such.csv \(nor no-such.csv.gz\)"):
+        ds._read_csv(str(tmp_path / "no-such.csv"), [])
+    with open(gz, "rb") as f:
+        data = f.read()
+    with open(gz, "wb") as f:
+        f.write(data[:len(data) // 2])
+    os.remove(labels)
+    with pytest.raises(ValueError, match=r"chexpert.csv.gz: cannot be read as gzipped text .*download it again"):
+        read_no_finding(labels, got)
 
 
 def test_curated_tuning_set(mimic):

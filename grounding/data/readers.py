@@ -13,9 +13,12 @@ what reads it.
 """
 import collections
 import csv
+import gzip
+import io
 import json
 import os
 import re
+import zlib
 
 from grounding.anatomy import PATHOLOGIES
 from grounding.data.images import check_image_end, image_size
@@ -45,13 +48,38 @@ class DataReport:
         return "\n".join(lines)
 
 
+def find_csv(path):
+    """The file a CSV path names, as released or unzipped: `path` itself when it exists, else its twin NAME.csv.gz <->
+    NAME.csv (MIMIC-CXR-JPG ships its metadata, split, chexpert and negbio CSVs gzipped). When both exist, the named
+    one is read. Neither: a FileNotFoundError naming both."""
+    twin = path[:-3] if path.endswith(".gz") else path + ".gz"
+    for p in (path, twin):
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"CSV file not found: {path} (nor {os.path.basename(twin)})")
+
+
+def _open_csv(path):
+    """(the file read, an open text file) for a CSV path: plain, or gzip decompressed whole (a cut-off download
+    fails here, naming the file, not halfway through the rows)."""
+    path = find_csv(path)
+    if not path.endswith(".gz"):
+        return path, open(path, newline="")
+    try:
+        with gzip.open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as gzipped text ({type(e).__name__}: {e}); download it again, "
+                         f"or put an unzipped copy at {path[:-3]}") from None
+    return path, io.StringIO(text, newline="")
+
+
 def _read_csv(path, required):
     """The data rows of a CSV as {column: value} dicts (as csv.DictReader). A file without a header, without the
     `required` columns or without data rows, or a row whose field count differs from the header's, raises naming
     the file (and row): csv.DictReader would fill a short row with None and keep a long row's extra fields aside."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CSV file not found: {path}")
-    with open(path, newline="") as f:
+    path, f = _open_csv(path)
+    with f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header:
@@ -166,7 +194,7 @@ def mimic_report_path(root, subject_id, study_id):
 def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="error"):
     """MIMIC-CXR-JPG images joined with metadata, split and report paths.
 
-    root holds files/ and mimic-cxr-2.0.0-metadata.csv / -split.csv (.csv or .csv.gz is NOT read: unzip first).
+    root holds files/ and mimic-cxr-2.0.0-metadata.csv / -split.csv (.csv.gz as released, or unzipped).
     reports_root: where files/pXX/p<subject>/s<study>.txt live (default: root).
     splits / views: keep only these (e.g. ("train",), ("PA", "AP")); every other row is counted.
     Returns (records with dicom_id, subject_id, study_id, split, view, image_width, image_height, image_path,
