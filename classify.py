@@ -24,7 +24,7 @@ import time
 import torch
 
 from ldm.weights.folder import load_pipeline
-from grounding.experiment import sources
+from grounding.experiment import preflight, sources
 from grounding.experiment.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
 from grounding.experiment.classify_data import classification_cases
 from grounding.experiment.rows import load_rows
@@ -59,6 +59,8 @@ def main(argv=None):
     p.add_argument("--prompts", default=None, help="learned anatomy rows for the 'tuned' heatmaps (default: "
                    "<config out_dir>/learned_rows.safetensors if it exists; else the tuned source is left out)")
     p.add_argument("--out", default="runs/classify", help="output folder")
+    p.add_argument("--check", action="store_true", help="read every input, print one report of what is found and "
+                   "missing, write nothing (grounding/experiment/preflight.py); exit 1 if anything is missing")
     p.add_argument("overrides", nargs="*", help="key=value: TrainConfig or ClassifyConfig keys")
     args = p.parse_args(argv)
     try:
@@ -69,6 +71,9 @@ def main(argv=None):
         p.error(str(e))
     if args.weights:
         cfg.weights = args.weights
+    if args.check:
+        sys.exit(preflight.main(cfg, args.config, "classify.py", outputs=[("--out", args.out)],
+                                chexpert_csv=ccfg.chexpert_csv if cfg.data == "mimic" else None))
     if args.prompts is None:
         default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
         args.prompts = default if os.path.exists(default) else None

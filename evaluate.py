@@ -24,7 +24,7 @@ import sys
 import torch
 
 from ldm.weights.folder import load_pipeline
-from grounding.experiment import distributed, provenance, sources
+from grounding.experiment import distributed, preflight, provenance, sources
 from grounding.experiment.provenance import code_version
 from grounding.experiment.rows import load_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="ground (this page) | classify: grounded classification, see classify.py")
     p.add_argument("--report-pairs", type=int, default=2, help="report.html: best and worst pairs shown per class "
                    "(by tuned-minus-frozen mIoU); 0 = no report.html")
+    p.add_argument("--check", action="store_true", help="read every input of this split, print one report of what "
+                   "is found and missing, write nothing; exit 1 if anything is missing (preflight.py)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
     for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
@@ -80,6 +82,9 @@ def main(argv=None):
     cfg, args = parse_args(argv)
     if args.weights:
         cfg.weights = args.weights
+    if args.check:
+        sys.exit(preflight.main(cfg, args.config, f"evaluate.py --split {args.split}", vindr=args.split == "vindr",
+                                outputs=[("--out", args.out or f"runs/eval_{args.split}")]))
     if cfg.threads:  # the config key train.py and classify.py honour too (it was silently ignored here)
         torch.set_num_threads(cfg.threads)
     if not args.prompts and not args.baseline:  # default: the frozen model, plus the config's tuned rows if present

@@ -4,6 +4,7 @@
     python train.py --config tune.yaml --resume                           # continue from out_dir/ckpt.pt
     python train.py --config tune.yaml --resume --force lr=1e-3           # ... with changed settings (named, kept apart)
     python train.py --config tune.yaml --overwrite                        # start over in an out_dir with a checkpoint
+    python train.py --config configs/mimic_monai.yaml --check             # every input read at once, one report
 
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig
 (grounding/experiment/config.py) with its default and a comment; YAML files and key=value overrides fill it (unknown
@@ -32,7 +33,7 @@ from grounding.precision import autocast, grad_scaler
 from grounding.prompts import LearnablePrompts
 from grounding.tuning import tuning_loss
 from grounding.data.curation import class_counts
-from grounding.experiment import distributed, provenance, sources
+from grounding.experiment import distributed, preflight, provenance, sources
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.experiment.evaluation import Model, compare_models, evaluate_pairs
 from grounding.experiment.rows import save_rows
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (same settings)")
     p.add_argument("--force", action="store_true", help="with --resume: continue even though settings changed")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an out_dir that holds a checkpoint")
+    p.add_argument("--check", action="store_true", help="read every configured input, print one report of what is "
+                   "found and missing, write nothing; exit 1 if anything is missing (preflight.py)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)
     try:
@@ -271,6 +274,8 @@ def final_evaluation(cfg, pipe, prompts, data):
 
 def main(argv=None):
     cfg, args = parse_args(argv)
+    if args.check:
+        sys.exit(preflight.main(cfg, args.config, "train.py"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     provenance.prepare_run_dir(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite,
                                write=int(os.environ.get("RANK", "0")) == 0)
