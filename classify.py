@@ -73,7 +73,7 @@ def main(argv=None):
         cfg.weights = args.weights
     if args.check:
         sys.exit(preflight.main(cfg, args.config, "classify.py", outputs=[("--out", args.out)],
-                                chexpert_csv=ccfg.chexpert_csv if cfg.data == "mimic" else None))
+                                chexpert_csv=(ccfg.chexpert_csv or "") if cfg.data == "mimic" else None))
     if args.prompts is None:
         default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
         args.prompts = default if os.path.exists(default) else None
