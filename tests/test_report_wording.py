@@ -59,6 +59,7 @@ CASES = [
      {AT: ["bibasilar"]}),
     ("negated list", "No pneumothorax, stable moderate cardiomegaly.", {CA: ["cardiomegaly"]}),
     ("negated list", "Right lower lobe pneumonia without effusion or pneumothorax.", {PN: ["right lower"]}),
+    ("negated list", "Pulmonary edema, large pleural effusion, and acute osseous abnormality are not seen.", {}),
     # --- coordinated sides: one shared zone, size words between the sides
     ("coordinated", "Opacities in the right upper and left upper zones.", {LO: ["bilateral upper"]}),
     ("coordinated", "Atelectasis in the left and right lower lungs.", {AT: ["bilateral lower"]}),
@@ -83,6 +84,7 @@ CASES = [
     ("coordinated", "Atelectasis at the right base and to a lesser extent the left base.", {AT: ["bibasilar"]}),
     ("coordinated", "Moderate right and mild left lower lobe atelectasis.", {AT: ["bilateral lower"]}),
     ("coordinated", "Small right greater than left pleural effusions.", {PE: ["bilateral pleural"]}),
+    ("coordinated", "Moderate right and patchy left lower lobe subsegmental atelectasis.", {AT: ["bilateral lower"]}),
     # --- pleural fluid named by its place
     ("fluid by place", "Blunting of the left costophrenic angle.", {PE: ["left costophrenic"]}),
     ("fluid by place", "Mild blunting of the right costophrenic angle, likely a small effusion.",
@@ -147,7 +149,8 @@ CASES = [
 ]
 
 # Written after the rules were in place, as a check that they generalise: 40 of 42 were read right at the first
-# try ("A, large B, or C" and "cannot be entirely excluded" were not; both rules now cover them).
+# try ("A, large B, or C" and "cannot be entirely excluded" were not; both rules now cover them). The last two CASES
+# of their kinds came from the phantom world's own misses (grounding/phantom/truth.py), fixed the same way.
 HELDOUT = [
     ("negated list", "No pleural effusion, pneumothorax, or signs of pulmonary edema.", {}),
     ("negated list", "There is no evidence of focal consolidation, pleural effusion, or pneumothorax.", {}),

@@ -88,7 +88,7 @@ TERMINATION = [r"[;:]", r"\bbut\b", r"\bhowever\b", r"\balthough\b", r"\bthough\
 # left effusion"): size and change words; determiners, "there" and hedges (_OPENERS); a side word or a verb.
 _SIZE = {"small", "moderate", "large", "mild", "minimal", "minor", "trace", "tiny", "severe", "massive", "extensive",
          "subtle", "slight", "marked", "stable", "persistent", "persisting", "unchanged", "increased", "increasing",
-         "decreased", "decreasing", "improved", "improving", "worsened", "worsening", "new", "residual"}
+         "decreased", "decreasing", "improved", "improving", "worsened", "worsening", "new", "residual", "patchy"}
 _OPENERS = {"a", "an", "the", "there", "this", "these", "it", "its", "possible", "possibly", "likely", "probable",
                 "probably", "questionable", "may", "could", "suspected"}
 _SIDE_WORDS = {"left", "right", "bilateral", "bibasilar", "retrocardiac"}
@@ -175,7 +175,7 @@ def scopes(sentence):
     for i in range(len(pieces)):  # a clause-level cue at a list's end reaches back over the bare items before it
         j = i
         while (pieces[i][3] and pieces[j][2] and pieces[j - 1][1] == "asserted"
-               and _continues_list(pieces[j - 1][0])):
+               and _continues_list(pieces[j - 1][0], closed_later=True)):
             pieces[j - 1][1] = pieces[i][1]
             j -= 1
     return [(text, status) for text, status, _, _ in pieces]
