@@ -116,11 +116,12 @@ SHARES = dict(negated_list=0.6,    # a report's 2-3 negated findings written as 
               hedged_absent=0.1)   # a report hedges a finding the study does not have ("Cannot exclude pneumonia.")
 # The location a written location word stands for (the rest are already names of the 27).
 TRUE_LOCATION = {"retrocardiac": "left lower"}
-_LISTED = {"Pneumothorax": ["pneumothorax"], "Pleural Effusion": ["pleural effusion", "effusion", "large pleural effusion"],
+_LISTED = {"Pneumothorax": ["pneumothorax"],  # how a negated list names each finding
+           "Pleural Effusion": ["pleural effusion", "effusion", "large pleural effusion"],
            "Consolidation": ["focal consolidation", "consolidation"], "Pneumonia": ["pneumonia"],
            "Edema": ["pulmonary edema", "edema"], "Atelectasis": ["atelectasis"], "Lung Opacity": ["focal opacity"]}
 _OTHER_NEGATED = ["acute osseous abnormality", "vascular congestion", "pneumomediastinum"]
-_OPACITY_OF = ("Atelectasis", "Consolidation", "Pneumonia")  # written as "an opacity, likely X" / "that may represent X"
+_OPACITY_OF = ("Atelectasis", "Consolidation", "Pneumonia")  # "an opacity, likely X" / "... may represent X"
 
 
 def negated_list(rng, pathologies):
@@ -176,7 +177,8 @@ def hard_wording(rng, finding):
     """(form, FINDINGS sentence, IMPRESSION sentence) of one finding; form "plain" keeps the easy sentences.
 
     The form is the finding's, so both sections say it the same way (a hedge in the FINDINGS is a hedge in the
-    IMPRESSION too). Cardiomegaly and unlocated findings stay plain."""
+    IMPRESSION too). Cardiomegaly and unlocated findings stay plain. SHARES["likely"] and ["hedged"] are shares of
+    the findings not already written side by side or by place."""
     p, loc = finding["pathology"], finding["location"]
     r = rng.random()
     if p == "Cardiomegaly" or not finding["located"]:
@@ -246,7 +248,8 @@ def write_report(rng, findings, resolved=None, wrng=None):
     body += list(rng.permutation(_NORMAL)[: int(rng.integers(1, 3))])
     if resolved:
         body.append(f"Previously seen {resolved} has resolved.")
-    impression = [f.get("impression") or easy for f, easy in zip(findings, [sentence(rng, f["phrase"]) for f in findings])]
+    easy = [sentence(rng, f["phrase"]) for f in findings]  # drawn for every finding, used where no hard form is
+    impression = [f.get("impression") or e for f, e in zip(findings, easy)]
     impression = impression or ["No acute cardiopulmonary process."]
     impression += [hedge_absent(wrng, p, loc) for p, loc in hedged_absent]
     wrap = lambda s: textwrap.fill(s, 72, initial_indent=" ", subsequent_indent=" ")  # noqa: E731

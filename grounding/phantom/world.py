@@ -376,9 +376,9 @@ def ensure_phantom(root, seed=0):
     if stale is not None:
         foreign = sorted(set(os.listdir(root)) - set(WORLD_ENTRIES))
         if foreign:
-            raise FileExistsError(f"phantom_root {root} holds a phantom world of generator version {stale} (this code "
-                                  f"writes version {WORLD_VERSION}) and also {foreign}, which a world never holds: move "
-                                  "them out to have the world rebuilt, or set phantom_root to a new folder")
+            raise FileExistsError(f"phantom_root {root} holds a phantom world of generator version {stale} (this "
+                                  f"code writes version {WORLD_VERSION}) and also {foreign}, which a world never "
+                                  "holds: move them out to have the world rebuilt, or set phantom_root to a new folder")
         print(f"{root} holds a phantom world of generator version {stale}; this code writes version {WORLD_VERSION} "
               "(grounding/phantom/world.py WORLD_VERSION): it is generated data, rebuilding it")
     elif os.path.exists(root) and os.listdir(root):   # never build over (or delete) a folder we did not finish
