@@ -178,14 +178,19 @@ def load(cfg, need_samples=True, image_size=512):
     all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
     lines.append(str(rep))
     samples = []
-    if need_samples:  # MS-CXR patients never enter the tuning set; frontal views only (cfg.views)
+    # the phantom world knows every study's findings: its data report (evaluate.py's too) says how clean the weak
+    # supervision is, so the tuning set is curated there even when no sample is needed
+    if need_samples or cfg.data == "phantom":  # MS-CXR patients never enter the tuning set; frontal views only
         train = [r for r in records if r["split"] == "train"]
         samples, curation_rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv),
                                                      views=cfg.views)
         lines.append(str(curation_rep))
-        if cfg.data == "phantom":  # the world knows every study's findings: how clean is the weak supervision?
+        if cfg.data == "phantom":
             lines.append(score_tuning_set(samples, train, read_truth(cfg.phantom_root), cfg.views,
                                           n_used=getattr(cfg, "max_train_samples", 0) or None)[2])
+    if not need_samples:
+        samples = []
+    else:
         if getattr(cfg, "max_train_samples", 0) and len(samples) > cfg.max_train_samples:
             lines.append(f"max_train_samples: the first {cfg.max_train_samples} of {len(samples)} curated samples "
                          "are used")

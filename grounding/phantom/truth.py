@@ -11,7 +11,8 @@ locations) claim; here it is checked against that truth:
   recall    = studies the curation could use (train split, an allowed view, exactly one true finding: the paper's
               rule applied to the truth) that got at least one correct sample / such studies
 
-The data report of train.py prints both (grounding/experiment/sources.py) with examples of every kind of miss.
+The data reports of train.py and evaluate.py print both (grounding/experiment/sources.py), with examples of every
+kind of miss.
 """
 import json
 import os
