@@ -73,6 +73,17 @@ def test_tune_yaml_scores_the_held_out_split_only(tiny_world, tmp_path):
     assert f"MS-CXR-loc pairs scored: {cu.class_counts(data.mscxr_loc)}" in data.report
 
 
+def test_data_report_scores_the_weak_supervision_against_the_phantom_truth(tiny_world, tmp_path):
+    """train.py's data report and evaluate.py's (no samples needed) both say how clean the curated set is."""
+    cfg = load_config(TrainConfig, os.path.join(REPO, "tune.yaml"), [f"phantom_root={tiny_world}",
+                                                                    f"out_dir={tmp_path}", "max_train_samples=2"])
+    for need in (True, False):
+        data = sources.load(cfg, need_samples=need)
+        line = next(l for l in data.report.splitlines() if "against the phantom world's truth" in l)
+        assert "precision 1.000" in line and "the first 2 (tuned on): precision" in line
+        assert len(data.samples) == (2 if need else 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Frontal views only: PA by default, AP on request, lateral never
 

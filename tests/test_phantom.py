@@ -1,4 +1,5 @@
 """The phantom world: deterministic, read by the real-format readers, boxes contain the rendered findings."""
+import collections
 import filecmp
 import json
 import os
@@ -15,6 +16,10 @@ from grounding.phantom import world as ph
 from grounding.phantom import render as pr
 from grounding.data import reports as rp
 from grounding.phantom.pretrain import training_captions
+from grounding.phantom import truth as tr
+from grounding.phantom import wording as wd
+
+ph_config = ph.PhantomConfig  # the real class, for tests that patch ph.PhantomConfig
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +114,82 @@ def test_phrases_name_the_drawn_location():
 
 
 def test_reports_assert_exactly_the_drawn_findings():
-    """Negated, normal and "resolved" sentences in the world's reports never count as findings."""
+    """Negated lists, normal and "resolved" sentences in the world's reports never count as findings, and every
+    sentence that asserts a finding gives it its true location. Hedged findings: dropped by default; with
+    hedged="keep" they count, and so do the hedged mentions of findings the study does not have."""
     cfg = ph.PhantomConfig()
     for i in range(300):
         case = ph.sample_case(cfg, "train", i)
-        found = {p for _, ps in cu.positive_sentences(case["report"]) for p in ps}
-        assert found == {f["pathology"] for f in case["findings"]}, case["report"]
+        true = {f["pathology"]: wd.TRUE_LOCATION.get(f["location"], f["location"]) for f in case["findings"]}
+        for hedged in ("drop", "keep"):
+            sents = cu.positive_sentences(case["report"], hedged=hedged)
+            found = {p for _, ps in sents for p in ps}
+            want = {f["pathology"] for f in case["findings"] if hedged == "keep" or f["form"] != "hedged"}
+            if hedged == "keep":
+                want |= {p for p, _ in case["hedged_absent"]}
+            assert found == want, (hedged, case["report"])
+            for s, ps in sents:
+                for p in ps:
+                    if p in true:
+                        assert rp.sentence_locations(s, p, hedged) == [true[p]], (s, p, true[p])
+
+
+def test_hard_forms_appear_at_their_shares():
+    """Over 1,000 training studies each hard form of wording.py is used, near its share."""
+    cfg = ph.PhantomConfig()
+    cases = [ph.sample_case(cfg, "train", i) for i in range(1000)]
+    forms = collections.Counter(f["form"] for c in cases for f in c["findings"])
+    n = sum(forms.values())
+    def negates_a_list(s):
+        return (s.lower().startswith(("no ", "there is no ")) and " or " in s) or s.endswith("are not seen")
+    lists = sum(any(negates_a_list(s) for s in rp.split_sentences(rp.report_body(c["report"]))) for c in cases)
+    print(forms, "reports with a negated list:", lists, "hedged absent:", sum(bool(c["hedged_absent"]) for c in cases))
+    assert 0.05 < forms["hedged"] / n < 0.15 and 0.05 < forms["likely"] / n < 0.15
+    assert forms["coordinated"] > 20 and forms["fluid by place"] > 20
+    assert 0.25 < lists / len(cases) < 0.6
+    assert 0.05 < sum(bool(c["hedged_absent"]) for c in cases) / len(cases) < 0.15
+
+
+def test_hard_wording_leaves_the_images_as_they_were():
+    """The hard forms draw from their own stream: the case's main stream (and with it the noise seed, hence every
+    image) moves on exactly as with the easy wording alone."""
+    cfg = ph.PhantomConfig()
+    for i in range(40):
+        case = ph.sample_case(cfg, "train", i)
+        hard = np.random.default_rng(7)
+        easy = np.random.default_rng(7)
+        wd.write_report(hard, case["findings"], None, np.random.default_rng(i))
+        wd.write_report(easy, [dict(f, form="plain", body=None, impression=None) for f in case["findings"]], None)
+        assert hard.integers(2**31) == easy.integers(2**31)
+
+
+def test_world_writes_its_version_and_answer_key(world):
+    root, _ = world
+    w = json.load(open(os.path.join(root, "world.json")))
+    truth = tr.read_truth(root)
+    recs, _ = ds.read_mimic(os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports"))
+    assert w["version"] == ph.WORLD_VERSION and set(truth) == {r["study_id"] for r in recs}
+    case = ph.sample_case(ph.PhantomConfig.tiny(), "train", 3)
+    assert [f["pathology"] for f in truth[case["study_id"]]["findings"]] == [f["pathology"] for f in case["findings"]]
+
+
+def test_precision_and_recall_against_the_truth():
+    """Hand-checkable: 4 samples, 3 right; 3 usable studies (one finding, an allowed view), 2 with a right sample."""
+    truth = {"1": dict(findings=[dict(pathology="Atelectasis", location="left lower", form="plain")]),
+             "2": dict(findings=[dict(pathology="Pleural Effusion", location="bilateral pleural", form="coordinated")]),
+             "3": dict(findings=[dict(pathology="Pneumonia", location="right lower", form="hedged")]),
+             "4": dict(findings=[]),
+             "5": dict(findings=[dict(pathology="Edema", location="pulmonary", form="plain")])}
+    records = [dict(study_id=s, view="PA") for s in "1234"] + [dict(study_id="5", view="AP")]
+    sample = lambda st, p, locs: dict(study_id=st, pathology=p, locations=locs, prompt="x", sentence="y")  # noqa: E731
+    samples = [sample("1", "Atelectasis", ["left lower"]), sample("1", "Atelectasis", ["left lower"]),
+               sample("2", "Pleural Effusion", ["right", "left pleural"]), sample("4", "Pneumothorax", ["left"])]
+    precision, recall, text = tr.score_tuning_set(samples, records, truth, ("PA",))
+    assert (precision, recall) == (2 / 4, 1 / 3)
+    assert "pathology the study does not have: 1" in text and "at a location it does not have: 1" in text
+    assert "no correct sample (coordinated wording): 1" in text and "no correct sample (hedged wording): 1" in text
+    with pytest.raises(ValueError, match="study 9 is not in truth.jsonl"):
+        tr.score_tuning_set([sample("9", "Edema", [])], records, truth, ("PA",))
 
 
 def test_training_captions_mix_prompts_and_sentences(world):
@@ -137,7 +212,8 @@ def test_ensure_phantom_reuses_a_finished_world_and_never_builds_over_other_file
     from grounding.phantom.world import ensure_phantom
     done = tmp_path / "done"
     done.mkdir()
-    (done / "world.json").write_text(json.dumps({"notice": "SYNTHETIC", "config": {"seed": 3}}))  # a build's last file
+    (done / "world.json").write_text(json.dumps({"notice": "SYNTHETIC", "version": ph.WORLD_VERSION,
+                                                 "config": {"seed": 3}}))  # a build's last file
     assert ensure_phantom(str(done), seed=3) == str(done)                     # reused, nothing rebuilt
     for folder, seed in ((done, 4), (tmp_path / "mine", 0)):                 # another seed; a user's own folder
         folder.mkdir(exist_ok=True)
@@ -145,6 +221,42 @@ def test_ensure_phantom_reuses_a_finished_world_and_never_builds_over_other_file
         with pytest.raises(FileExistsError, match="delete it, or set phantom_root"):
             ensure_phantom(str(folder), seed=seed)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _stale_world(folder):
+    """A tiny world as generator version 1 wrote it: no version key, no answer key."""
+    ph.build_world(str(folder), ph_config.tiny())
+    w = json.load(open(folder / "world.json"))
+    del w["version"]
+    (folder / "world.json").write_text(json.dumps(w))
+    os.remove(folder / "truth.jsonl")
+
+
+def test_a_world_of_an_older_generator_is_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ph, "PhantomConfig", lambda seed: ph_config.tiny(seed=seed))  # tiny builds in the test
+    root = tmp_path / "world"
+    _stale_world(root)
+    (root / "classify-normals").mkdir()                     # built later by classify.py: part of a world too
+    ph.ensure_phantom(str(root), seed=0)
+    assert "generator version 1; this code writes version 2" in capsys.readouterr().out
+    assert json.load(open(root / "world.json"))["version"] == ph.WORLD_VERSION and (root / "truth.jsonl").exists()
+    assert sorted(os.listdir(tmp_path)) == ["world"]         # the old world and the temporary build are gone
+
+
+def test_an_older_world_holding_other_files_is_refused_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "PhantomConfig", lambda seed: ph_config.tiny(seed=seed))
+    root = tmp_path / "world"
+    _stale_world(root)
+    (root / "my_notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"generator version 1 .*\['my_notes.txt'\], which a world never holds"):
+        ph.ensure_phantom(str(root), seed=0)
+    assert (root / "my_notes.txt").read_text() == "keep me" and not (root / "truth.jsonl").exists()
+    w = json.load(open(root / "world.json"))                  # a world.json that does not prove a phantom world:
+    (root / "my_notes.txt").unlink()
+    (root / "world.json").write_text(json.dumps(dict(w, synthetic=False)))
+    with pytest.raises(FileExistsError, match="holds something other than the phantom world"):
+        ph.ensure_phantom(str(root), seed=0)
+    assert (root / "mimic-cxr-reports").is_dir()
 
 
 def test_pretraining_never_replaces_a_model_folder_silently(tmp_path, capsys):

@@ -20,9 +20,9 @@ def read_report(path):
         return f.read()
 
 
-def positive_sentences(text, scope="clause"):
+def positive_sentences(text, scope="clause", hedged="drop"):
     """[(sentence, [pathologies it asserts])] for the FINDINGS + IMPRESSION sentences of one report."""
-    return [(s, rp.find_pathologies(s, scope)) for s in rp.split_sentences(rp.report_body(text))]
+    return [(s, rp.find_pathologies(s, scope, hedged)) for s in rp.split_sentences(rp.report_body(text))]
 
 
 FRONTAL_VIEWS = ("PA", "AP")
@@ -37,13 +37,15 @@ def check_views(views):
     return tuple(views)
 
 
-def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=("PA",)):
+def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=("PA",), hedged="drop"):
     """The paper's fine-tuning set (Sec. 3.1): studies with exactly one of the 8 pathologies.
 
     mimic_records: from read_mimic (all views; filter splits there, e.g. splits=("train",)).
     exclude_subjects: subject ids to leave out (MS-CXR patients: grounding/data/readers.py `mscxr_subjects`).
     views: the allowed ViewPosition values, in order of preference: PA only by default (the MONAI CXR LDM was
     trained on PA images), ("PA", "AP") to also allow AP; a study without an allowed view is skipped and counted.
+    scope, hedged: how negation and hedges are read (grounding/data/reports.py find_pathologies): by default a
+    hedged mention ("cannot exclude pneumonia") asserts nothing, so it neither makes a sample nor a second pathology.
     One image per study (the first allowed view, then the lowest dicom_id); one sample per distinct prompt of the
     study's positive sentences. Returns (samples, DataReport) with every dropped study counted by reason.
     """
@@ -67,7 +69,7 @@ def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=
         if not os.path.exists(img["report_path"]):
             report.add("report file missing", img["report_path"])
             continue
-        sents = positive_sentences(read_report(img["report_path"]), scope)
+        sents = positive_sentences(read_report(img["report_path"]), scope, hedged)
         found = {p for _, ps in sents for p in ps}
         if len(found) != 1:
             report.add("no pathology" if not found else "several pathologies")
@@ -77,7 +79,7 @@ def curate_tuning_set(mimic_records, exclude_subjects=(), scope="clause", views=
         for sentence, ps in sents:
             if pathology not in ps:
                 continue
-            locs = rp.sentence_locations(sentence, pathology)
+            locs = rp.sentence_locations(sentence, pathology, hedged)
             if not locs:
                 report.add(f"sentence without location ({pathology})", sentence)
                 continue
@@ -102,11 +104,12 @@ def class_counts(pairs):
 
 def mscxr_loc(pairs):
     """MS-CXR -> MS-CXR-loc (docs/paper.md section 8): keep pairs whose phrase names a location, prompt rewritten
-    to "{location} {pathology}". Dropped pairs are counted per class."""
+    to "{location} {pathology}". Dropped pairs are counted per class. A hedged phrase ("possible left effusion") still
+    gives its location: the box says the finding is there."""
     report = DataReport("MS-CXR-loc")
     out = []
     for p in pairs:
-        locs = rp.sentence_locations(p["phrase"], p["category"])
+        locs = rp.sentence_locations(p["phrase"], p["category"], hedged="keep")
         if not locs:
             report.add(f"no location: {p['category']}", p["phrase"])
             continue

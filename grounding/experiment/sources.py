@@ -4,7 +4,8 @@ One function, `load(cfg)`, turns a train.py / evaluate.py config into everything
 the SAME readers and curation for both sources (grounding/data/readers.py, grounding/data/curation.py): the curated tuning
 samples (MIMIC-CXR reports, MS-CXR patients excluded), the location -> Gaussian LUT (Chest ImaGenome gold boxes),
 and the grounding splits (MS-CXR, MS-CXR-loc, VinDr-CXR with synthesised prompts). Every skipped record is counted
-in `report`, and `description` says which data this is: synthetic data is never passed off as real.
+in `report`, and `description` says which data this is: synthetic data is never passed off as real. On the phantom
+world the report also scores the curated tuning set against the world's answer key (grounding/phantom/truth.py).
 """
 import collections
 import dataclasses
@@ -18,6 +19,7 @@ from grounding.data.vindr import read_vindr
 from grounding.phantom import world as phantom
 from grounding.anatomy import build_lut, load_lut, save_lut
 from grounding.phantom.real import world_notice_for
+from grounding.phantom.truth import read_truth, score_tuning_set
 from grounding.data.images import preprocess
 from grounding.phantom.world import ensure_phantom
 
@@ -176,11 +178,19 @@ def load(cfg, need_samples=True, image_size=512):
     all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
     lines.append(str(rep))
     samples = []
-    if need_samples:  # MS-CXR patients never enter the tuning set; frontal views only (cfg.views)
+    # the phantom world knows every study's findings: its data report (evaluate.py's too) says how clean the weak
+    # supervision is, so the tuning set is curated there even when no sample is needed
+    if need_samples or cfg.data == "phantom":  # MS-CXR patients never enter the tuning set; frontal views only
         train = [r for r in records if r["split"] == "train"]
         samples, curation_rep = cu.curate_tuning_set(train, exclude_subjects=ds.mscxr_subjects(mscxr_csv),
                                                      views=cfg.views)
         lines.append(str(curation_rep))
+        if cfg.data == "phantom":
+            lines.append(score_tuning_set(samples, train, read_truth(cfg.phantom_root), cfg.views,
+                                          n_used=getattr(cfg, "max_train_samples", 0) or None)[2])
+    if not need_samples:
+        samples = []
+    else:
         if getattr(cfg, "max_train_samples", 0) and len(samples) > cfg.max_train_samples:
             lines.append(f"max_train_samples: the first {cfg.max_train_samples} of {len(samples)} curated samples "
                          "are used")

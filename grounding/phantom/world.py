@@ -7,7 +7,8 @@ writer of the REAL formats (docs/formats.md) so that grounding/data/readers.py r
 exactly like the credentialed data. The report wording is grounding/phantom/wording.py; the drawing of each
 frontal radiograph from a sampled case is grounding/phantom/render.py.
 
-  root/world.json                          says SYNTHETIC; counts, paths, config
+  root/world.json                          says SYNTHETIC; generator version, counts, paths, config
+  root/truth.jsonl                         the answer key: every MIMIC-side study's true findings and locations
   root/mimic-cxr-jpg/files/p1X/p<subject>/s<study>/<dicom_id>.jpg + mimic-cxr-2.0.0-{metadata,split}.csv
   root/mimic-cxr-reports/files/p1X/p<subject>/s<study>.txt      FINDINGS / IMPRESSION free text
   root/ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv                  test pairs (images live in the MIMIC tree)
@@ -32,9 +33,17 @@ from PIL import Image
 
 from grounding.anatomy import PATHOLOGIES
 from grounding.phantom.render import render_case
-from grounding.phantom.wording import LOCATION_MENU, finding_phrase, pick, sentence, write_report
+from grounding.phantom.wording import (LOCATION_MENU, TRUE_LOCATION, finding_phrase, hard_wording, pick, sentence,
+                                      write_report)
 
 SYNTHETIC_NOTICE = "SYNTHETIC phantom chest X-ray world (procedurally generated; no real patient data)"
+# The generator's version, written to world.json: a world on disk built by another version is rebuilt (ensure_phantom).
+#   1 (no "version" key): the easy report wording only, one negated finding per sentence
+#   2: the hard report forms (wording.py SHARES) and the answer key truth.jsonl; images, boxes and phrases as in 1
+WORLD_VERSION = 2
+# What build_world writes at the top of a world (and build_normal_set adds later): nothing else is ever deleted.
+WORLD_ENTRIES = ("world.json", "truth.jsonl", "mimic-cxr-jpg", "mimic-cxr-reports", "ms-cxr", "chest-imagenome",
+                 "vindr-cxr", "classify-normals")
 
 
 @dataclasses.dataclass
@@ -114,18 +123,22 @@ def sample_case(cfg, kind, index):
         n_find = 0
     findings = []
     choices = [p for p in PATHOLOGIES if not (vindr and p == "Edema")]  # VinDr test has no edema (paper)
+    wrng = np.random.default_rng([cfg.seed, _KIND[kind], index, 1])  # the hard wording's own stream (wording.py)
     for p in rng.permutation(choices)[:n_find]:
         loc = pick(rng, LOCATION_MENU[p])
         located = not (kind == "test" and p != "Cardiomegaly" and rng.random() < cfg.unlocated_frac)
         phrase = finding_phrase(rng, p, loc, located)
-        findings.append(dict(pathology=str(p), location=loc, phrase=phrase, sentence=sentence(rng, phrase),
-                             zones=_render_zones(p, loc), seed=int(rng.integers(2**31)), located=located))
+        f = dict(pathology=str(p), location=loc, phrase=phrase, sentence=sentence(rng, phrase),
+                 zones=_render_zones(p, loc), seed=int(rng.integers(2**31)), located=located)
+        f["form"], f["body"], f["impression"] = hard_wording(wrng, f)  # how the REPORT says it (the phrase: MS-CXR)
+        findings.append(f)
     resolved = None
     if rng.random() < 0.1:
         gone = [p for p in ("Pneumonia", "Atelectasis", "Consolidation") if p not in {f["pathology"] for f in findings}]
         resolved = finding_phrase(rng, gone[0], pick(rng, LOCATION_MENU[gone[0]]))
+    report, hedged_absent = write_report(rng, findings, resolved, wrng)
     return dict(kind=kind, index=index, subject_id=subject, study_id=study, dicom_id=dicom, anat=anat,
-                findings=findings, report=write_report(rng, findings, resolved), noise_seed=int(rng.integers(2**31)))
+                findings=findings, report=report, hedged_absent=hedged_absent, noise_seed=int(rng.integers(2**31)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,7 +211,7 @@ def build_world(root, config=None, layout="phantom"):
     else:
         infos = [_render_job(j) for j in jobs]
 
-    meta, split, mscxr, vindr = [], [], [], []
+    meta, split, mscxr, vindr, truth = [], [], [], [], []
     rng = np.random.default_rng([cfg.seed, 99])
     n_gold = 0
     for c, info in zip(cases, infos):
@@ -216,6 +229,10 @@ def build_world(root, config=None, layout="phantom"):
                      "120000.000", f"CHEST ({view} AND LAT)", "postero-anterior" if view == "PA" else "antero-posterior",
                      "Erect"])
         split.append([c["dicom_id"], c["study_id"], s, c["kind"]])
+        true = [dict(pathology=f["pathology"], location=TRUE_LOCATION.get(f["location"], f["location"]), form=f["form"])
+                for f in c["findings"]]  # "retrocardiac" is written, "left lower" is meant
+        truth.append(dict(study_id=c["study_id"], dicom_id=c["dicom_id"], split=c["kind"], view=view, findings=true,
+                          hedged_absent=[dict(pathology=p, location=loc) for p, loc in c["hedged_absent"]]))
         rp = os.path.join(reps, "files", f"p{s[:2]}", f"p{s}", f"s{c['study_id']}.txt")
         os.makedirs(os.path.dirname(rp), exist_ok=True)
         with open(rp, "w") as fh:
@@ -241,8 +258,10 @@ def build_world(root, config=None, layout="phantom"):
                 "split"], mscxr)
     _write_csv(os.path.join(root, "vindr-cxr", "annotations_test.csv"),
                ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"], vindr)
-    summary = dict(synthetic=True, notice=SYNTHETIC_NOTICE, config=dataclasses.asdict(cfg),
-                   paths=dict(mimic="mimic-cxr-jpg", reports="mimic-cxr-reports",
+    with open(os.path.join(root, "truth.jsonl"), "w") as fh:  # the answer key (grounding/phantom/truth.py)
+        fh.writelines(json.dumps(t) + "\n" for t in truth)
+    summary = dict(synthetic=True, notice=SYNTHETIC_NOTICE, version=WORLD_VERSION, config=dataclasses.asdict(cfg),
+                   paths=dict(mimic="mimic-cxr-jpg", reports="mimic-cxr-reports", truth="truth.jsonl",
                               mscxr="ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv",
                               imagenome="chest-imagenome/silver_dataset/scene_graph",
                               vindr_csv="vindr-cxr/annotations_test.csv", vindr_images="vindr-cxr/test"),
@@ -327,19 +346,42 @@ def build_normal_set(root, n):
 
 
 def _complete(root, seed):
-    w = _read_world_json(root)  # world.json is written last: a whole one means the tree is whole
-    return w is not None and w["config"]["seed"] == seed
+    """A whole world of this seed, built by this generator version (world.json is written last)."""
+    w = _read_world_json(root)
+    return w is not None and w["config"]["seed"] == seed and w.get("version", 1) == WORLD_VERSION
+
+
+def _stale_version(root, seed):
+    """The generator version of an OLDER phantom world of this seed in root, when its world.json proves it is one
+    (synthetic, our notice, the phantom layout); else None."""
+    w = _read_world_json(root)
+    if (w is None or w["config"]["seed"] != seed or w.get("synthetic") is not True or w["notice"] != SYNTHETIC_NOTICE
+            or w.get("layout", "phantom") != "phantom" or w.get("version", 1) == WORLD_VERSION):
+        return None
+    return w.get("version", 1)
 
 
 def ensure_phantom(root, seed=0):
-    """Build the phantom world into `root` unless a complete one with this seed is already there.
+    """Build the phantom world into `root` unless a complete one with this seed and generator version is there.
 
-    The world is built in a temporary folder beside `root` and renamed into place, so a process reading `root`
-    (another torchrun rank, say) never sees a half-written tree.
+    A world of an older generator version (world.json says so) is generated data that no longer matches the code (its
+    reports, its answer key): it is rebuilt, once world.json proves the folder is a phantom world and the folder holds
+    nothing the builder does not write (anything else: refused, nothing deleted). The world is built in a temporary
+    folder beside `root` and renamed into place, so a process reading `root` (another torchrun rank, say) never sees
+    a half-written tree, and an interrupted rebuild leaves the old world as it was.
     """
     if _complete(root, seed):
         return root
-    if os.path.exists(root) and os.listdir(root):   # never build over (or delete) a folder we did not finish
+    stale = _stale_version(root, seed)
+    if stale is not None:
+        foreign = sorted(set(os.listdir(root)) - set(WORLD_ENTRIES))
+        if foreign:
+            raise FileExistsError(f"phantom_root {root} holds a phantom world of generator version {stale} (this "
+                                  f"code writes version {WORLD_VERSION}) and also {foreign}, which a world never "
+                                  "holds: move them out to have the world rebuilt, or set phantom_root to a new folder")
+        print(f"{root} holds a phantom world of generator version {stale}; this code writes version {WORLD_VERSION} "
+              "(grounding/phantom/world.py WORLD_VERSION): it is generated data, rebuilding it")
+    elif os.path.exists(root) and os.listdir(root):   # never build over (or delete) a folder we did not finish
         raise FileExistsError(f"phantom_root {root} holds something other than the phantom world of seed {seed} "
                               "(another seed's world, an interrupted build or a broken world.json): delete it, or set "
                               "phantom_root to a new folder")
@@ -350,8 +392,13 @@ def ensure_phantom(root, seed=0):
         shutil.rmtree(tmp)
     else:
         os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-        if os.path.isdir(root):
+        old = f"{os.path.abspath(root)}.stale-{os.getpid()}"
+        if stale is not None:
+            os.rename(root, old)         # the old world set aside, replaced by one rename, then deleted
+        elif os.path.isdir(root):
             os.rmdir(root)               # the empty folder checked above
         os.rename(tmp, root)
+        if stale is not None:
+            shutil.rmtree(old)
     print(f"built {summary['counts']['images']} images in {summary['build_seconds']}s")
     return root
