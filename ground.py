@@ -223,7 +223,7 @@ def load_model(args):
     if rows_path:   # the file says its own shared_tokens mode and CoOp length; load_rows checks the rest
         meta = read_header(rows_path).get("__metadata__") or {}
         rows = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=meta.get("shared_tokens", "positional"),
-                                n_ctx=int(meta.get("n_ctx", 0) or 0))
+                                n_ctx=int(meta.get("n_ctx", 0) or 0)).to(args.device)
         load_rows(rows, rows_path)          # refuses rows of another model, naming what differs
         recorded = rows_settings(rows_path)
     n_layers = len(pipe.unet.cross_attention_layers())

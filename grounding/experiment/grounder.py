@@ -158,17 +158,22 @@ def ground_batch(pipe, images, batch, rows=None, reads=None, timings=None):
                 p = pw if which == "prompt" else pw.swapped
                 if p is None:
                     continue
-                m = maps[:, :, v * B + i]                                   # (T, L, N, 77)
                 cols = {u.name: u.columns(p.n_tokens, n_ctx[model], pipe.tokenizer.max_length) for u in p.units}
                 cols = {name: c for name, c in cols.items() if c}         # e.g. no padding left in a full context
-                res["raw"][(model, which)] = {name: m[..., c].mean(-1).float().cpu() for name, c in cols.items()}
+                # the U units as a batch: their columns padded to the longest and masked, (T, L, U, N, C)
+                C = max(len(c) for c in cols.values())
+                index = torch.tensor([c + c[:1] * (C - len(c)) for c in cols.values()], device=maps.device)
+                mask = torch.tensor([[True] * len(c) + [False] * (C - len(c)) for c in cols.values()])
+                m = maps[:, :, v * B + i][..., index].permute(0, 1, 3, 2, 4)
+                w = mask.to(m)[None, None, :, None, :]
+                raw = ((m * w).sum(-1) / w.sum(-1)).float().cpu()          # token-averaged, (T, L, U, N)
+                res["raw"][(model, which)] = {name: raw[:, :, u] for u, name in enumerate(cols)}
                 for r in reads:
                     if r.model != model:
                         continue
                     sel = [layers.index(l) for l in r.cfg.resolved_layers()]
-                    res["maps"][(r.name, which)] = {
-                        name: heatmap_from_maps(m[:, sel, None][..., c], (S, S), r.cfg)[0].float().cpu()
-                        for name, c in cols.items()}
+                    hm = heatmap_from_maps(m[:, sel], (S, S), r.cfg, token_mask=mask.to(m.device)).float().cpu()
+                    res["maps"][(r.name, which)] = {name: hm[u] for u, name in enumerate(cols)}
             out.append(res)
     return out
 
