@@ -294,13 +294,19 @@ def main(argv=None):
         for job, res in zip(chunk, results):
             entries.append(write_one(job, res, run, args, names))
     seconds = time.time() - t0
-    header = (f"Weights: {os.path.abspath(args.weights)} (family {run.pipe.family})\nLearned rows: "
-              f"{os.path.abspath(run.rows_path) if run.rows_path else '(none)'}\nHeatmaps: {shown} (the tuned-layer "
+    header = (f"Weights: {_shown(args.weights)} (family {run.pipe.family})\nLearned rows: "
+              f"{_shown(run.rows_path) if run.rows_path else '(none)'}\nHeatmaps: {shown} (the tuned-layer "
               f"reading; frozen: layers {run.reads[0].cfg.resolved_layers()} + Otsu)\nCode: {code_version()}")
     mb = write_viewer(os.path.join(args.out, "viewer.html"), "ground.py: per-word heatmaps", header, entries) / 1e6
     print(f"{len(jobs)} image(s) in {seconds:.1f} s ({seconds / len(jobs):.2f} s per image, of which the inversion and "
           f"the maps {seconds_maps / len(jobs):.2f} s) on {args.device}")
     print(f"wrote {os.path.join(args.out, 'viewer.html')} ({mb:.1f} MB): open it in a browser")
+
+
+def _shown(path):
+    """A path as the page shows it: relative to the working folder when inside it (result.json keeps it absolute)."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else os.path.abspath(path)
 
 
 def write_one(job, res, run, args, names):
