@@ -145,6 +145,8 @@ def _write_inputs(tmp_path, setup):
     stored = ((1 - tall) * 3000 + 500).astype(np.uint16)                       # MONOCHROME1: dense = low values
     write_dicom(str(tmp_path / "tall.dcm"), stored, photometric="MONOCHROME1", WindowCenter=2000, WindowWidth=3000,
                 RescaleSlope=1, RescaleIntercept=0)
+    Image.fromarray((np.stack([grey] * 3, -1) * 255).astype(np.uint8)).save(tmp_path / "rgb.png")       # RGB
+    Image.fromarray((grey * 2.0 - 0.5).astype(np.float32)).save(tmp_path / "float.tif")                 # float TIFF
     return grey.shape, wide.shape, tall.shape
 
 
@@ -176,6 +178,14 @@ def test_outputs_for_a_16bit_png_and_a_dicom_and_determinism(setup, tmp_path, ca
     wide_res = _result(out / "wide16")
     assert wide_res["image"]["read_as"]["mode"] in ("I;16", "I") and wide_res["image"]["width"] == wide[1]
     assert os.path.exists(out / "wide16" / "grid.png") and os.path.exists(out / "viewer.html")
+    # RGB PNG and float TIFF read as grey; the same picture gives the same maps as its 8-bit grey JPEG source
+    _ground(setup, str(tmp_path / "rgb.png"), str(tmp_path / "float.tif"), setup["pairs"][0]["image_path"],
+            "--prompt", "left lower lung opacity", "--prompts", setup["rows"], "--out", str(tmp_path / "formats"))
+    assert _result(tmp_path / "formats" / "rgb")["image"]["read_as"]["mode"] == "RGB"
+    assert _result(tmp_path / "formats" / "float")["image"]["read_as"] == {"format": "TIFF", "mode": "F"}
+    src = os.path.splitext(os.path.basename(setup["pairs"][0]["image_path"]))[0]
+    rgb_map = np.load(tmp_path / "formats" / "rgb" / "tuned" / "phrase.npy")
+    assert np.allclose(rgb_map, np.load(tmp_path / "formats" / src / "tuned" / "phrase.npy"), atol=1e-3, equal_nan=True)
     # deterministic: the same command writes the same maps; alone in its batch, the image's maps move by float
     # rounding only (batched convolutions sum in another order)
     _ground(setup, str(tmp_path / "wide16.png"), str(tmp_path / "tall.dcm"), "--prompt", "left lower lung opacity",
