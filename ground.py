@@ -241,7 +241,7 @@ def load_model(args):
             settings[key], source[key] = default, "the default" + (" (the rows file records none)" if rows else "")
     reads = readings(pipe.family, settings["num_steps"], settings["window"], settings["layers"], tuned=rows is not None)
     return SimpleNamespace(pipe=pipe, rows=rows, rows_path=rows_path, settings=settings, source=source, reads=reads,
-                           size=pipe.image["size"])
+                           size=pipe.image["size"], code=code_version())
 
 
 def prepare(job, run, args):
@@ -283,6 +283,11 @@ def main(argv=None):
           f"layers from {run.source['layers']})")
     for r in run.reads:
         print(f"  {r.name}: {r.about}")
+    n_maps = sum(len(j["words"].units) + (len(j["words"].swapped.units) if j["words"].swapped else 0) for j in jobs)
+    size_gb = sum(j["width"] * j["height"] for j in jobs) / len(jobs) * n_maps * len(run.reads) * 4 / 1e9
+    if args.npy == "original" and size_gb > 1:
+        print(f"note: the .npy maps in the original frame will take about {size_gb:.1f} GB ({n_maps * len(run.reads)} "
+              f"maps); --npy model writes them at {run.size} x {run.size} (placed by result.json's crop_window)")
     os.makedirs(args.out, exist_ok=True)
     names, entries, t0, seconds_maps = {}, [], time.time(), 0.0
     for start in range(0, len(jobs), args.batch):
@@ -296,7 +301,7 @@ def main(argv=None):
     seconds = time.time() - t0
     header = (f"Weights: {_shown(args.weights)} (family {run.pipe.family})\nLearned rows: "
               f"{_shown(run.rows_path) if run.rows_path else '(none)'}\nHeatmaps: {shown} (the tuned-layer "
-              f"reading; frozen: layers {run.reads[0].cfg.resolved_layers()} + Otsu)\nCode: {code_version()}")
+              f"reading; frozen: layers {run.reads[0].cfg.resolved_layers()} + Otsu)\nCode: {run.code}")
     mb = write_viewer(os.path.join(args.out, "viewer.html"), "ground.py: per-word heatmaps", header, entries) / 1e6
     print(f"{len(jobs)} image(s) in {seconds:.1f} s ({seconds / len(jobs):.2f} s per image, of which the inversion and "
           f"the maps {seconds_maps / len(jobs):.2f} s) on {args.device}")
@@ -355,7 +360,7 @@ def write_one(job, res, run, args, names):
             "readings": {r.name: {"model": r.model, "layers": list(r.cfg.resolved_layers()),
                                   "otsu": r.cfg.resolved_otsu(), "about": r.about} for r in run.reads},
             "model_frame": {"size": run.size, "crop_window": list(crop_window(job["width"], job["height"], run.size))},
-            "npy": args.npy, "seed": args.seed, "device": args.device, "code": code_version()},
+            "npy": args.npy, "seed": args.seed, "device": args.device, "code": run.code},
         "maps": maps,
         "ranked_at_phrase_peak": ranked,
         "warnings": job["warnings"],

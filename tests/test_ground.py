@@ -229,9 +229,11 @@ def test_bad_inputs_are_named_and_nothing_is_written(setup, tmp_path, monkeypatc
 def test_the_command_line_warns_and_exits_with_a_message(setup, tmp_path):
     img = setup["pairs"][0]["image_path"]
     log = run([sys.executable, os.path.join(REPO, "ground.py"), img, "--prompt", "hemidiaphragm " * 40,
-               "--weights", setup["model"], "--no-prompts", "--out", "g", "--threads", "1"], cwd=str(tmp_path))
+               "--weights", setup["model"], "--no-prompts", "--out", "g", "--threads", "1", "--npy", "model"],
+              cwd=str(tmp_path))
     assert "warning:" in log and "prompt cut to" in log and "is split into" in log
     res = _result(tmp_path / "g" / os.path.splitext(os.path.basename(img))[0])
+    assert np.load(tmp_path / "g" / os.path.splitext(os.path.basename(img))[0] / "frozen" / "phrase.npy").shape == (32, 32)
     assert res["settings"]["rows"] is None and set(res["maps"]) == {"frozen", "untuned"}
     assert res["settings"]["from"]["num_steps"] == "the default" and res["settings"]["num_steps"] == 100
     import subprocess

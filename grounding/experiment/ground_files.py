@@ -93,10 +93,11 @@ def write_image_outputs(folder, image, pw, result, reads, npy="original"):
                 arr = maps[unit.name] if npy == "model" else full
                 np.save(os.path.join(folder, base + ".npy"), arr.numpy().astype(np.float32))
                 entry["npy"] = base + ".npy"
-            overlay(image["grey"], full.numpy(), box=box, scale=scale).save(os.path.join(folder, base + ".png"))
+            overlay(image["grey"], full.numpy(), box=box, scale=scale).save(os.path.join(folder, base + ".png"),
+                                                                            compress_level=1)   # speed over size
             entry["png"] = base + ".png"
             entries[(reading, which, unit.name)] = entry
-    grid(image, pw, result, reads, entries).save(os.path.join(folder, "grid.png"))
+    grid(image, pw, result, reads, entries).save(os.path.join(folder, "grid.png"), compress_level=1)
     return entries
 
 
