@@ -173,7 +173,7 @@ def read_image(job, size):
     """Decode one image: (grey (H, W) in [0, 1], how it was read); ValueError / FileNotFoundError name the file."""
     path = job["path"]
     if not os.path.isfile(path):
-        raise ValueError(f"{job['where']}: image {path} not found")
+        raise ValueError(f"image {path} not found")
     if path.lower().endswith((".dcm", ".dicom")):
         grey, info = load_dicom(path)
         return grey, dict(info, format="DICOM")
@@ -369,7 +369,8 @@ def write_one(job, res, run, args, names):
     for w in job["warnings"]:
         print(f"warning: {job['path']}: {w}")
     phrase = {r.name: maps[r.name]["prompt"]["phrase"] for r in run.reads}
-    print(f"{job['path']}: {pw.text!r}: " + "; ".join(
+    text = pw.text if len(pw.text) <= 60 else pw.text[:60] + "..."
+    print(f"{job['path']}: {text!r}: " + "; ".join(
         f"{name} peak {e['peak']['side']}" + (f" CNR {e['cnr']:.2f} mIoU {e['miou_percent']:.1f}%" if "cnr" in e else "")
         for name, e in phrase.items()) + f" -> {folder}")
     return image_entry(name, image, pw, res, run.reads, run.size, entries)
