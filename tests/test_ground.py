@@ -128,6 +128,10 @@ def test_words_tokens_columns_and_warnings():
     assert long.n_tokens == 75 and long.dropped.endswith("lower left lower tail")
     assert any("prompt cut to 75 of its 83 tokens" in w and "dropped" in w for w in long.warnings)
     assert select_words(prompt_words(tok, "left lower lobe atelectasis"), ["Lower"]).words()[0].name == "lower"
+    repeated = prompt_words(tok, "left lower lobe and left pleural effusion", tokens=True)
+    assert [u.name for u in repeated.words()] == ["left", "lower", "lobe", "and", "left (2)", "pleural", "effusion"]
+    assert repeated.unit("left").offsets == [0] and repeated.unit("left (2)").offsets == [len(tok.encode("left lower lobe and"))]
+    assert [u.name for u in select_words(repeated, ["left"]).words()] == ["left", "left (2)"]
     with pytest.raises(ValueError, match=r"--word \['upper'\] not in the prompt .*its words are \['left', 'lower'"):
         select_words(prompt_words(tok, "left lower lobe"), ["upper"])
     with pytest.raises(ValueError, match="no word"):

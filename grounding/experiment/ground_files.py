@@ -59,7 +59,8 @@ def font(size=13):
 
 def stem(unit):
     """File name (no extension) of a unit's map."""
-    slug = re.sub(r"[^a-z0-9]+", "-", unit.name.split(":")[-1].replace("</w>", "").lower()).strip("-") or "x"
+    text = unit.name.split(":")[-1] if unit.kind == "token" else (unit.text or unit.name)
+    slug = re.sub(r"[^a-z0-9]+", "-", text.replace("</w>", "").lower()).strip("-") or "x"
     if unit.kind == "phrase":
         return "phrase"
     if unit.kind == "special":

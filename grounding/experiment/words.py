@@ -28,10 +28,12 @@ ODD_CHARS_PER_TOKEN = 3.0   # below this many characters per token, a multi-toke
 @dataclass
 class Unit:
     """One map of a prompt: the phrase, a word, one token of a word, or a special token group."""
-    name: str                 # "phrase", "left", "hemidiaphragm[3]:id", "<bos>", "<eos>", "<padding>", "<ctx>"
+    name: str                 # unique in its prompt: "phrase", "left", "left (2)" (a repeated word),
+                              # "hemidiaphragm[3]:id", "<bos>", "<eos>", "<padding>", "<ctx>"
     kind: str                 # "phrase" | "word" | "token" | "special"
     offsets: list = None      # token offsets in the prompt (k = 0 .. n-1); None for a special group
     word: int = None          # index of the word a word or token unit belongs to
+    text: str = None          # the word itself (word and token units)
 
     def columns(self, n, n_ctx=0, max_length=77):
         """Context columns of this unit in a prompt of n tokens framed with n_ctx CoOp tokens."""
@@ -84,7 +86,7 @@ def prompt_words(tokenizer, prompt, n_ctx=0, tokens=False, specials=False, swap=
         total = used + sum(len(t) for _, p in chunks[len(kept):] for _, t in p)
         warnings.append(f"prompt cut to {used} of its {total} tokens (the context holds {room} between BOS and EOS"
                         f"{f' and {n_ctx} context tokens' if n_ctx else ''}): dropped {_short(dropped)!r}")
-    units, punctuation, bpe, k, n_words = [Unit("phrase", "phrase", [])], [], [], 0, 0
+    units, punctuation, bpe, k, n_words, seen = [Unit("phrase", "phrase", [])], [], [], 0, 0, {}
     for chunk, pieces in kept:
         wordy = [any(ch.isalnum() for ch in p) for p, _ in pieces]
         lo = wordy.index(True) if any(wordy) else len(pieces)
@@ -102,7 +104,9 @@ def prompt_words(tokenizer, prompt, n_ctx=0, tokens=False, specials=False, swap=
         if word_offsets:
             text = "".join(p for p, _ in pieces[lo:hi])
             word_tokens = [bpe[o] for o in word_offsets]
-            units.append(Unit(text, "word", word_offsets, n_words))
+            seen[text] = seen.get(text, 0) + 1
+            name = text if seen[text] == 1 else f"{text} ({seen[text]})"     # "left ... left" -> "left", "left (2)"
+            units.append(Unit(name, "word", word_offsets, n_words, text))
             unknown = [t for t in word_tokens if t not in tokenizer.encoder]
             if unknown or (len(word_tokens) > 1 and len(text) / len(word_tokens) < ODD_CHARS_PER_TOKEN):
                 warnings.append(f"the word {text!r} is split into {len(word_tokens)} tokens {word_tokens}"
@@ -110,7 +114,7 @@ def prompt_words(tokenizer, prompt, n_ctx=0, tokens=False, specials=False, swap=
                                 + ": the model may not know it; its map is the mean of theirs (--tokens: one map "
                                 "per token)")
             if tokens and len(word_offsets) > 1:
-                units += [Unit(f"{text}[{i}]:{bpe[o]}", "token", [o], n_words) for i, o in enumerate(word_offsets)]
+                units += [Unit(f"{name}[{i}]:{bpe[o]}", "token", [o], n_words, text) for i, o in enumerate(word_offsets)]
             n_words += 1
     if len(units) == 1:
         raise ValueError(f"prompt {prompt!r} has no word (letters or digits), only {punctuation}")
@@ -129,7 +133,7 @@ def select_words(pw, wanted):
     word of the prompt is refused, naming the prompt's words. The swapped prompt keeps the same word positions."""
     if not wanted:
         return pw
-    words, names = [u.name for u in pw.words()], {clean(w) for w in wanted}
+    words, names = [u.text for u in pw.words()], {clean(w) for w in wanted}
     missing = [w for w in wanted if clean(w) not in words]
     if missing:
         raise ValueError(f"--word {missing} not in the prompt {_short(pw.text)!r}; its words are "
