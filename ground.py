@@ -17,7 +17,8 @@ steps and window are the rows file's own (the ones it was tuned and evaluated wi
 --window say otherwise; the command prints which apply and where each comes from.
 Writes under --out (default runs/ground): one folder per image (result.json with every setting and the numbers,
 .npy maps in the original frame, PNG overlays, grid.png: grounding/experiment/ground_files.py) and viewer.html (one
-self-contained page to explore them: grounding/experiment/viewer.py). Deterministic for a --seed.
+self-contained page to explore them: grounding/experiment/viewer.py). Deterministic: the same command writes the
+same maps (the DDIM inversion draws no noise; --seed seeds torch all the same and is recorded).
 """
 import argparse
 import csv
