@@ -27,7 +27,7 @@ from ldm.weights.folder import load_pipeline
 from grounding.experiment import preflight, sources
 from grounding.experiment.classify import ClassifyConfig, classification_summary, score_batch, summary_markdown
 from grounding.experiment.classify_data import classification_cases
-from grounding.experiment.rows import load_rows
+from grounding.experiment.rows import apply_rows_settings, load_rows
 from grounding.experiment.config import load_config, TrainConfig
 from grounding.experiment.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
@@ -77,6 +77,9 @@ def main(argv=None):
     if args.prompts is None:
         default = os.path.join(cfg.out_dir, "learned_rows.safetensors")
         args.prompts = default if os.path.exists(default) else None
+    window, said = apply_rows_settings(cfg, args.prompts, train_over)   # the rows' own layers, steps, window
+    if said:
+        print(said)
     if args.prompts is None and "tuned" in ccfg.sources:
         print("no learned rows (--prompts) found: the 'tuned' heatmap source is left out")
         ccfg.sources = [s for s in ccfg.sources if s != "tuned"]
@@ -91,8 +94,10 @@ def main(argv=None):
         load_rows(prompts, args.prompts)
     data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])  # crop-band drops at the model size
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
-    # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config
+    # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config,
+    # or of the rows file (apply_rows_settings above)
     hcfgs = {m: eval_heatmap_config(cfg, pipe.family, m == "tuned") for m in ("frozen", "tuned")}
+    hcfgs = {m: dataclasses.replace(h, window=window or h.window) for m, h in hcfgs.items()}
     heatmaps = "; ".join(describe_heatmap(m, h) for m, h in hcfgs.items())
     # what the weights and rows ARE, not only where they lie: retraining into the same out_dir must not resume
     settings = dict(dataclasses.asdict(ccfg), weights=os.path.abspath(cfg.weights), prompts=args.prompts,

@@ -17,6 +17,7 @@ anywhere on the command line. One inversion per image batch serves every model e
 --prompts) and the swapped prompts. `--task classify` runs the grounded classification instead (classify.py).
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ import torch
 from ldm.weights.folder import load_pipeline
 from grounding.experiment import distributed, preflight, provenance, sources
 from grounding.experiment.provenance import code_version
-from grounding.experiment.rows import load_rows
+from grounding.experiment.rows import apply_rows_settings, load_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import Model, compare_models
@@ -94,6 +95,9 @@ def main(argv=None):
             args.prompts = default
         print("no --prompts/--baseline given: evaluating the frozen model"
               + (f" and the learned rows {default} (the config's out_dir)" if args.prompts else ""))
+    window, said = apply_rows_settings(cfg, args.prompts, args.overrides)   # the rows' own layers, steps, window
+    if said:
+        print(said)
 
     rank, world = distributed.setup(cfg.device)
     out = args.out or f"runs/eval_{args.split}"
@@ -114,6 +118,7 @@ def main(argv=None):
     hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),
              "untuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True),
              "tuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True)}
+    hcfgs = {name: dataclasses.replace(h, window=window or h.window) for name, h in hcfgs.items()}
     header += "Heatmaps: " + "; ".join(provenance.describe_heatmap(n, h) for n, h in hcfgs.items()) + "\n"
     if rank == 0:
         print(header + data.report)

@@ -227,7 +227,8 @@ def tune(cfg, resume=False):
                 f"({data.val_note})")
     say(f"tuning done: {cfg.max_steps - step0} steps in {time.time() - t0:.0f}s")
     if rank == 0:
-        save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"))
+        save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"),   # + the settings they are read with
+                  provenance.eval_heatmap_config(cfg, pipe.family, True), cfg.train_window)
         say("nearest real tokens of each learned row:")
         for token, near in prompts.nearest_tokens(k=3).items():
             say(f"  {token!r:>14} -> {near}")

@@ -7,7 +7,8 @@
 # tests/test_gpu_path.py (CUDA tests included), then run_all.py's table: UNet forward / forward+backward vs
 # diffusers (SD1.5 size) and MONAI (CXR size) in fp32 and bf16, heatmap images per second at 512x512 with the
 # MONAI CXR and SD1.5-size models (random weights; fp32 against the straightforward procedure, then the fast
-# path alone at batch 1 and $BATCH in bf16), and prompt-tuning steps per second.
+# path alone at batch 1 and $BATCH in bf16), prompt-tuning steps per second, and ground.py's seconds per image at
+# MONAI size against its UNet-pass floor (benchmarks/ground.py, fp32, batch 1 and $BATCH).
 #
 # It installs NOTHING (the GPU machine has no internet): it needs a Python with torch (CUDA build), einops, numpy,
 # pillow, tqdm, pyyaml, pytest, and for the reference columns diffusers and monai. It uses ./.venv when present,

@@ -3,9 +3,11 @@
   python benchmarks/run_all.py                          # quick CPU plan: MONAI-size UNet, small heatmap/tuning
   python benchmarks/run_all.py --plan full --device cuda --dtypes fp32,bf16 --out benchmarks/device_check.md
 Plans:
-  quick: unet_forward --size monai; heatmap and tuning_step --size small; tokenizer.  (CPU, minutes)
+  quick: unet_forward --size monai; heatmap and tuning_step --size small; ground --size phantom; tokenizer.
+         (CPU, minutes)
   full:  unet_forward --size both; heatmap and tuning_step at monai and sd15 size (512x512 images), against the
-         straightforward / naive procedures in fp32, throughput only (batch 1 and --batch) in the other dtypes.
+         straightforward / naive procedures in fp32, throughput only (batch 1 and --batch) in the other dtypes;
+         ground (ground.py's work per image against its UNet-pass floor) at monai size, batch 1 and --batch, fp32.
 """
 import argparse
 import json
@@ -41,6 +43,12 @@ def plan(args):
                 if not first:
                     jobs.append((f"tuning_{size}_{dtype}_only", "tuning_step.py",
                                  ["--size", size, "--runs", "5", "--skip-naive"] + common))
+    fp32 = ["--device", args.device, "--dtype", "fp32"] + (["--threads", str(args.threads)] if args.threads else [])
+    if q:   # ground.py: seconds per image and the ratio to its UNet-pass floor (fp32 only)
+        jobs.append(("ground_phantom", "ground.py", ["--size", "phantom", "--runs", "3"] + fp32))
+    else:
+        jobs += [(f"ground_monai_b{b}", "ground.py", ["--size", "monai", "--runs", "3", "--batch", str(b)] + fp32)
+                 for b in sorted({1, args.batch})]
     if not args.skip_tokenizer:
         jobs.append(("tokenizer", "tokenizer.py", ["--runs", "3"] + (["--threads", str(args.threads)] if args.threads else [])))
     return jobs
@@ -101,6 +109,15 @@ def table(rows):
                              f">= 1.5x | {met} |")
             else:
                 lines.append(f"| tuning throughput | {s} | {r['steps_per_s']:.2f} steps/s | | | | |")
+        elif b == "ground":
+            met = "yes" if r["ratio"] <= 1.15 else "NO"
+            top = max((k for k in r["profile_s_per_image"] if not k.startswith("unet")),
+                      key=lambda k: r["profile_s_per_image"][k])
+            lines.append(f"| ground.py per image | {r['size']}, {r['device']}, {r['steps']} steps, batch {r['batch']}; "
+                         f"floor = {r['n_uncond']} unconditional + {r['n_cond']} conditional passes (x{r['V']}); "
+                         f"largest non-UNet part: {top} {r['profile_s_per_image'][top]:.3f} s | "
+                         f"{r['s_per_image']:.3f} s | UNet floor {r['floor_s_per_image']:.3f} s | {r['ratio']:.2f} "
+                         f"(time) | <= 1.15 | {met} |")
         elif b == "tokenizer":
             lines.append(f"| tokenizer | {r['prompts']} prompts, {r['vocab']}; ids equal: {r['ids_equal']} | "
                          f"{r['ours_cold_prompts_per_s']:,.0f} prompts/s cold, {r['ours_warm_prompts_per_s']:,.0f} warm | "

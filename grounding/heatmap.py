@@ -312,8 +312,10 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, H, W) in the family's range and one prompt each -> (B, H, W) heatmaps in [0, 1]
     (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
     per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
-    (plain text encoder). One variant of extract_heatmaps_shared below."""
-    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
+    (plain text encoder), whose own layers, steps and window (a rows file's) are the default. One variant of
+    extract_heatmaps_shared below."""
+    settings = getattr(prompts, "heatmap_settings", None) or {}
+    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None, **settings)
     return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
 
 

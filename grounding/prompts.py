@@ -89,6 +89,9 @@ class LearnablePrompts(nn.Module):
             self.ctx = nn.Parameter(torch.randn(self.n_ctx, table.shape[1]) * ctx_init_std)
         else:
             self.ctx = None
+        # the layers, DDIM steps and window these rows are read with, when loaded from a file that records them
+        # (grounding/experiment/rows.py load_rows): extract_heatmaps' default
+        self.heatmap_settings = None
 
     # ---- token bookkeeping ----------------------------------------------------------------------
 

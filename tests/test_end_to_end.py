@@ -50,12 +50,17 @@ def test_train_then_evaluate(setup):
     # the learned rows moved away from their initial values (lr 0.05 on 4 steps)
     initial = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert initial["step"] == 4
+    # the rows record the layers / steps / window of the run's own table (tiny config: preset, 10 steps)
+    from grounding.experiment.rows import rows_settings
+    assert rows_settings(os.path.join(out, "learned_rows.safetensors")) == {"layers": (2, 3, 4, 5), "num_steps": 10,
+                                                                         "window": (400, 600)}
 
     log = run([os.path.join(REPO, "evaluate.py"), "--split", "mscxr", "--config", setup["config"], "--baseline",
                "--prompts", os.path.join(out, "learned_rows.safetensors"), "--limit", "3", "--out", "ev",
                "--bootstrap", "200", "--overlays", "2"], cwd=root)
     ev = os.path.join(root, "ev")
     assert "SYNTHETIC" in log
+    assert "heatmap settings of the learned rows" in log and "layers (2, 3, 4, 5), 10 DDIM steps" in log
     for name in ("rows_frozen.jsonl", "rows_tuned.jsonl", "table_frozen.md", "table_tuned.json", "comparison.md"):
         assert os.path.exists(os.path.join(ev, name)), name
     assert len(os.listdir(os.path.join(ev, "overlays", "tuned"))) == 2

@@ -149,3 +149,50 @@ def test_save_load_and_nearest_tokens(tmp_path):
     c = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, locations=("left", "right"))
     with pytest.raises(ValueError, match="differ"):
         load_rows(c, tmp_path / "anatomy.safetensors")
+
+
+def test_rows_file_records_its_heatmap_settings_and_they_are_the_default(tmp_path, capsys):
+    """extract_heatmaps(prompts=rows) reads the layers, steps and window the rows were tuned and evaluated with
+    (before: HeatmapConfig's 100 steps and preset layers); an explicit cfg wins; an older file still loads."""
+    from grounding.experiment.config import TrainConfig
+    from grounding.experiment.rows import apply_rows_settings, rows_settings
+    from grounding.heatmap import HeatmapConfig, extract_heatmaps
+    pipe = tiny_pipe()
+    a = LearnablePrompts(pipe.tokenizer, pipe.text_encoder)
+    with torch.no_grad():
+        a.anatomy.add_(0.5 * torch.randn_like(a.anatomy))
+    own = HeatmapConfig(num_steps=10, family="phantom", layers=(5, 6), window=(400, 700))
+    save_rows(a, tmp_path / "rows.safetensors", own, (400, 800))
+    assert rows_settings(tmp_path / "rows.safetensors") == {"layers": (5, 6), "num_steps": 10, "window": (400, 700)}
+    b = load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder), tmp_path / "rows.safetensors")
+    assert b.heatmap_settings == {"layers": (5, 6), "num_steps": 10, "window": (400, 700)}
+    image = _inputs(pipe)[0]
+    texts = ["left lower atelectasis"]
+    default = extract_heatmaps(pipe, image, texts, prompts=b)
+    assert torch.equal(default, extract_heatmaps(pipe, image, texts, own, prompts=b))
+    preset = extract_heatmaps(pipe, image, texts, HeatmapConfig(family="phantom"), prompts=b)   # explicit wins
+    assert (default - preset).abs().max() > 1e-3
+
+    # an older file (no settings) loads, and carries none
+    save_rows(a, tmp_path / "old.safetensors")
+    assert load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder), tmp_path / "old.safetensors").heatmap_settings is None
+
+    # evaluate.py / classify.py: the rows' settings replace the config's unless given on the command line
+    cfg = TrainConfig()
+    window, said = apply_rows_settings(cfg, str(tmp_path / "rows.safetensors"))
+    assert (cfg.layers, cfg.num_inference_steps, window) == ([5, 6], 10, (400, 700))
+    assert "layers (5, 6), 10 DDIM steps, window [400, 700)" in said
+    cfg = TrainConfig(num_inference_steps=50)
+    window, said = apply_rows_settings(cfg, str(tmp_path / "rows.safetensors"), ["num_inference_steps=50"])
+    assert (cfg.layers, cfg.num_inference_steps) == ([5, 6], 50)
+    assert "num_inference_steps=50 from the command line instead of the rows' 10" in said
+    cfg = TrainConfig()
+    window, said = apply_rows_settings(cfg, str(tmp_path / "old.safetensors"))
+    assert window is None and cfg.num_inference_steps == 100 and "records no heatmap settings" in said
+
+    # a damaged record is named
+    from ldm.weights.safetensors import load_file, read_header, save_file
+    meta = dict(read_header(tmp_path / "rows.safetensors")["__metadata__"], heatmap='{"layers": [5]}')
+    save_file(load_file(tmp_path / "rows.safetensors"), tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"bad.safetensors: __metadata__ 'heatmap'"):
+        load_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder), tmp_path / "bad.safetensors")

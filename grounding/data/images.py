@@ -22,7 +22,7 @@ def load_image(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
     if path.lower().endswith((".dcm", ".dicom")):
-        return _load_dicom(path)
+        return load_dicom(path)[0]
     try:
         with Image.open(path) as im:
             if im.mode == "F":  # 32-bit float (TIFF): the values themselves, not convert("L")'s 8-bit clip
@@ -49,18 +49,96 @@ def _float_image(arr, path):
     return (arr - lo) / max(hi - lo, 1e-6)
 
 
-def _load_dicom(path):
+def load_dicom(path):
+    """A DICOM X-ray -> (float32 (H, W) array in [0, 1], {what was applied}), displayed as the file asks
+    (DICOM PS3.3 C.11: stored values -> modality LUT -> VOI LUT -> presentation):
+
+      1. rescale: y = RescaleSlope * stored + RescaleIntercept (the modality LUT of CR / DX images);
+      2. VOI: the first VOI LUT table of the file, else its first window (centre c, width w) through its VOI LUT
+         Function (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the rescaled values;
+      3. MONOCHROME1 (bone dark) is inverted, so that dense is bright as in every other format.
+    One frame only: a multi-frame file is refused (which frame would be the X-ray?). pydicom is optional.
+    """
     try:
-        import pydicom  # optional: only users with raw VinDr DICOMs need it
+        import pydicom  # optional: only users with raw DICOMs (VinDr-CXR) need it
     except ImportError as e:
-        raise ImportError(f"{path} is DICOM but pydicom is not installed; `pip install pydicom` or convert "
-                          "the images to PNG first (most VinDr-CXR users do)") from e
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array.astype(np.float32)
-    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        arr = 1.0 - arr  # MONOCHROME1 stores bone dark: invert so that dense is bright as everywhere else
-    return arr
+        raise ImportError(f"{path} is DICOM but pydicom is not installed; `pip install pydicom`, or convert the "
+                          "images to PNG first (scripts/vindr_to_png.py does it with this same reading)") from e
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom's InvalidDicomError, a truncated header, ...: one clear message
+        raise ValueError(f"cannot read DICOM {path}: {e}") from e
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ValueError(f"{path} holds {frames} frames (NumberOfFrames); one X-ray per file is expected: "
+                         "export the frame you mean as its own file")
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"{path}: PhotometricInterpretation {photometric}; only greyscale (MONOCHROME1/2) DICOM "
+                         "X-rays are read: export it as a PNG")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # compressed pixel data without a decoder, truncated pixel data, no PixelData
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+        raise ValueError(f"cannot decode the pixels of DICOM {path} (transfer syntax {syntax}): {e}. Truncated "
+                         "file? Compressed data needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
+                         "pylibjpeg-openjpeg") from e
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    x = stored.astype(np.float64) * slope + intercept                      # 1. modality LUT
+    info = {"rows": int(ds.Rows), "columns": int(ds.Columns), "photometric": photometric,
+            "rescale": [slope, intercept]}
+    lut = getattr(ds, "VOILUTSequence", None)
+    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+    if lut:                                                                 # 2. VOI: a table ...
+        y, info["voi"] = _voi_table(lut[0], x), f"VOI LUT table 1 of {len(lut)}"
+    elif center is not None and width is not None:                          # ... or a window ...
+        c, w = _first(center), _first(width)
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        y, info["voi"] = _window(x, c, w, function, path), f"window centre {c:g}, width {w:g} ({function})"
+    else:                                                                   # ... or the values' own range
+        y, info["voi"] = (x - x.min()) / max(float(x.max() - x.min()), 1e-6), "none in the file: min-max"
+    if photometric == "MONOCHROME1":                                        # 3. presentation
+        y = 1.0 - y
+    info["inverted"] = photometric == "MONOCHROME1"
+    return y.astype(np.float32), info
+
+
+def _first(value):
+    """The first of a possibly multi-valued DICOM number (the default view when a file offers several)."""
+    try:
+        return float(value)
+    except TypeError:   # pydicom's MultiValue
+        return float(value[0])
+
+
+def _window(x, c, w, function, path):
+    """PS3.3 C.11.2.1.2: the VOI window, output range [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if function == "LINEAR_EXACT":
+        if w <= 0:
+            raise ValueError(f"{path}: WindowWidth {w:g} must be > 0 for LINEAR_EXACT")
+        return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+    if function != "LINEAR":
+        raise ValueError(f"{path}: VOILUTFunction {function!r} is not one of LINEAR, LINEAR_EXACT, SIGMOID")
+    if w < 1:
+        raise ValueError(f"{path}: WindowWidth {w:g} must be >= 1 for the LINEAR window")
+    # below c - 0.5 - (w-1)/2 -> 0, above c - 0.5 + (w-1)/2 -> 1, linear between
+    return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0) if w > 1 else (x > c - 0.5).astype(np.float64)
+
+
+def _voi_table(item, x):
+    """PS3.3 C.11.2.1.1: a VOI LUT table. LUTDescriptor = (entries, first value mapped, bits); values below the first
+    take entry 0, above the last the last entry. The output is scaled by the table's own range (some files declare
+    16 bits and hold 12)."""
+    n, first, _ = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536                                         # 0 entries means 2^16
+    data = item.LUTData
+    table = np.frombuffer(data, "<u2")[:n] if isinstance(data, bytes) else np.asarray(data, dtype=np.float64)
+    table = table.astype(np.float64)
+    y = table[np.clip(np.round(x - first).astype(np.int64), 0, len(table) - 1)]
+    return (y - table.min()) / max(float(table.max() - table.min()), 1e-6)
 
 
 def image_size(path):
