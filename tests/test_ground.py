@@ -102,7 +102,9 @@ def test_phrase_maps_equal_extract_heatmaps(setup):
         for i in range(2):
             assert torch.allclose(out[i]["maps"][(r.name, "prompt")]["phrase"], ref[i], atol=1e-6), r.name
         swapped = extract_heatmaps(pipe, images[:1], [swap_sides(batch[0].text)], r.cfg, prompts)[0]
-        assert torch.allclose(out[0]["maps"][(r.name, "swapped")]["phrase"], swapped, atol=1e-6)
+        # the reference inverts this image alone, ground_batch inverts it beside the other: batched convolutions round
+        # differently (seen up to 8e-6), a wrong column or reading differs by > 0.05
+        assert torch.allclose(out[0]["maps"][(r.name, "swapped")]["phrase"], swapped, atol=5e-5)
         assert (r.name, "swapped") not in out[1]["maps"] or "phrase" not in out[1]["maps"][(r.name, "swapped")]
     # words differ from the phrase (the columns are really sliced), and the raw maps are (T, L, N)
     assert (out[0]["maps"][("tuned", "prompt")]["left"] - out[0]["maps"][("tuned", "prompt")]["phrase"]).abs().max() > 0.05
