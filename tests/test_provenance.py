@@ -148,7 +148,8 @@ def test_overrides_anywhere_on_the_command_line(tmp_path, capsys):
                                   "lr=-1e-4", "num_inference_steps=0", "val_pairs=0", "eval_pairs=-2",
                                   "layers=[2,-1]", "layers=[2,2]", "on_missing=ignore", "optimizer=lion",
                                   "train_window=[700,400]", "layers=foo", "layers=5", "views=PA",
-                                  "train_window=[400,x]", "device=foo", "out_dir="])
+                                  "train_window=[400,x]", "device=foo", "out_dir=", "alpha=1e30", "eps=1",
+                                  "lr=1e3", "w_loc=1e30", "seed=99999999999999999999", "seed=-1"])
 def test_bad_values_are_named_when_the_config_is_loaded(item):
     key = item.split("=")[0]
     with pytest.raises(ValueError, match=f"config key '{key}(\\[\\d\\])?'"):     # a list item: 'train_window[1]'
@@ -163,6 +164,20 @@ def test_config_files_that_are_not_yaml_and_where_an_unknown_key_came_from(tmp_p
     (tmp_path / "ok.yaml").write_text("lr: 0.1\n")
     with pytest.raises(ValueError, match=r"\['max_step'\] \(from the command line\)"):
         load_config(TrainConfig, str(tmp_path / "ok.yaml"), ["max_step=2"])
+
+
+def test_a_key_given_twice_a_binary_file_and_an_empty_path(tmp_path):
+    (tmp_path / "twice.yaml").write_text("max_steps: 6\nseed: 0\nmax_steps: 7\n")
+    with pytest.raises(ValueError, match=r"twice.yaml: key 'max_steps' is given twice \(lines 1 and 3\)"):
+        load_config(TrainConfig, str(tmp_path / "twice.yaml"))
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(ValueError, match=f"config file {tmp_path / 'binary.yaml'} cannot be read as YAML"):
+        load_config(TrainConfig, str(tmp_path / "binary.yaml"))
+    (tmp_path / "empty_path.yaml").write_text("vindr_csv:\nlut_path: x.json\n")
+    cfg = load_config(TrainConfig, str(tmp_path / "empty_path.yaml"), ["lut_path="])   # empty = not configured
+    assert (cfg.vindr_csv, cfg.lut_path) == ("", "")
+    with pytest.raises(ValueError, match="config key 'out_dir'"):       # a key with a real default stays required
+        load_config(TrainConfig, None, ["out_dir="])
 
 
 def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
