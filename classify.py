@@ -60,7 +60,7 @@ def main(argv=None):
                    "<config out_dir>/learned_rows.safetensors if it exists; else the tuned source is left out)")
     p.add_argument("--out", default="runs/classify", help="output folder")
     p.add_argument("overrides", nargs="*", help="key=value: TrainConfig or ClassifyConfig keys")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
     try:
         train_over, cls_over = split_overrides(args.overrides)
         cfg = load_config(TrainConfig, args.config, train_over)

@@ -58,9 +58,9 @@ def parse_args(argv=None):
                    "(by tuned-minus-frozen mIoU); 0 = no report.html")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
-    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
+    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0), ("report_pairs", 0)):
         if getattr(args, flag) < low:
-            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback

@@ -188,6 +188,13 @@ def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
     with pytest.raises(SystemExit):
         parse_args(["ckpt_every=0"])                                         # was: ZeroDivisionError at step 1
     assert "config key 'ckpt_every': must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "phantom", "--report-pairs", "-2"])       # was: accepted
+    assert "--report-pairs must be >= 0, got -2" in capsys.readouterr().err
+    import classify                                                          # overrides on both sides of a flag
+    with pytest.raises(SystemExit):
+        classify.main(["--config", "/nonexistent.yaml", "threads=1", "--out", "/tmp/x", "seed=1"])
+    assert "config file /nonexistent.yaml does not exist" in capsys.readouterr().err   # was: unrecognized arguments
 
 
 def test_layer_indices_are_checked_against_the_model():
