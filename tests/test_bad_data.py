@@ -96,6 +96,26 @@ def test_mscxr_split_values_outside_the_release_are_counted(tmp_path):
     assert rep["split '' not one of train/val/test (skipped)"] == 1
 
 
+def test_nan_boxes_are_dropped_and_repeated_rows_are_one_box(tmp_path):
+    """A NaN coordinate was clipped to the full width (max(0, nan) = 0, min(W, nan) = W) and scored; a repeated CSV
+    row counted as a second box of its pair (halving that pair's CNR under the reference protocol)."""
+    rel = "files/p10/p10000000/s50000000/d0.jpg"
+    _img(str(tmp_path / rel))
+    rows = [["d0", "Cardiomegaly", "enlarged heart", rel, "nan", 10, 20, 15, 40, 30, "test"],
+            ["d0", "Cardiomegaly", "enlarged heart", rel, 5, 10, 20, 15, 40, 30, "test"],
+            ["d0", "Pneumothorax", "left pneumothorax", rel, 5, 10, "inf", 15, 40, 30, "test"],
+            ["d0", "Lung Opacity", "left opacity", rel, 5, 10, 20, 15, 40, 30, "test"],
+            ["d0", "Lung Opacity", "left opacity", rel, 5, 10, 20, 15, 40, 30, "test"],     # the row above, again
+            ["d0", "Lung Opacity", "left opacity", rel, 1, 1, 20, 15, 40, 30, "test"]]
+    _csv(str(tmp_path / "ms.csv"), MSCXR_COLS + ["split"], rows)
+    pairs, rep = ds.read_mscxr(str(tmp_path / "ms.csv"), str(tmp_path))
+    assert [(p["category"], p["boxes"]) for p in pairs] == [("Cardiomegaly", [(5.0, 10.0, 20.0, 15.0)]),
+                                                            ("Lung Opacity", [(5.0, 10.0, 20.0, 15.0), (1.0, 1.0, 20.0, 15.0)])]
+    assert rep["box with a NaN or infinite coordinate (dropped)"] == 2 and "CSV row 2: d0 / Cardiomegaly" in str(rep)
+    assert rep["pair with no box left (dropped)"] == 1                    # the pneumothorax pair's one box was inf
+    assert rep["duplicate box of a pair (merged)"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sources.load: the config's paths and what the curation leaves
 
