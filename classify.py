@@ -84,7 +84,8 @@ def main(argv=None):
     if args.prompts:
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
         load_rows(prompts, args.prompts)
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])  # crop-band drops at the model size
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"],  # crop-band drops at the model size
+                        lut_dir=args.out)  # a LUT built here goes under --out, not into the training run's folder
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
     # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config
     hcfgs = {m: eval_heatmap_config(cfg, pipe.family, m == "tuned") for m in ("frozen", "tuned")}

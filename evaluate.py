@@ -92,11 +92,13 @@ def main(argv=None):
 
     rank, world = distributed.setup(cfg.device)
     out = args.out or f"runs/eval_{args.split}"
-    os.makedirs(out, exist_ok=True)
+    provenance.check_writable(out, "evaluate.py --out")
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
+    # a LUT built here goes under --out: never into the training run's folder (cfg.out_dir), whose LUT is compared
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"], lut_dir=out)
+    os.makedirs(out, exist_ok=True)  # the inputs checked out: only now is the output folder made
     pairs = all_pairs = data.pairs(args.split)
     if args.limit:
         pairs = pairs[:args.limit]

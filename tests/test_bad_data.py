@@ -166,6 +166,21 @@ def test_an_imagenome_root_that_does_not_exist_names_the_config_key(tiny_world, 
         sources.load(_mimic_cfg(tiny_world, tmp_path, "imagenome_root=/no/scene_graph"), need_samples=False)
 
 
+def test_an_evaluation_never_writes_the_training_runs_lut(tiny_world, tmp_path):
+    """evaluate.py replaced the run's lut.json when its data differed: the LUT the rows were tuned with was lost."""
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    data = sources.load(_mimic_cfg(tiny_world, run), write_lut=False)     # train.py: written once the run starts
+    assert not run.exists()
+    data.save_lut()
+    saved = json.loads((run / "lut.json").read_text())
+    saved["lut"]["left lung"] = [[100.0, 200.0, 30.0, 60.0]]               # the run was tuned on another LUT
+    (run / "lut.json").write_text(json.dumps(saved))
+    before = (run / "lut.json").read_bytes()
+    data = sources.load(_mimic_cfg(tiny_world, run), need_samples=False, lut_dir=str(ev))   # evaluate.py
+    assert (run / "lut.json").read_bytes() == before and (ev / "lut.json").exists()
+    assert f"differs from the training run's {run / 'lut.json'}" in data.report and "left lung" in data.report
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A broken LUT file
 
