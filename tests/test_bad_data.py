@@ -114,6 +114,7 @@ def test_nan_boxes_are_dropped_and_repeated_rows_are_one_box(tmp_path):
     assert rep["box with a NaN or infinite coordinate (dropped)"] == 2 and "CSV row 2: d0 / Cardiomegaly" in str(rep)
     assert rep["pair with no box left (dropped)"] == 1                    # the pneumothorax pair's one box was inf
     assert rep["duplicate box of a pair (merged)"] == 1
+    assert rep["pairs with several boxes (kept, grouped)"] == 1           # the opacity pair, not the cardiomegaly one
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -245,13 +245,14 @@ def _group_pairs(rows, image_root, on_missing, report, source):
         if not _check_header(path, on_missing, report, where, size=(first["W"], first["H"])):
             continue
         boxes = [b for b in (_clip_box(*r["box"], first["W"], first["H"], report, key, r.get("where")) for r in rs) if b]
-        if len(set(boxes)) < len(boxes):  # a repeated CSV row is the same box, not a second one (it would halve CNR)
-            report.add("duplicate box of a pair (merged)", key, n=len(boxes) - len(set(boxes)))
+        repeated = len(boxes) - len(set(boxes))
+        if repeated:  # a repeated CSV row is the same box, not a second one (it would halve CNR)
+            report.add("duplicate box of a pair (merged)", key, n=repeated)
             boxes = list(dict.fromkeys(boxes))
         if not boxes:
             report.add("pair with no box left (dropped)", key)
             continue
-        if len(rs) > 1:
+        if len(boxes) > 1:
             report.add("pairs with several boxes (kept, grouped)")
         subject_id, study_id = _ids_from_path(first["rel_path"])
         out.append(dict(pair_id=f"{dicom_id}_{n_per_image[dicom_id]:02d}", dicom_id=dicom_id, image_path=path,
