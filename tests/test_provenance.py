@@ -148,6 +148,9 @@ def test_resume_and_overwrite_rules(tmp_path):
         with pytest.raises(SystemExit, match=f"{key}: .* even --force cannot"):
             _prepare(_cfg(tmp_path, lr=0.2, **{key: value}), resume=True, force=True)
     assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.resume_step3.yaml", "config.yaml"]
+    _prepare(_cfg(tmp_path, lr=0.3), resume=True, force=True)               # another change at the same step
+    assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.yaml").read_text())["lr"] == 0.01   # kept
+    assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.2.yaml").read_text())["lr"] == 0.3
 
 
 def test_a_run_that_never_starts_leaves_nothing_and_a_second_run_is_refused(tmp_path):

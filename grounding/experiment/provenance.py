@@ -389,7 +389,11 @@ def _check_run_dir(cfg, run, ckpt, first, new, resume, force, overwrite, write):
                              f"(they are written to config.resume_step{state['step']}.yaml; config.yaml keeps the first).")
         if diffs and write:
             print(f"--force: resuming with changed settings: {_format(diffs)}")
-            run.pending.append((new, os.path.join(cfg.out_dir, f"config.resume_step{state['step']}.yaml")))
+            base, n = os.path.join(cfg.out_dir, f"config.resume_step{state['step']}"), 2
+            path = base + ".yaml"
+            while os.path.exists(path):  # a second --force at the same step: keep the first one's record too
+                path, n = f"{base}.{n}.yaml", n + 1
+            run.pending.append((new, path))
     if write and (not resume or not os.path.exists(first)):
         run.pending.append((new, first))
 
