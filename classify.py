@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="read every input, print one report of what is found and "
                    "missing, write nothing (grounding/experiment/preflight.py); exit 1 if anything is missing")
     p.add_argument("overrides", nargs="*", help="key=value: TrainConfig or ClassifyConfig keys")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
     try:
         train_over, cls_over = split_overrides(args.overrides)
         cfg = load_config(TrainConfig, args.config, train_over)
@@ -92,7 +92,8 @@ def main(argv=None):
     if args.prompts:
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
         load_rows(prompts, args.prompts)
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])  # crop-band drops at the model size
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"],  # crop-band drops at the model size
+                        lut_dir=args.out)  # a LUT built here goes under --out, not into the training run's folder
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
     # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config,
     # or of the rows file (apply_rows_settings above)

@@ -61,9 +61,9 @@ def parse_args(argv=None):
                    "is found and missing, write nothing; exit 1 if anything is missing (preflight.py)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come before, between or after the flags
-    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0)):
+    for flag, low in (("batch", 1), ("bootstrap", 1), ("limit", 0), ("overlays", 0), ("report_pairs", 0)):
         if getattr(args, flag) < low:
-            p.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:  # a bad key or value: its message, not a traceback
@@ -101,11 +101,13 @@ def main(argv=None):
 
     rank, world = distributed.setup(cfg.device)
     out = args.out or f"runs/eval_{args.split}"
-    os.makedirs(out, exist_ok=True)
+    provenance.check_writable(out, "evaluate.py --out")
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     check_layers("layers", cfg.layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
+    # a LUT built here goes under --out: never into the training run's folder (cfg.out_dir), whose LUT is compared
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"], lut_dir=out)
+    os.makedirs(out, exist_ok=True)  # the inputs checked out: only now is the output folder made
     pairs = all_pairs = data.pairs(args.split)
     if args.limit:
         pairs = pairs[:args.limit]

@@ -116,14 +116,22 @@ def noisy_latents(pipe, data, indices, train_ts, cfg, hcfg, uncond, gen=None):
 # prompt tuning
 
 
-def tune(cfg, resume=False):
+def tune(cfg, resume=False, run=None):
     rank, world = distributed.setup(cfg.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])   # checked before any data is read
     check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, image_size=pipe.image["size"])
+    data = sources.load(cfg, image_size=pipe.image["size"], write_lut=False)
+    if cfg.batch_size * world > len(data.samples):  # every step would see samples twice over: hours per step
+        raise ValueError(f"config key 'batch_size': {cfg.batch_size}" + (f" x {world} processes" if world > 1 else "")
+                         + f" is larger than the tuning set ({len(data.samples)} samples); use at most "
+                         f"{len(data.samples) // world} (the paper uses 1)")
+    if run is not None:  # the model and the data checked out: the run begins (config.yaml written)
+        run.start()
+    if rank == 0:
+        data.save_lut()  # a LUT built from the gold boxes goes into the run folder (out_dir/lut.json)
     say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
     say(data.report)
     if rank == 0:  # the curated tuning set as used (image, view, prompt of every sample), for inspection
@@ -154,6 +162,9 @@ def tune(cfg, resume=False):
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         step0 = ckpt["step"]
         say(f"resumed from {ckpt_path} at step {step0}")
+        if step0 >= cfg.max_steps:
+            say(f"the run is already past max_steps ({step0} steps done >= max_steps {cfg.max_steps}): no tuning "
+                f"step; the rows are those of step {step0} (raise max_steps to tune further)")
 
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
     hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers),
@@ -225,7 +236,10 @@ def tune(cfg, resume=False):
             say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
                 f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
                 f"({data.val_note})")
-    say(f"tuning done: {cfg.max_steps - step0} steps in {time.time() - t0:.0f}s")
+    say(f"tuning done: {max(0, cfg.max_steps - step0)} steps in {time.time() - t0:.0f}s")
+    if rank == 0 and not cfg.n_ctx and not prompts.drift().any():  # e.g. zero loss weights: no gradient reached them
+        say("note: the learned rows are EXACTLY their starting embeddings: tuning changed nothing (check lr, alpha, "
+            "w_div / w_loc and the loss in the progress bar)")
     if rank == 0:
         save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"),   # + the settings they are read with
                   provenance.eval_heatmap_config(cfg, pipe.family, True), cfg.train_window)
@@ -277,13 +291,16 @@ def main(argv=None):
     cfg, args = parse_args(argv)
     if args.check:
         sys.exit(preflight.main(cfg, args.config, "train.py"))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    provenance.prepare_run_dir(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite,
-                               write=int(os.environ.get("RANK", "0")) == 0)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    tune(cfg, resume=args.resume)
+    # the checks and the out_dir lock; nothing is written until the model and data load (run.start() in tune)
+    run = provenance.prepare_run_dir(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite,
+                                     write=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        tune(cfg, resume=args.resume, run=run)
+    finally:
+        run.close()
 
 
 if __name__ == "__main__":

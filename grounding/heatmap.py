@@ -242,8 +242,9 @@ def gaussian_filter(x, sigma, truncate=4.0):
 
 def otsu_threshold(x, nbins=256):
     """Otsu's threshold of one map: 256 bins over [min, max], the split that maximises the between-class
-    variance (as skimage.filters.threshold_otsu), returned as the upper EDGE of the last lower-class bin
-    (skimage returns that bin's centre, which cuts the bin in two and can put part of it above)."""
+    variance, returned as the CENTRE of the last lower-class bin, as skimage's threshold_otsu and
+    threshold_multiotsu (2 classes) return it: the authors' convention, so the pixels of that bin above its centre
+    count as foreground (`x > threshold`)."""
     x = x.detach().flatten().double().cpu()          # a 256-bin histogram: cheap anywhere
     lo, hi = x.min(), x.max()
     if hi <= lo:
@@ -255,8 +256,8 @@ def otsu_threshold(x, nbins=256):
     w2 = hist.flip(0).cumsum(0).flip(0)                   # pixels at or above each bin
     m1 = (hist * centres).cumsum(0) / w1.clamp_min(1e-12)
     m2 = ((hist * centres).flip(0).cumsum(0) / w2.flip(0).clamp_min(1e-12)).flip(0)
-    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return (lo + width * (int(between.argmax()) + 1)).item()
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2    # split after bin k; ties: the first k (as np.argmax)
+    return centres[int(between.argmax())].item()
 
 
 def heatmap_from_maps(maps, image_size, cfg=None, token_mask=None):

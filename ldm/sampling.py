@@ -35,7 +35,17 @@ def sample(pipe, prompts, num_steps=50, guidance_scale=4.0, eta=0.0, generator=N
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + guidance_scale * (out_cond - out_uncond)
         z = pipe.scheduler.step(out, int(t), z, eta=eta, generator=generator)
-    return pipe.vae.decode(z / pipe.scale_factor).float()
+        _check_finite(z, f"the latents after step t={int(t)}", guidance_scale)
+    images = pipe.vae.decode(z / pipe.scale_factor).float()
+    _check_finite(images, "the decoded images", guidance_scale)
+    return images
+
+
+def _check_finite(x, what, guidance_scale):
+    """NaN / inf would be written as a black picture (to_pil clips them): stop and name the likely setting."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"sampling: {what} hold NaN or inf values (guidance_scale {guidance_scale:g}, sample.py "
+                         "--guidance: a scale that large overflows; the usual range is 1-10)")
 
 
 def to_pil(images, value_range=(0.0, 1.0)):

@@ -190,7 +190,7 @@ class CLIPTokenizer:
     def from_dir(cls, path, pad_id=None, max_length=77):
         """A folder with vocab.json + merges.txt (a diffusers tokenizer/ folder or one we saved).
 
-        pad_id=None reads the pad token from tokenizer_config.json or special_tokens_map.json (SD2 sets "!").
+        pad_id=None reads the pad token as transformers does (`read_pad_token`; SD2 pads with "!").
         """
         path = Path(path)
         for name in ("vocab.json", "merges.txt"):
@@ -299,14 +299,32 @@ def _vocab_from_merges(merges):
 
 def read_pad_token(path):
     """The pad token string an HF tokenizer folder declares (a string, or an AddedToken dict with "content"),
-    or None when neither tokenizer_config.json nor special_tokens_map.json names one."""
+    or None when neither tokenizer_config.json nor special_tokens_map.json names one.
+
+    transformers' precedence (4.x and 5.x alike): special_tokens_map.json overrides tokenizer_config.json, unless
+    tokenizer_config.json holds `added_tokens_decoder` (folders saved since transformers 4.34), which makes it the only
+    source. SD 2.x folders of the older kind name <|endoftext|> in one file and "!" in the other: the pad is "!".
+    """
     path = Path(path)
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (path / name).is_file():
-            pad = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token")
-            if pad is not None:
-                return pad["content"] if isinstance(pad, dict) else pad
+    config = _read_json(path / "tokenizer_config.json")
+    sources = [config]
+    if "added_tokens_decoder" not in config:
+        sources.insert(0, _read_json(path / "special_tokens_map.json"))
+    for d in sources:
+        pad = d.get("pad_token")
+        if pad is not None:
+            return pad["content"] if isinstance(pad, dict) else pad
     return None
+
+
+def _read_json(file):
+    """A JSON object from `file`, {} when the file is absent."""
+    if not file.is_file():
+        return {}
+    d = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -96,6 +96,27 @@ def test_mscxr_split_values_outside_the_release_are_counted(tmp_path):
     assert rep["split '' not one of train/val/test (skipped)"] == 1
 
 
+def test_nan_boxes_are_dropped_and_repeated_rows_are_one_box(tmp_path):
+    """A NaN coordinate was clipped to the full width (max(0, nan) = 0, min(W, nan) = W) and scored; a repeated CSV
+    row counted as a second box of its pair (halving that pair's CNR under the reference protocol)."""
+    rel = "files/p10/p10000000/s50000000/d0.jpg"
+    _img(str(tmp_path / rel))
+    rows = [["d0", "Cardiomegaly", "enlarged heart", rel, "nan", 10, 20, 15, 40, 30, "test"],
+            ["d0", "Cardiomegaly", "enlarged heart", rel, 5, 10, 20, 15, 40, 30, "test"],
+            ["d0", "Pneumothorax", "left pneumothorax", rel, 5, 10, "inf", 15, 40, 30, "test"],
+            ["d0", "Lung Opacity", "left opacity", rel, 5, 10, 20, 15, 40, 30, "test"],
+            ["d0", "Lung Opacity", "left opacity", rel, 5, 10, 20, 15, 40, 30, "test"],     # the row above, again
+            ["d0", "Lung Opacity", "left opacity", rel, 1, 1, 20, 15, 40, 30, "test"]]
+    _csv(str(tmp_path / "ms.csv"), MSCXR_COLS + ["split"], rows)
+    pairs, rep = ds.read_mscxr(str(tmp_path / "ms.csv"), str(tmp_path))
+    assert [(p["category"], p["boxes"]) for p in pairs] == [("Cardiomegaly", [(5.0, 10.0, 20.0, 15.0)]),
+                                                            ("Lung Opacity", [(5.0, 10.0, 20.0, 15.0), (1.0, 1.0, 20.0, 15.0)])]
+    assert rep["box with a NaN or infinite coordinate (dropped)"] == 2 and "CSV row 2: d0 / Cardiomegaly" in str(rep)
+    assert rep["pair with no box left (dropped)"] == 1                    # the pneumothorax pair's one box was inf
+    assert rep["duplicate box of a pair (merged)"] == 1
+    assert rep["pairs with several boxes (kept, grouped)"] == 1           # the opacity pair, not the cardiomegaly one
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sources.load: the config's paths and what the curation leaves
 
@@ -144,6 +165,21 @@ def test_a_configured_vindr_csv_that_does_not_exist_is_an_error(tiny_world, tmp_
 def test_an_imagenome_root_that_does_not_exist_names_the_config_key(tiny_world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config key imagenome_root: /no/scene_graph not found"):
         sources.load(_mimic_cfg(tiny_world, tmp_path, "imagenome_root=/no/scene_graph"), need_samples=False)
+
+
+def test_an_evaluation_never_writes_the_training_runs_lut(tiny_world, tmp_path):
+    """evaluate.py replaced the run's lut.json when its data differed: the LUT the rows were tuned with was lost."""
+    run, ev = tmp_path / "run", tmp_path / "ev"
+    data = sources.load(_mimic_cfg(tiny_world, run), write_lut=False)     # train.py: written once the run starts
+    assert not run.exists()
+    data.save_lut()
+    saved = json.loads((run / "lut.json").read_text())
+    saved["lut"]["left lung"] = [[100.0, 200.0, 30.0, 60.0]]               # the run was tuned on another LUT
+    (run / "lut.json").write_text(json.dumps(saved))
+    before = (run / "lut.json").read_bytes()
+    data = sources.load(_mimic_cfg(tiny_world, run), need_samples=False, lut_dir=str(ev))   # evaluate.py
+    assert (run / "lut.json").read_bytes() == before and (ev / "lut.json").exists()
+    assert f"differs from the training run's {run / 'lut.json'}" in data.report and "left lung" in data.report
 
 
 # ---------------------------------------------------------------------------------------------------------------

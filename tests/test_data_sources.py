@@ -169,12 +169,14 @@ def test_lut_from_the_gold_csv_prints_boxes_per_region(tmp_path):
                 rows.append(_gold_row(image, name, (10 + k + j, 10 + k, 60 + k, 90 + k + j), ann))
     _csv(path, GOLD_HEAD, rows)
     records = [dict(dicom_id=i, image_width=100, image_height=120) for i in "ab"]
-    lut, text = sources._lut(_Cfg(), path, records, str(tmp_path))
+    lut, text, save = sources._lut(_Cfg(), path, records, str(tmp_path))
+    assert not os.path.exists(tmp_path / "lut.json")                      # written only once all data has been read
+    save()
     # two images, one with two annotators: every region averaged over 2 boxes, not 3
     assert "boxes averaged per region: " + ", ".join(f"{r} 2" for r in REGIONS) in text
     assert "gold CSV" in text and os.path.exists(tmp_path / "lut.json") and "left lower" in lut
     # a second run reads the saved LUT, and still says where it came from and how many boxes it averaged
-    again, text2 = sources._lut(_Cfg(lut_path=str(tmp_path / "lut.json")), path, records, str(tmp_path))
+    again, text2, _ = sources._lut(_Cfg(lut_path=str(tmp_path / "lut.json")), path, records, str(tmp_path))
     assert again == lut and "saved earlier" in text2 and "right lung 2, left lung 2" in text2 and "gold CSV" in text2
     with pytest.raises(ValueError, match="imagenome_gold_ids applies to a scene-graph folder"):
         sources._lut(_Cfg(imagenome_gold_ids="ids.txt"), path, records, str(tmp_path))

@@ -175,6 +175,26 @@ def test_train_run_dir_rules_and_final_evaluation_settings(setup):
     assert "config key 'eval_batch': must be > 0" in msg and "Traceback" not in msg
 
 
+def test_runs_that_cannot_learn_or_never_start_say_so(setup):
+    """A batch larger than the tuning set ran for hours; zero loss weights "learned" the starting rows and exited 0;
+    a lowered max_steps under --resume printed "tuning done: -2 steps"; a failed command left an empty
+    runs/eval_<split>/ or a run folder holding only config.yaml."""
+    root = setup["root"]
+    train = [os.path.join(REPO, "train.py"), "--config", setup["config"], "eval_at_end=false"]
+    msg = fails(train + ["out_dir=run_big", "batch_size=100000"], cwd=root)
+    assert "config key 'batch_size': 100000 is larger than the tuning set (" in msg
+    assert not os.path.exists(os.path.join(root, "run_big"))             # the run never started: no folder left
+    log = run(train + ["out_dir=run_still", "w_div=0", "w_loc=0"], cwd=root)
+    assert "the learned rows are EXACTLY their starting embeddings" in log
+    log = run(train + ["out_dir=run_still", "w_div=0", "w_loc=0", "--resume", "max_steps=2"], cwd=root)
+    assert "already past max_steps (4 steps done >= max_steps 2)" in log and "tuning done: 0 steps" in log
+    assert "EXACTLY" not in run(train + ["out_dir=run_moves"], cwd=root)  # the usual run moves its rows
+    msg = fails([os.path.join(REPO, "evaluate.py"), "--split", "mscxr", "--config", setup["config"],
+                 "weights=/nonexistent", "--out", "fresh/ev_never"], cwd=root)
+    msg += fails(train + ["out_dir=fresh/never", "weights=/nonexistent"], cwd=root)
+    assert msg.count("/nonexistent: no model.yaml") == 2 and not os.path.exists(os.path.join(root, "fresh"))
+
+
 def test_evaluation_refuses_rows_of_other_prompts(setup):
     from grounding.experiment.rows import save_rows
     from grounding.prompts import LearnablePrompts

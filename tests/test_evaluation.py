@@ -26,7 +26,9 @@ def _model_map():
 
 
 @pytest.fixture
-def fake_extraction(monkeypatch):
+def fake_extraction(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)                      # the pair's image file: its bytes go into each row's digest
+    (tmp_path / "unused.png").write_bytes(b"image bytes")
     monkeypatch.setattr(ev, "preprocess", lambda path, image_cfg: torch.zeros(1, 4, 4))
     monkeypatch.setattr(ev, "extract_heatmaps_shared", lambda pipe, images, variants: [
         [torch.stack([_model_map()] * len(texts))] * len(cfgs) for texts, _, cfgs in variants])
@@ -100,11 +102,27 @@ def test_resume_rescores_a_row_whose_pair_prompt_changed(fake_extraction, tmp_pa
     ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
     changed = dict(_pair(), prompt="right edema")        # e.g. a VinDr prompt from a rebuilt LUT, same pair id
     rows = ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
-    assert "scored with another prompt" in capsys.readouterr().out and rows[0]["prompt"] == "right edema"
+    assert "scored on another version of their pair" in capsys.readouterr().out and rows[0]["prompt"] == "right edema"
     assert ev.read_rows(path)["p0"]["prompt"] == "right edema"          # the new row is the one a resume reads
     ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
-    assert "another prompt" not in capsys.readouterr().out
+    assert "another version" not in capsys.readouterr().out
     assert [json.loads(l)["prompt"] for l in open(path)] == ["right edema"]   # a resume rewrites one row per pair
+
+
+def test_resume_rescores_a_pair_whose_data_was_edited_in_place(fake_extraction, tmp_path, capsys):
+    """The provenance record names the data by path only: a box or an image edited since was still resumed."""
+    path = str(tmp_path / "rows.jsonl")
+    record = {"weights": "w", "code": "c"}
+    ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    assert "another version" not in capsys.readouterr().out             # unchanged: resumed
+    moved = dict(_pair(), boxes=[(0, 2, 4, 4), (4, 8, 4, 4)])           # one box edited in the CSV
+    rows = ev.evaluate_pairs(_Pipe(), [moved], None, rows_path=path, record=record)
+    assert "1 rows were scored on another version" in capsys.readouterr().out
+    assert rows[0]["cnr"] == cnr(ev.to_original(_model_map(), 8, 16), moved["boxes"])
+    (tmp_path / "unused.png").write_bytes(b"other image bytes")          # the image replaced under the same name
+    ev.evaluate_pairs(_Pipe(), [moved], None, rows_path=path, record=record)
+    assert "1 rows were scored on another version" in capsys.readouterr().out
 
 
 def test_swap_table_without_one_sided_prompts_says_so(fake_extraction):

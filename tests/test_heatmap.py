@@ -117,9 +117,21 @@ def test_gaussian_filter_by_hand():
 def test_otsu_splits_two_modes():
     x = torch.cat([torch.full((50,), 0.1), torch.full((30,), 0.8)]) + torch.linspace(0, 0.05, 80)
     thr = otsu_threshold(x)
-    # every threshold in the empty gap separates equally well; like skimage the first one wins
-    assert 0.13 < thr < 0.8
-    assert ((x > thr) == (torch.arange(80) >= 50)).all()
+    # every split in the empty gap separates equally well; like skimage the first one wins, and the threshold is the
+    # centre of the low mode's top bin: the one low value above that centre counts as foreground (skimage too)
+    width = (x.max() - x.min()) / 256
+    assert x[49] - width / 2 < thr < x[49] and ((x > thr) == (torch.arange(80) >= 49)).all()
+
+
+def test_otsu_threshold_is_the_bin_centre():
+    """Hand-computed: 4 bins over [0, 1], centres .125 .375 .625 .875, counts [4, 1, 0, 3]. Between-class
+    variance w1 w2 (m1 - m2)^2 of the split after bin k: k=0: 4*4*(.125 - .75)^2 = 6.25; k=1: 5*3*(.175 - .875)^2
+    = 7.35; k=2: the same 7.35 (bin 2 is empty), the first wins. The threshold is bin 1's centre, 0.375 (skimage's
+    convention), not its upper edge 0.5: the 0.45 pixel, in bin 1 above its centre, is foreground."""
+    x = torch.tensor([0.0, 0.1, 0.1, 0.2, 0.45, 0.8, 0.9, 1.0])
+    assert torch.histc(x, bins=4, min=0, max=1).tolist() == [4, 1, 0, 3]
+    assert otsu_threshold(x, nbins=4) == pytest.approx(0.375)
+    assert (x > otsu_threshold(x, nbins=4)).tolist() == [False] * 4 + [True] * 4
 
 
 def test_heatmap_from_maps_normalises_each_map():

@@ -61,6 +61,28 @@ def test_rows_from_other_settings_are_refused_or_moved_aside(tmp_path, capsys):
     assert not os.path.exists(path) and "fresh file" in capsys.readouterr().out
     assert open(str(tmp_path / "rows_tuned.stale.jsonl")).read().count("pair_id") == 2
     assert json.load(open(path + ".provenance.json"))["prompts"] == "frozen:cccc"
+    # a second change of settings sets its rows aside under a new name: the first set is never overwritten
+    _rows(path, ["p0", "p1", "p2"])
+    provenance.check_rows(path, RECORD, on_mismatch="fresh")
+    assert open(str(tmp_path / "rows_tuned.stale.jsonl")).read().count("pair_id") == 2
+    assert open(str(tmp_path / "rows_tuned.stale.2.jsonl")).read().count("pair_id") == 3
+    assert json.load(open(tmp_path / "rows_tuned.stale.2.provenance.json"))["prompts"] == "frozen:cccc"
+
+
+def test_the_code_version_covers_code_not_settings(tmp_path):
+    """Editing tune.yaml made the version dirty, so --resume set every evaluation row aside and recomputed it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "tune.yaml").write_text("lr: 0.1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    clean = provenance.code_version(str(tmp_path))
+    assert clean and "dirty" not in clean and clean != "unknown"
+    (tmp_path / "tune.yaml").write_text("lr: 0.2  # edited\n")
+    assert provenance.code_version(str(tmp_path)) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.code_version(str(tmp_path)).startswith(clean + "+dirty.")
 
 
 def test_a_live_lock_stops_a_second_writer_and_a_dead_one_is_taken_over(tmp_path):
@@ -93,31 +115,105 @@ def _cfg(tmp_path, **kw):
     return TrainConfig(out_dir=str(tmp_path / "run"), **kw)
 
 
+def _prepare(cfg, **kw):
+    """prepare_run_dir, then the run starts (config files written) and ends; returns the checkpoint's config."""
+    run = provenance.prepare_run_dir(cfg, **kw)
+    run.start()
+    run.close()
+    return run.saved
+
+
 def test_resume_and_overwrite_rules(tmp_path):
     cfg = _cfg(tmp_path, lr=0.05)
-    provenance.prepare_run_dir(cfg)                                           # a new run: config.yaml written
+    _prepare(cfg)                                                             # a new run: config.yaml written
     first = tmp_path / "run" / "config.yaml"
     assert yaml.safe_load(first.read_text())["lr"] == 0.05
     torch.save({"step": 3, "prompts": {}, "opt": {}, "config": dataclasses.asdict(cfg)}, str(tmp_path / "run" / "ckpt.pt"))
     with pytest.raises(SystemExit, match="already holds a checkpoint"):      # no silent replacement
-        provenance.prepare_run_dir(cfg)
+        _prepare(cfg)
     # a longer run and another device are a resume; another lr or seed is not
-    assert provenance.prepare_run_dir(_cfg(tmp_path, lr=0.05, max_steps=900, device="cuda"), resume=True)["lr"] == 0.05
+    assert _prepare(_cfg(tmp_path, lr=0.05, max_steps=900, device="cuda"), resume=True)["lr"] == 0.05
     with pytest.raises(SystemExit) as err:
-        provenance.prepare_run_dir(_cfg(tmp_path, lr=0.01, seed=4), resume=True)
+        _prepare(_cfg(tmp_path, lr=0.01, seed=4), resume=True)
     assert "lr: 0.05 -> 0.01" in str(err.value) and "seed: 0 -> 4" in str(err.value)
-    provenance.prepare_run_dir(_cfg(tmp_path, lr=0.01), resume=True, force=True)
+    _prepare(_cfg(tmp_path, lr=0.01), resume=True, force=True)
     assert yaml.safe_load(first.read_text())["lr"] == 0.05                   # the run's first config is kept
     assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.yaml").read_text())["lr"] == 0.01
     with pytest.raises(SystemExit, match="--force goes with --resume"):
-        provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), force=True)
-    provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2), overwrite=True)      # explicit: a new run in its place
+        _prepare(_cfg(tmp_path, lr=0.2), force=True)
+    _prepare(_cfg(tmp_path, lr=0.2), overwrite=True)      # explicit: a new run in its place
     assert yaml.safe_load(first.read_text())["lr"] == 0.2
     # settings that change the checkpoint's tensors or optimiser state: not even --force, and nothing written
     for key, value in (("n_ctx", 2), ("shared_tokens", "frozen"), ("optimizer", "sgd")):
         with pytest.raises(SystemExit, match=f"{key}: .* even --force cannot"):
-            provenance.prepare_run_dir(_cfg(tmp_path, lr=0.2, **{key: value}), resume=True, force=True)
+            _prepare(_cfg(tmp_path, lr=0.2, **{key: value}), resume=True, force=True)
     assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.resume_step3.yaml", "config.yaml"]
+    _prepare(_cfg(tmp_path, lr=0.3), resume=True, force=True)               # another change at the same step
+    assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.yaml").read_text())["lr"] == 0.01   # kept
+    assert yaml.safe_load((tmp_path / "run" / "config.resume_step3.2.yaml").read_text())["lr"] == 0.3
+
+
+def test_a_run_that_never_starts_leaves_nothing_and_a_second_run_is_refused(tmp_path):
+    """A failed command left an empty folder or a config.yaml; two train.py runs in one out_dir both finished and
+    mixed their files."""
+    cfg = TrainConfig(out_dir=str(tmp_path / "runs" / "new"))
+    run = provenance.prepare_run_dir(cfg)                                     # checks passed; the model fails to load
+    assert os.listdir(tmp_path / "runs" / "new") == ["train.lock"]
+    run.close()
+    assert not os.path.exists(tmp_path / "runs")                              # every folder made for the lock is gone
+    _prepare(TrainConfig(out_dir=str(tmp_path / "run"), lr=0.5))             # a finished run
+    run = provenance.prepare_run_dir(TrainConfig(out_dir=str(tmp_path / "run"), lr=0.7), overwrite=True)
+    run.close()                                                               # --overwrite, but the run never started
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 0.5     # its config is kept
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from grounding.experiment import provenance
+from grounding.experiment.config import TrainConfig
+provenance.prepare_run_dir(TrainConfig(out_dir={str(tmp_path / "busy")!r}))
+print("locked", flush=True)
+time.sleep(60)"""], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=f"another train.py run \\(pid {holder.pid} on {os.uname().nodename}"):
+            provenance.prepare_run_dir(TrainConfig(out_dir=str(tmp_path / "busy")))
+    finally:
+        holder.kill()
+        holder.wait()
+    provenance.prepare_run_dir(TrainConfig(out_dir=str(tmp_path / "busy"))).close()   # its owner is gone: taken over
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_any_work(tmp_path):
+    """Was: a PermissionError traceback once the run got to its first write. As root, permissions do not stop a
+    write, so the check runs as the user nobody there."""
+    import pathlib, shutil, tempfile
+    shared = pathlib.Path(tempfile.mkdtemp(prefix="ro-check-"))              # /tmp: the user nobody can reach it
+    request_cleanup = lambda: shutil.rmtree(shared, ignore_errors=True)
+    (shared / "ro").mkdir()
+    os.chmod(shared, 0o777)
+    os.chmod(shared / "ro", 0o555)
+    code = ("import sys\nfrom grounding.experiment import provenance\n"
+            f"for folder, what in (({str(shared / 'ro' / 'run')!r}, 'config key out_dir'), "
+            f"({str(shared / 'ro')!r}, 'evaluate.py --out'), ({str(shared)!r}, 'writable')):\n"
+            "    try:\n        provenance.check_writable(folder, what)\n"
+            "    except SystemExit as e:\n        print(e, file=sys.stderr)\nsys.exit(1)\n")
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if subprocess.run(["setpriv", "--help"], capture_output=True).returncode != 0:
+            pytest.skip("running as root without setpriv: no user to whom the folder is read-only")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+        if subprocess.run(cmd[:-1] + ["import grounding"], capture_output=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).returncode != 0:
+            pytest.skip("the user nobody cannot run this Python or read the checkout")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                             env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    finally:
+        request_cleanup()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"config key out_dir {shared / 'ro' / 'run'}: cannot write there (it would be made in {shared / 'ro'})" \
+        in out.stderr and "chmod u+w" in out.stderr
+    assert f"evaluate.py --out {shared / 'ro'}: cannot write there: Permission denied" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 2                          # the open folder passes
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04truncated", None])
@@ -148,7 +244,8 @@ def test_overrides_anywhere_on_the_command_line(tmp_path, capsys):
                                   "lr=-1e-4", "num_inference_steps=0", "val_pairs=0", "eval_pairs=-2",
                                   "layers=[2,-1]", "layers=[2,2]", "on_missing=ignore", "optimizer=lion",
                                   "train_window=[700,400]", "layers=foo", "layers=5", "views=PA",
-                                  "train_window=[400,x]", "device=foo", "out_dir="])
+                                  "train_window=[400,x]", "device=foo", "out_dir=", "alpha=1e30", "eps=1",
+                                  "lr=1e3", "w_loc=1e30", "seed=99999999999999999999", "seed=-1"])
 def test_bad_values_are_named_when_the_config_is_loaded(item):
     key = item.split("=")[0]
     with pytest.raises(ValueError, match=f"config key '{key}(\\[\\d\\])?'"):     # a list item: 'train_window[1]'
@@ -165,6 +262,20 @@ def test_config_files_that_are_not_yaml_and_where_an_unknown_key_came_from(tmp_p
         load_config(TrainConfig, str(tmp_path / "ok.yaml"), ["max_step=2"])
 
 
+def test_a_key_given_twice_a_binary_file_and_an_empty_path(tmp_path):
+    (tmp_path / "twice.yaml").write_text("max_steps: 6\nseed: 0\nmax_steps: 7\n")
+    with pytest.raises(ValueError, match=r"twice.yaml: key 'max_steps' is given twice \(lines 1 and 3\)"):
+        load_config(TrainConfig, str(tmp_path / "twice.yaml"))
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(ValueError, match=f"config file {tmp_path / 'binary.yaml'} cannot be read as YAML"):
+        load_config(TrainConfig, str(tmp_path / "binary.yaml"))
+    (tmp_path / "empty_path.yaml").write_text("vindr_csv:\nlut_path: x.json\n")
+    cfg = load_config(TrainConfig, str(tmp_path / "empty_path.yaml"), ["lut_path="])   # empty = not configured
+    assert (cfg.vindr_csv, cfg.lut_path) == ("", "")
+    with pytest.raises(ValueError, match="config key 'out_dir'"):       # a key with a real default stays required
+        load_config(TrainConfig, None, ["out_dir="])
+
+
 def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
     import evaluate
     with pytest.raises(SystemExit):
@@ -173,6 +284,13 @@ def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
     with pytest.raises(SystemExit):
         parse_args(["ckpt_every=0"])                                         # was: ZeroDivisionError at step 1
     assert "config key 'ckpt_every': must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--split", "phantom", "--report-pairs", "-2"])       # was: accepted
+    assert "--report-pairs must be >= 0, got -2" in capsys.readouterr().err
+    import classify                                                          # overrides on both sides of a flag
+    with pytest.raises(SystemExit):
+        classify.main(["--config", "/nonexistent.yaml", "threads=1", "--out", "/tmp/x", "seed=1"])
+    assert "config file /nonexistent.yaml does not exist" in capsys.readouterr().err   # was: unrecognized arguments
 
 
 def test_layer_indices_are_checked_against_the_model():

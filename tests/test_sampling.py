@@ -55,3 +55,9 @@ def test_sample_checks_its_arguments_before_loading(args, message, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--weights", "/nonexistent-weights", "--prompt", "x", *args])
     assert message in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_an_overflowing_guidance_is_an_error_not_a_black_picture():
+    with pytest.raises(ValueError, match=r"NaN or inf.*guidance_scale 1e\+30.*--guidance"):
+        sample(tiny_pipe(), ["left effusion"], num_steps=3, guidance_scale=1e30, generator=torch.Generator().manual_seed(0))

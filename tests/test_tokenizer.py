@@ -5,6 +5,7 @@ truncation, decode and the positions of a phrase in a prompt.
 transformers 5 has only the `tokenizers`-backed CLIPTokenizer (the old slow one is gone); it normalises with
 NFC + whitespace collapse + lowercase and does not html-unescape, so "&amp;" is the one documented difference.
 """
+import json
 import random
 import warnings
 
@@ -290,3 +291,26 @@ def phrase_positions(tok, prompt, phrase, all_occurrences=False):
         raise ValueError(f"phrase_positions: {phrase!r} lies past position {tok.max_length - 2} of "
                          f"{prompt!r}, which is cut by truncation")
     return positions
+
+
+@pytest.mark.parametrize("modern", [False, True])
+def test_pad_token_precedence_matches_transformers(small, tmp_path, modern):
+    """SD 2.x tokenizer folders of 2022 name <|endoftext|> in tokenizer_config.json and "!" in
+    special_tokens_map.json; transformers pads with "!" (= 0). A folder saved since transformers 4.34 holds
+    added_tokens_decoder, and then tokenizer_config.json alone decides."""
+    transformers = pytest.importorskip("transformers")
+    small.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["pad_token"] = EOS
+    if modern:
+        config["added_tokens_decoder"] = {str(small.encoder[t]): {"content": t, "special": True, "lstrip": False,
+                                          "rstrip": False, "normalized": False, "single_word": False}
+                                          for t in (BOS, EOS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": "!"}), encoding="utf-8")
+    hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    ours = CLIPTokenizer.from_dir(tmp_path)
+    assert ours.pad_id == hf.pad_token_id == (small.encoder[EOS] if modern else 0)
+    texts = ["left lower lobe atelectasis", "effusion", "right upper lobe opacity and small pleural effusion"]
+    compare(f"ids, files disagreeing (modern={modern})", ours(texts), hf_ids(hf, texts))

@@ -16,6 +16,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 import re
 import zlib
@@ -163,8 +164,11 @@ def _number(value, where, column):
         raise ValueError(f"{where}: column {column!r} = {value!r} is not a number") from None
 
 
-def _clip_box(x, y, w, h, W, H, report, key):
+def _clip_box(x, y, w, h, W, H, report, key, row=None):
     """Clip (x, y, w, h) to the W x H image; count clipped and empty boxes. Returns the box or None."""
+    if not all(math.isfinite(v) for v in (x, y, w, h)):  # max(0, nan) is 0 and min(W, nan) is W: a full-width box
+        report.add("box with a NaN or infinite coordinate (dropped)", f"{row}: {key}" if row else key)
+        return None
     x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(W), x + w), min(float(H), y + h)
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         report.add("box clipped to the image", key)
@@ -268,11 +272,15 @@ def _group_pairs(rows, image_root, on_missing, report, source):
             continue
         if not _check_header(path, on_missing, report, where, size=(first["W"], first["H"])):
             continue
-        boxes = [b for b in (_clip_box(*r["box"], first["W"], first["H"], report, key) for r in rs) if b]
+        boxes = [b for b in (_clip_box(*r["box"], first["W"], first["H"], report, key, r.get("where")) for r in rs) if b]
+        repeated = len(boxes) - len(set(boxes))
+        if repeated:  # a repeated CSV row is the same box, not a second one (it would halve CNR)
+            report.add("duplicate box of a pair (merged)", key, n=repeated)
+            boxes = list(dict.fromkeys(boxes))
         if not boxes:
             report.add("pair with no box left (dropped)", key)
             continue
-        if len(rs) > 1:
+        if len(boxes) > 1:
             report.add("pairs with several boxes (kept, grouped)")
         subject_id, study_id = _ids_from_path(first["rel_path"])
         out.append(dict(pair_id=f"{dicom_id}_{n_per_image[dicom_id]:02d}", dicom_id=dicom_id, image_path=path,

@@ -43,16 +43,31 @@ def _check_type(name, value, annotation):
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(f"config file {key_node.start_mark.name}: key {key!r} is given twice (lines "
+                                 f"{seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls, path=None, overrides=()):
     """Build `cls` (a dataclass) from a YAML file and `key=value` strings; later sources win."""
     values, source = {}, {}
     if path is not None:
         try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.load(f, Loader=_StrictLoader) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
-        except (OSError, yaml.YAMLError) as e:  # a folder, unreadable, or not YAML
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a folder, unreadable, binary, or not YAML
             raise ValueError(f"config file {path} cannot be read as YAML ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if not loaded:
@@ -69,6 +84,8 @@ def load_config(cls, path=None, overrides=()):
         source[key.strip()] = "the command line"
     values = _drop_retired(cls, values, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # an empty value (`vindr_csv=` or `vindr_csv:`) of a key whose default is "" means "not configured"
+    values = {k: "" if v is None and k in fields and fields[k].default == "" else v for k, v in values.items()}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         where = sorted({source.get(k, "the command line") for k in unknown})
@@ -134,6 +151,20 @@ def check_train_config(cfg):
     from grounding.data.curation import check_views
     check_views(cfg.views)
     check_layers("layers", cfg.layers)
+    if not 0 <= cfg.seed < 2 ** 32:  # torch's generators take 64-bit seeds, and each draw's seed is derived from it
+        raise ValueError(f"config key 'seed': must be in [0, 2**32), got {cfg.seed}")
+    # settings beyond which tuning cannot learn: the rows would stay at their start and the run would "succeed"
+    for key, hi, why in (("alpha", 100.0, "the Gaussian's weight in the target (Eq. 3; paper 0.1): past ~1e19 the "
+                                          "target's norm overflows float32, the loss sits at 1 and no gradient flows"),
+                         ("eps", 1.0, "the Gaussian's support threshold (Eq. 3; paper 1e-5): a Gaussian peaks at 1, "
+                                      "so eps >= 1 leaves no support"),
+                         ("lr", 10.0, "the learning rate (paper 1e-4)"),
+                         ("w_div", 1000.0, "the weight of L_div (paper 1)"), ("w_loc", 1000.0, "the weight of L_loc (paper 1)")):
+        value = getattr(cfg, key)
+        if not value < hi:
+            raise ValueError(f"config key {key!r}: {value!r} is outside the range where tuning learns (it must be "
+                             f"below {hi:g}): "
+                             f"it is {why}")
     if not cfg.out_dir:
         raise ValueError("config key 'out_dir': must name a folder (runs/NAME)")
     import torch
@@ -157,7 +188,7 @@ def save_config(cfg, path):
 class TrainConfig:
     # --- the run ---------------------------------------------------------------------------------------------------
     out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
-    seed: int = 0                            # the paper does not report a seed (single run)
+    seed: int = 0                            # in [0, 2**32); the paper does not report a seed (single run)
     device: str = "cpu"                      # "cpu" | "cuda"
     autocast: str = "none"                   # "none" | "bf16" | "fp16": text encoder + UNet forwards of the tuning step,
                                              # inversions and heatmaps under torch.autocast; maps and losses stay fp32

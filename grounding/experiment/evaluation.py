@@ -10,6 +10,7 @@ redoing finished pairs (only rows made by the same weights/prompts/settings/code
 torchrun each rank takes every world_size-th pair and rank 0 gathers.
 """
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -33,6 +34,14 @@ def score(heatmap, boxes, protocol="reference"):
     return {"cnr": cnr(heatmap, boxes, signed=True, protocol=protocol),
             "miou": miou(heatmap, boxes, protocol=protocol), "auc": auc_roc(heatmap, boxes),
             "auc_binned5": auc_binned5(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
+
+
+def pair_digest(pair):
+    """What a row was scored on: the image's bytes and recorded size, the boxes, the prompt and the class (sha256,
+    16 hex digits). A row whose pair has another digest now (data edited in place) is not resumed."""
+    what = [provenance.file_digest_cached(pair["image_path"]), pair.get("image_width"), pair.get("image_height"),
+            [list(map(float, b)) for b in pair["boxes"]], pair["prompt"], pair["category"]]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def read_rows(path):
@@ -94,14 +103,13 @@ def evaluate_models(pipe, pairs, models, batch_size=16, rank=0, world_size=1, sw
                 provenance.check_rows(m.rows_path, {**m.record, "metric_protocol": protocol, "swap": swap},
                                       on_mismatch)
             done[m.name] = _resume(m.rows_path) if m.rows_path else {}
-            # a row counts only for the pair as it is now: the data record names the files, not e.g. the LUT that
-            # synthesises VinDr prompts, so a pair whose prompt or class changed is scored again (last row wins)
+            # a row counts only for the pair as it is now: the data record names the files by path, not what they
+            # hold, so a pair whose image bytes, size, boxes, prompt or class changed since is scored again
             stale = [p["pair_id"] for p in mine if p["pair_id"] in done[m.name]
-                     and (done[m.name][p["pair_id"]].get("prompt"), done[m.name][p["pair_id"]].get("category"))
-                     != (p["prompt"], p["category"])]
+                     and done[m.name][p["pair_id"]].get("pair_digest") != pair_digest(p)]
             if stale:
-                print(f"{m.rows_path}: {len(stale)} rows were scored with another prompt or class than their pair "
-                      f"has now (e.g. {stale[0]}): scoring them again")
+                print(f"{m.rows_path}: {len(stale)} rows were scored on another version of their pair (its image, "
+                      f"boxes, prompt or class changed since, e.g. {stale[0]}): scoring them again")
             for pair_id in stale:
                 del done[m.name][pair_id]
             n_done = sum(p["pair_id"] in done[m.name] for p in mine)
@@ -185,7 +193,7 @@ def _score_pair(pair, heatmap, swapped=None, protocol="reference"):
                              "model's forward produced NaN (autocast fp16 overflow? try autocast: bf16 or none)")
     full = to_original(heatmap, pair["image_width"], pair["image_height"])
     row = {"pair_id": pair["pair_id"], "category": pair["category"], "prompt": pair["prompt"], "protocol": protocol,
-           **score(full, pair["boxes"], protocol)}
+           **score(full, pair["boxes"], protocol), "pair_digest": pair_digest(pair)}
     side, _ = prompt_side(pair["prompt"])
     if swapped is not None and side is not None:
         swapped = to_original(swapped, pair["image_width"], pair["image_height"])

@@ -8,7 +8,8 @@ Three things live here, each used by train.py, evaluate.py and grounding/experim
   out_dir), and says which keys differ;
 - a lock file `<rows>.lock` so that two evaluations writing one rows file at once do not both do the work and
   interleave their rows: the second one stops with a message naming the first one's process id.
-And the run-directory rules of train.py (--resume, --force, --overwrite; `prepare_run_dir`).
+And the run-directory rules of train.py (--resume, --force, --overwrite, one run per out_dir; `prepare_run_dir`),
+and `check_writable`, which every script calls on its output folders before any work.
 """
 import dataclasses
 import hashlib
@@ -16,6 +17,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -36,6 +38,18 @@ def file_digest(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+_FILE_CACHE = {}  # (path, size, mtime_ns) -> digest: an image shared by several pairs is read once
+
+
+def file_digest_cached(path):
+    """file_digest, computed once per (path, size, mtime) in a process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_CACHE:
+        _FILE_CACHE[key] = file_digest(path)
+    return _FILE_CACHE[key]
 
 
 _FOLDER_CACHE = {}  # (path, [(name, size, mtime_ns)]) -> digest: a folder of weights is hashed once per process
@@ -75,15 +89,18 @@ def prompts_digest(prompts):
     return f"{prompts.shared_tokens}:{tensor_digest(prompts.anatomy, prompts.ctx)}"
 
 
-def code_version():
-    """The git commit of this checkout (short), plus '+dirty.<hash of the diff>' when tracked files were edited."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def code_version(repo=None):
+    """The git commit of this checkout (short), plus '+dirty.<hash of the diff>' when tracked Python files were edited.
+
+    Code only: editing a config (tune.yaml, as the README invites) does not make earlier rows "made by other code";
+    the settings that decide a row are recorded on their own (heatmap settings, data, metric protocol)."""
+    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo, timeout=30).stdout
         head = run("rev-parse", "--short", "HEAD").strip()
         if not head:
             return "unknown"
-        diff = run("diff", "HEAD")
+        diff = run("diff", "HEAD", "--", ":(top)*.py")                # every .py of the checkout, at any depth
         return head + (f"+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -164,13 +181,25 @@ def check_rows(rows_path, record, on_mismatch="error"):
             if on_mismatch == "error":
                 raise SystemExit(f"{what}. Refusing to mix them into this table: use another --out, or delete "
                                  f"{rows_path} to recompute.")
-            stale = rows_path[:-len(".jsonl")] if rows_path.endswith(".jsonl") else rows_path
-            os.replace(rows_path, stale + ".stale.jsonl")
+            stale = _free_stale_name(rows_path)
+            os.replace(rows_path, stale + ".jsonl")
             if os.path.exists(meta_path):
-                os.replace(meta_path, stale + ".stale.provenance.json")
-            print(f"{what}: moved to {stale}.stale.jsonl; starting a fresh file")
+                os.replace(meta_path, stale + ".provenance.json")
+            print(f"{what}: moved to {stale}.jsonl; starting a fresh file")
     with open(meta_path, "w") as f:
         json.dump({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
+
+
+def _free_stale_name(rows_path):
+    """`<rows>.stale`, or `<rows>.stale.2`, `.stale.3`, ... : the first name whose .jsonl and .provenance.json are both
+    free, so that rows set aside are never overwritten by rows set aside later."""
+    stem = rows_path[:-len(".jsonl")] if rows_path.endswith(".jsonl") else rows_path
+    n = 1
+    while True:
+        name = f"{stem}.stale" + (f".{n}" if n > 1 else "")
+        if not os.path.exists(name + ".jsonl") and not os.path.exists(name + ".provenance.json"):
+            return name
+        n += 1
 
 
 def _alive(pid):
@@ -183,7 +212,8 @@ def _alive(pid):
     return True
 
 
-def acquire_lock(path):
+def acquire_lock(path, holder="another evaluation", doing="is writing these rows",
+                 remedy="Wait for it to finish, or use another --out"):
     """Create the lock file `path` (pid, host), or stop when a live process on this host holds it.
 
     A lock left by a process that died (killed, crashed) is taken over with a note.
@@ -200,16 +230,16 @@ def acquire_lock(path):
                 other = {}
             same_host = other.get("host") == me["host"]
             if not same_host or _alive(int(other.get("pid", -1))) and other.get("pid") != me["pid"]:
-                raise SystemExit(f"{path}: another evaluation (pid {other.get('pid')} on {other.get('host')}, "
-                                 f"since {other.get('since')}) is writing these rows. Wait for it to finish, or use "
-                                 f"another --out; delete {path} if that process no longer runs.") from None
+                raise SystemExit(f"{path}: {holder} (pid {other.get('pid')} on {other.get('host')}, "
+                                 f"since {other.get('since')}) {doing}. {remedy}; delete {path} if that process no "
+                                 "longer runs.") from None
             print(f"{path}: taking over a lock left by pid {other.get('pid')}, which no longer runs")
             os.remove(path)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return path
-    raise SystemExit(f"{path}: could not take the lock; delete it if no evaluation is running")
+    raise SystemExit(f"{path}: could not take the lock; delete it if no {holder.split()[-1]} is running")
 
 
 def release_lock(path):
@@ -243,22 +273,94 @@ def read_checkpoint(path, map_location="cpu"):
     return state
 
 
-def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):
-    """Check out_dir against this invocation before anything runs; write config.yaml only for a new run.
+def check_writable(folder, what):
+    """Stop before any work when `folder` cannot be written: the folder itself, or, when it does not exist yet, the
+    nearest existing folder above it (where it would be made). Tried by creating a temporary file, which is what
+    counts (a read-only mount, permissions, another user's folder)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise SystemExit(f"{what} {folder}: {path} is a file, not a folder; choose another folder")
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        where = "" if path == os.path.abspath(folder) else f" (it would be made in {path})"
+        raise SystemExit(f"{what} {folder}: cannot write there{where}: {e.strerror}. Choose a writable folder, or "
+                         f"make it writable (chmod u+w {path})") from None
 
+
+@dataclasses.dataclass
+class Run:
+    """train.py's run folder between the checks and the end of the run (prepare_run_dir).
+
+    The folder holds a lock (`train.lock`: pid, host) from the checks on, so a second train.py on the same out_dir
+    stops; nothing else is written until `start()` (the model and the data have loaded): a command that fails
+    before that leaves no config.yaml, and a folder made only for the lock is removed again by `close()`.
+    """
+    saved: dict = None                                   # the checkpoint's config when resuming, else None
+    lock: str = None
+    pending: list = dataclasses.field(default_factory=list)   # [(config dict, path)] written by start()
+    made: list = dataclasses.field(default_factory=list)      # folders made for the lock, deepest first
+    started: bool = False
+
+    def start(self):
+        for d, path in self.pending:
+            save_yaml(d, path)
+        self.started = True
+
+    def close(self):
+        release_lock(self.lock)
+        self.lock = None
+        if not self.started:  # the run never began: leave no empty folder behind
+            for folder in self.made:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
+
+def _make_dirs(folder):
+    """os.makedirs, returning the folders it made (deepest first)."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return made
+
+
+def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True):
+    """Check out_dir against this invocation before anything runs; returns a Run (lock held on rank 0).
+
+    - out_dir must be writable (check_writable), and no other train.py may be running in it (the lock);
     - a checkpoint exists, no --resume and no --overwrite: stop (a run is never replaced silently);
     - --resume: the checkpoint's config must match this one except RESUME_FREE_KEYS (stop, naming the keys,
       unless --force); config.yaml, the run's first config, is kept and a changed config goes to
       config.resume_step<N>.yaml.
-    Returns the checkpoint's saved config (dict) when resuming, else None.
+    The config files are written by Run.start(), once the model and data have loaded; call Run.close() at the end.
     """
     ckpt = os.path.join(cfg.out_dir, "ckpt.pt")
     first = os.path.join(cfg.out_dir, "config.yaml")
     new = dataclasses.asdict(cfg)
-    saved = None
     if force and not resume or resume and overwrite:
         raise SystemExit("--force goes with --resume (continue with changed settings); --overwrite starts a new run "
                          "instead: pass one of them")
+    check_writable(cfg.out_dir, "config key out_dir")
+    run = Run()
+    if write:  # rank 0: the lock first, so that the checks below see what no other run is changing
+        run.made = _make_dirs(cfg.out_dir)
+        run.lock = acquire_lock(os.path.join(cfg.out_dir, "train.lock"), holder="another train.py run",
+                                doing="is using this out_dir", remedy="Wait for it to finish, or choose another out_dir")
+    try:
+        _check_run_dir(cfg, run, ckpt, first, new, resume, force, overwrite, write)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _check_run_dir(cfg, run, ckpt, first, new, resume, force, overwrite, write):
     if os.path.exists(ckpt) and not resume and not overwrite:
         raise SystemExit(f"{cfg.out_dir} already holds a checkpoint ({ckpt}). Pass --resume to continue that run, "
                          f"--overwrite to start a new one in its place, or choose another out_dir=...")
@@ -271,6 +373,7 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
         if saved is None and os.path.exists(first):  # a checkpoint from before configs were stored in it
             with open(first) as f:
                 saved = yaml.safe_load(f)
+        run.saved = saved
         retired = tuple(getattr(type(cfg), "RETIRED_KEYS", {}))   # keys older runs recorded that no longer exist
         diffs = differences(saved or {}, new, ignore=RESUME_FREE_KEYS + retired) if saved is not None else []
         if saved is None:
@@ -286,10 +389,13 @@ def prepare_run_dir(cfg, resume=False, force=False, overwrite=False, write=True)
                              f"(they are written to config.resume_step{state['step']}.yaml; config.yaml keeps the first).")
         if diffs and write:
             print(f"--force: resuming with changed settings: {_format(diffs)}")
-            save_yaml(new, os.path.join(cfg.out_dir, f"config.resume_step{state['step']}.yaml"))
+            base, n = os.path.join(cfg.out_dir, f"config.resume_step{state['step']}"), 2
+            path = base + ".yaml"
+            while os.path.exists(path):  # a second --force at the same step: keep the first one's record too
+                path, n = f"{base}.{n}.yaml", n + 1
+            run.pending.append((new, path))
     if write and (not resume or not os.path.exists(first)):
-        save_yaml(new, first)
-    return saved
+        run.pending.append((new, first))
 
 
 def save_yaml(d, path):

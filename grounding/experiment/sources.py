@@ -35,6 +35,11 @@ class Data:
     vindr: list               # VinDr-CXR test pairs with synthesised prompts ([] when not configured)
     report: str               # counts of everything dropped, by reason
     val_note: str = ""        # what the validation pairs are, and whether the final table scores them too
+    lut_writer: object = None  # writes the LUT built here (load(write_lut=False) leaves that to the caller)
+
+    def save_lut(self):
+        if self.lut_writer:
+            self.lut_writer()
 
     @property
     def test_pairs(self):
@@ -80,10 +85,11 @@ def _paths(cfg):
 
 
 def _lut(cfg, imagenome, mimic_records, out_dir):
-    """The saved LUT if there is one, else built from the Chest ImaGenome gold boxes (and saved next to the run).
+    """The saved LUT if there is one, else built from the Chest ImaGenome gold boxes (to be saved in out_dir).
 
     imagenome: the gold CSV (gold_bbox_coordinate_annotations_1000images.csv) or a folder of *_SceneGraph.json
-    (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report).
+    (restricted to the ids in cfg.imagenome_gold_ids when that is set). Returns (lut, lines for the data report,
+    save: a function that writes a built LUT, or None): load() saves it only once all the data has been read.
     """
     if cfg.lut_path and os.path.exists(cfg.lut_path):
         lut = load_lut(cfg.lut_path)  # checks the file before its provenance keys are read here
@@ -91,7 +97,7 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
             saved = json.load(f)
         return lut, (f"LUT {cfg.lut_path} (saved earlier; delete it to rebuild from {imagenome}), "
                      f"built from {saved.get('source', 'an unrecorded source')}\n"
-                     f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}")
+                     f"  boxes averaged per region: {saved.get('boxes_per_region', '(not recorded)')}"), None
     if not imagenome:
         raise ValueError("no LUT: set the config key imagenome_root (the Chest ImaGenome gold CSV or a scene-graph "
                          "folder) or lut_path (a saved LUT)")
@@ -113,11 +119,26 @@ def _lut(cfg, imagenome, mimic_records, out_dir):
                                                    " (no imagenome_gold_ids: EVERY graph in the folder)")
     lut, counts = build_lut(graphs)
     path = cfg.lut_path or os.path.join(out_dir, "lut.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     per_region = ", ".join(f"{r} {n}" for r, n in counts.items())
-    save_lut(lut, path, source=f"{len(graphs)} images of {source}", boxes_per_region=per_region)
+    save = lambda: save_lut(lut, path, source=f"{len(graphs)} images of {source}", boxes_per_region=per_region)
     return lut, (f"LUT built from {len(graphs)} images of {source}, saved to {path}\n{report}\n"
-                 f"  boxes averaged per region: {per_region}")
+                 f"  boxes averaged per region: {per_region}"), save
+
+
+def _compare_run_lut(lut, run_dir):
+    """A line naming how `lut` differs from the LUT a training run in run_dir saved (its rows were tuned on it)."""
+    path = os.path.join(run_dir, "lut.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        theirs = load_lut(path)
+    except ValueError as e:
+        return f"note: the training run's LUT {path} cannot be read ({e})"
+    differ = sorted(k for k in set(lut) | set(theirs) if lut.get(k) != theirs.get(k))
+    if not differ:
+        return f"LUT: the same as the training run's {path}"
+    return (f"note: this LUT differs from the training run's {path}, which its learned rows were tuned with, in "
+            f"{len(differ)} location(s) (e.g. {', '.join(differ[:3])}); that file is left as it is")
 
 
 MSCXR_SPLITS = ("all", "train", "val", "test")
@@ -163,18 +184,24 @@ def _no_samples(cfg, n_train, reports, lines):
             f"check the config keys {keys} and views {list(cfg.views)}. The data report so far:\n" + "\n".join(lines))
 
 
-def load(cfg, need_samples=True, image_size=512):
+def load(cfg, need_samples=True, image_size=512, lut_dir=None, write_lut=True):
     """Everything an experiment reads, from `cfg.data` ("phantom" | "mimic").
 
     image_size: the model's input side (pipe.image["size"]); boxes the centre crop cuts away are dropped for it.
+    lut_dir: where a LUT built here is saved (default cfg.out_dir, train.py's run folder; evaluate.py passes its
+    --out, so that it never writes into a training run's folder, and the run's own LUT is compared instead). Nothing
+    is written until every input has been read; write_lut=False leaves it to the caller (Data.save_lut: train.py
+    writes into its run folder only once the run starts).
     """
     mimic, reports, mscxr_csv, imagenome, vindr_csv, vindr_dir, description = _paths(cfg)
     lines = []
     on_missing = getattr(cfg, "on_missing", "error")  # "skip": missing/unreadable images are counted, not fatal
     records, mimic_rep = ds.read_mimic(mimic, reports, on_missing=on_missing)
     lines.append(str(mimic_rep))
-    lut, lut_line = _lut(cfg, imagenome, records, cfg.out_dir)
+    lut, lut_line, save_lut_file = _lut(cfg, imagenome, records, lut_dir or cfg.out_dir)
     lines.append(lut_line)
+    if lut_dir and os.path.abspath(lut_dir) != os.path.abspath(cfg.out_dir):
+        lines += [line for line in [_compare_run_lut(lut, cfg.out_dir)] if line]
     all_pairs, rep = ds.read_mscxr(mscxr_csv, image_root=mimic, on_missing=on_missing)
     lines.append(str(rep))
     samples = []
@@ -215,5 +242,8 @@ def load(cfg, need_samples=True, image_size=512):
         lines.append(str(rep))
         vindr = cu.vindr_prompts(vpairs, lut)
         lines.append(f"VinDr-CXR pairs: {cu.class_counts(vindr)}")
-    return Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,
-                val_pairs=val_loc, vindr=vindr, report="\n".join(lines), val_note=val_note)
+    data = Data(description=description, samples=samples, lut=lut, mscxr=test, mscxr_loc=test_loc,
+                val_pairs=val_loc, vindr=vindr, report="\n".join(lines), val_note=val_note, lut_writer=save_lut_file)
+    if write_lut:  # the inputs checked out: only now is anything written
+        data.save_lut()
+    return data
