@@ -122,8 +122,6 @@ class UNetConfig(ConfigDict):
     transformer_norm_eps: float = 1e-6  # GroupNorm in front of each spatial transformer (both families)
     flip_sin_to_cos: bool = True  # sinusoid order [cos, sin] (diffusers SD and MONAI alike)
     freq_shift: int = 0  # frequencies exp(-log(10000) * i / (half - freq_shift))
-    # diffusers' SD2 `upcast_attention` has no key here: ldm/attention.py always computes attention in float32
-    retired_keys = frozenset({"upcast_attention"})
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)

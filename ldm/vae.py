@@ -147,8 +147,6 @@ class VAEConfig(ConfigDict):
     mid_block_attention: bool = True
     quant: str = "joint"                 # "joint" (diffusers quant_conv) | "split" (MONAI quant_conv_mu / _log_sigma)
     silu_before_conv_out: bool = True    # MONAI's Encoder/Decoder go GroupNorm -> conv_out with no SiLU between
-    # the latent scale is the pipeline's (model.yaml's top-level scale_factor), not this module's
-    retired_keys = frozenset({"scale_factor"})
 
     def __post_init__(self):
         self.block_out_channels = [int(c) for c in self.block_out_channels]
