@@ -231,7 +231,7 @@ def test_vindr_without_image_labels_converts_every_ild_infiltration_box(tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 # 5. The default phantom world is unchanged by the real-layout writer (the quickstart's numbers depend on it)
 
-DEFAULT_TINY_WORLD_SHA1 = {  # sha1 of the tiny default world's CSVs, as written before layout="real" existed
+DEFAULT_TINY_WORLD_SHA1 = {  # sha1 of the tiny default world's CSVs, as written before the real-layout writer existed
     "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv": "f2177ee259c6a545f54c03a3e6f9d9daa2a6e32b",
     "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv": "286c91bc11fa616157349d6186883d79c4817dd7",
     "ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv": "7654b8c727c6764879adc7f5804e3a8c81e83be3",
@@ -244,5 +244,3 @@ def test_default_world_is_byte_for_byte_unchanged(tiny_world):
         with open(os.path.join(tiny_world, rel), "rb") as f:
             assert hashlib.sha1(f.read()).hexdigest() == sha, rel
     assert not os.path.exists(os.path.join(tiny_world, "mimic-cxr-jpg", "2.0.0"))
-    with pytest.raises(ValueError, match="layout"):
-        ph.build_world(os.path.join(tiny_world, "x"), ph.PhantomConfig.tiny(), layout="physionet")
