@@ -308,13 +308,24 @@ def prompt_contexts(pipe, texts, prompts=None):
     return pipe.text_encoder(ids), positions
 
 
+@torch.no_grad()
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, H, W) in the family's range and one prompt each -> (B, H, W) heatmaps in [0, 1]
-    (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
-    per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
-    (plain text encoder). One variant of extract_heatmaps_shared below."""
+    (float32, on the CPU): the procedure of this file's docstring, step by step. prompts: a LearnablePrompts (tuned
+    model) or None (plain text encoder). The B images are inverted together (one UNet call per step for the whole
+    batch); every per-image operation (min-max, filter, Otsu) stays per image."""
     cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
-    return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
+    device = pipe.unet.conv_in.weight.device
+    images = images.to(device, pipe.unet.conv_in.weight.dtype)
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"extract_heatmaps: {len(texts)} prompts for {images.shape[0]} images")
+    z0 = pipe.vae.encode(images) * pipe.scale_factor                      # 1. (B, C, h, w) scaled latents
+    with autocast(device, cfg.autocast):                                  # the recorded maps stay float32
+        cond, positions = prompt_contexts(pipe, list(texts), prompts)     # (B, 77, D), each prompt's token columns
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))       # (1, 77, D): the trajectory follows ""
+        store = AttentionStore(cfg.resolved_layers(), positions)          # keeps (B, N, S) per (step, layer)
+        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)  # 2-3. invert, record the window's maps
+    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()   # 4-5. maps -> (B, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +334,7 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
 
 @torch.no_grad()
 def extract_heatmaps_shared(pipe, images, variants, fast=True):
-    """Heatmaps of several prompt variants on the SAME images from ONE inversion.
+    """Heatmaps of several prompt variants on the SAME images from ONE inversion: extract_heatmaps, shared.
 
     The inversion follows the "" prompt (guidance 0), so its trajectory does not depend on the prompt or on the
     learned rows: it is computed once, and at every recorded step ONE conditional UNet call runs every variant's
