@@ -68,7 +68,7 @@ def tune(cfg, resume=False):
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
-    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])   # checked before any data is read
+    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, "tuning")])   # checked before any data is read
     check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
     data = load_data(cfg, pipe, say, write=rank == 0)
 
@@ -85,7 +85,7 @@ def tune(cfg, resume=False):
     step0 = resume_checkpoint(ckpt_path, prompts, opt, scaler, cfg, say) if resume else 0
 
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
-    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers),
+    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, layers=tuple(layers),
                          autocast=cfg.autocast)
     train_ts = window_timesteps(inversion_scheduler(pipe.scheduler, hcfg), *cfg.train_window)   # (T,) descending
     say(f"training timesteps ({len(train_ts)}): {train_ts.tolist()}; layers {layers}; noisy latents by {cfg.noisy_latents}")

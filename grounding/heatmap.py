@@ -39,20 +39,22 @@ from grounding.prompts import prompt_positions
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
 
-# Layer presets (cross_index). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid, 5-10 up):
-# tuned = mid + first three decoder layers {4,5,6,7}; frozen baseline {3,4,6,7} + Otsu (the predecessor's
-# choice). All at latent/4 = 16x16. The phantom UNet (6 layers, all 16x16: 0-1 down, 2 mid, 3-5 up) takes the
-# same roles: tuned {2,3,4,5}, baseline {1,2,4,5}.
+# Layer presets (cross_index), per (family, preset). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid,
+# 5-10 up): "tuning" = mid + first three decoder layers {4,5,6,7}, the layers prompt tuning trains and reads;
+# "baseline" = the frozen baseline's {3,4,6,7} + Otsu (the predecessor's choice). All at latent/4 = 16x16. The
+# phantom UNet (6 layers, all 16x16: 0-1 down, 2 mid, 3-5 up) takes the same roles: tuning {2,3,4,5}, baseline
+# {1,2,4,5}.
 # SD1/RoentGen and SD2 (16 layers: 0,1 @64; 2,3 @32; 4,5 @16; 6 mid @8; 7,8,9 @16; 10-12 @32; 13-15 @64):
 # the SD mid layer is 8x8, so the equivalent 16x16 choice is OUR pick, not the paper's:
-#   tuned    (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
+#   tuning   (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
 #   baseline (4, 5, 8, 9): the two 16x16 encoder layers + the 2nd and 3rd decoder layers (as {3,(4),6,7}).
 LAYER_PRESETS = {
-    ("monai_cxr", True): (4, 5, 6, 7), ("monai_cxr", False): (3, 4, 6, 7),
-    ("phantom", True): (2, 3, 4, 5), ("phantom", False): (1, 2, 4, 5),
-    ("sd1", True): (5, 7, 8, 9), ("sd1", False): (4, 5, 8, 9),
-    ("sd2", True): (5, 7, 8, 9), ("sd2", False): (4, 5, 8, 9),
+    ("monai_cxr", "tuning"): (4, 5, 6, 7), ("monai_cxr", "baseline"): (3, 4, 6, 7),
+    ("phantom", "tuning"): (2, 3, 4, 5), ("phantom", "baseline"): (1, 2, 4, 5),
+    ("sd1", "tuning"): (5, 7, 8, 9), ("sd1", "baseline"): (4, 5, 8, 9),
+    ("sd2", "tuning"): (5, 7, 8, 9), ("sd2", "baseline"): (4, 5, 8, 9),
 }
+PRESETS = ("tuning", "baseline")
 
 
 @dataclass
@@ -61,25 +63,30 @@ class HeatmapConfig:
     spacing: str = "trailing"            # timestep spacing used for the inversion (predecessor code)
     window: tuple = TEST_WINDOW          # recorded timesteps, half-open [lo, hi)
     family: str = "monai_cxr"            # picks the layer preset
-    tuned: bool = True                   # the tuned-layer reading (no Otsu), also used for the original rows
-                                         # ("untuned"); False = the frozen baseline protocol (its layers, Otsu)
-    layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, tuned)]
+    preset: str = "tuning"               # which reading: "tuning" = the layers prompt tuning trains, no Otsu (for the
+                                         # tuned rows and the original ones alike, "untuned"); "baseline" = the
+                                         # paper's frozen-baseline protocol (its own layers + Otsu)
+    layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, preset)]
     otsu: Optional[bool] = None          # None = preset: Otsu mask for the frozen baseline only
     sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
     sigma_ref_size: int = 512            # ... scaled linearly with the image size
     resize_mode: str = "bilinear"        # map -> image resize (per-map, after min-max)
     autocast: str = "none"               # "none" | "bf16" | "fp16": text encoder + inversion under torch.autocast
 
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"HeatmapConfig: preset must be one of {PRESETS}, got {self.preset!r}")
+
     def resolved_layers(self):
         if self.layers is not None:
             return tuple(int(i) for i in self.layers)
-        if (self.family, self.tuned) not in LAYER_PRESETS:
+        if (self.family, self.preset) not in LAYER_PRESETS:
             raise ValueError(f"HeatmapConfig: no layer preset for family {self.family!r}; set layers=(...) "
                              f"(presets: {sorted({f for f, _ in LAYER_PRESETS})})")
-        return LAYER_PRESETS[(self.family, self.tuned)]
+        return LAYER_PRESETS[(self.family, self.preset)]
 
     def resolved_otsu(self):
-        return (not self.tuned) if self.otsu is None else bool(self.otsu)
+        return self.preset == "baseline" if self.otsu is None else bool(self.otsu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +321,8 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     (float32, on the CPU): the procedure of this file's docstring, step by step. prompts: a LearnablePrompts (tuned
     model) or None (plain text encoder). The B images are inverted together (one UNet call per step for the whole
     batch); every per-image operation (min-max, filter, Otsu) stays per image."""
-    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None)
+    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"),
+                               preset="tuning" if prompts is not None else "baseline")
     device = pipe.unet.conv_in.weight.device
     images = images.to(device, pipe.unet.conv_in.weight.dtype)
     if len(texts) != images.shape[0]:
