@@ -198,7 +198,7 @@ class TrainingLatents:
 
     noisy_latents "noise": q(z_t | z_0) with fresh noise from the item's generator, every time.
     noisy_latents "inversion": DDIM inversion following the "" prompt, as at test time; the latent for t is the
-    inversion state fed to the UNet at t (reached by the inversion step from the timestep below t). Inversion is
+    inversion state at the next smaller timestep, the one the inversion step to t feeds the UNet. Inversion is
     deterministic, so when every sample's latents fit in latent_cache_mb (the phantom world) they are computed once,
     up front, 32 images per UNet call; at MIMIC scale (6,480 x 30 latents of 3x64x64) each step inverts its image.
     """
@@ -212,7 +212,8 @@ class TrainingLatents:
         cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
         self.cache = {}  # sample index -> (T, 1, C, h, w)
         if cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb:
-            for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images", disable=not progress):
+            for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images",
+                              disable=not progress):
                 chunk = list(range(start, min(start + 32, len(data.samples))))
                 for i, z in zip(chunk, self.compute(chunk).unbind(1)):
                     self.cache[i] = z[:, None]
