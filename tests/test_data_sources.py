@@ -73,6 +73,23 @@ def test_tune_yaml_scores_the_held_out_split_only(tiny_world, tmp_path):
     assert f"MS-CXR-loc pairs scored: {cu.class_counts(data.mscxr_loc)}" in data.report
 
 
+def test_paper_phantom_yaml_is_the_papers_settings_and_tune_yaml_departs_where_it_says():
+    """configs/paper_phantom.yaml: the paper's method settings (docs/paper.md sections 4-6) on the phantom world;
+    tune.yaml differs from it on the method keys its first lines name, and on nothing else."""
+    from grounding.heatmap import LAYER_PRESETS, TRAIN_WINDOW
+    from grounding.losses import PAPER_ALPHA, PAPER_EPS
+    paper = load_config(TrainConfig, os.path.join(REPO, "configs", "paper_phantom.yaml"))
+    quick = load_config(TrainConfig, os.path.join(REPO, "tune.yaml"))
+    assert (paper.w_div, paper.w_loc, paper.lr, paper.batch_size, paper.optimizer) == (1.0, 1.0, 1e-4, 1, "adamw")
+    assert tuple(paper.layers) == LAYER_PRESETS[("phantom", "tuning")] and paper.noisy_latents == "inversion"
+    assert paper.num_inference_steps == 100 and tuple(paper.train_window) == TRAIN_WINDOW
+    assert (paper.alpha, paper.eps, paper.jitter, paper.timesteps_per_step) == (PAPER_ALPHA, PAPER_EPS, 0.05, 0)
+    assert paper.out_dir == "runs/paper_phantom" and paper.mscxr_split == quick.mscxr_split == "test"
+    differ = {f.name for f in dataclasses.fields(TrainConfig) if getattr(paper, f.name) != getattr(quick, f.name)}
+    assert differ == {"noisy_latents", "num_inference_steps", "layers", "w_div", "lr",       # named in tune.yaml
+                      "max_steps", "max_train_samples", "out_dir"}, differ                   # budget and place
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Frontal views only: PA by default, AP on request, lateral never
 
