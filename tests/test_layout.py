@@ -8,7 +8,7 @@ Ranks (an import may only name a module of the same or a LOWER rank):
   3 data          grounding/data/        image reading, dataset readers, reports, weak supervision
   4 phantom       grounding/phantom/     the synthetic world and the pretraining of its tiny LDM
   5 experiment    grounding/experiment/  settings and config files, data sources, evaluation runs, provenance
-  6 entry points  train.py, evaluate.py, convert_weights.py, sample.py, classify.py, scripts/, benchmarks/
+  6 entry points  train.py, evaluate.py, convert_weights.py, sample.py, classify.py, tour.py, scripts/, benchmarks/
 The core (ranks 0 and 2) imports no plumbing (1, 3, 4, 5). The one exception: ldm/__init__.py re-exports
 `load_pipeline` / `save_pipeline` from ldm.weights.folder LAZILY (on first use), because `from ldm import
 load_pipeline` is the documented public interface.
@@ -18,7 +18,7 @@ import os
 import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = ("train", "evaluate", "convert_weights", "sample", "classify", "benchmarks", "scripts")
+ENTRY_POINTS = ("train", "evaluate", "convert_weights", "sample", "classify", "tour", "benchmarks", "scripts")
 ALLOWED = {("ldm/__init__.py", "ldm.weights.folder"), ("ldm/__init__.py", "ldm.weights")}
 
 
