@@ -7,6 +7,7 @@ what it printed and the figures it saved. tour.py -> docs/tour.md is its one use
 The cells run in one namespace, as a notebook's do, with FAST and OUT set in it; a traceback points at the script's
 own line numbers. Figures are drawn with PIL (`figure`), so no plotting package is needed.
 """
+import argparse
 import contextlib
 import io
 import os
@@ -59,9 +60,13 @@ class _Tee(io.StringIO):
 
 
 def run_cells(path, argv=()):
-    """Run the cells of `path`, write out/<name>.md; returns 0 (for sys.exit)."""
-    fast, out = "--fast" in argv, (list(argv) + ["docs"])[list(argv).index("--out") + 1] if "--out" in argv else "docs"
-    ns = {"__name__": "cells", "FAST": fast, "OUT": out}
+    """Run the cells of `path` with the command line `argv`, write OUT/<name>.md; returns 0 (for sys.exit)."""
+    p = argparse.ArgumentParser(prog=os.path.basename(path), description="run the cells, write OUT/<name>.md")
+    p.add_argument("--fast", action="store_true", help="the short run the tests use (fewer steps)")
+    p.add_argument("--out", default="docs", help="folder of <name>.md and its figures (default: docs)")
+    args = p.parse_args(argv)
+    out = args.out
+    ns = {"__name__": "cells", "FAST": args.fast, "OUT": out}
     page = []
     for kind, line, text in split_cells(open(path, encoding="utf-8").read()):
         if kind == "markdown":
