@@ -56,90 +56,24 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints, optimiser, noisy latents
-
-
-def save_checkpoint(path, prompts, opt, scaler, step, cfg):
-    """Atomic: write a temporary file, then rename over the old checkpoint (a crash never leaves half a file)."""
-    tmp = path + ".tmp"
-    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg)}, tmp)  # the settings that made it: --resume compares them
-    os.replace(tmp, path)
-
-
-def make_optimizer(cfg, params):
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    raise ValueError(f"config key 'optimizer': expected adamw | adam | sgd, got {cfg.optimizer!r}")
-
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    """The order of the n tuning samples in `epoch`: a function of (seed, epoch) only."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-
-
-def sample_index(step, k, global_batch, n, seed):
-    """The tuning sample of item k of step's global batch: the items of all steps form one stream of epochs, each
-    epoch a fresh permutation, so every sample is seen once per epoch whatever the batch size."""
-    epoch, pos = divmod(step * global_batch + k, n)
-    return int(epoch_order(n, seed, epoch)[pos])
-
-
-def draw_seed(step, k, global_batch, seed):
-    """The seed of item k's random draws (noise, timestep subset, jitter): distinct for every (step, k)."""
-    return (seed * 1_000_003 + step) * max(64, global_batch) + k
-
-
-def noisy_latents(pipe, data, indices, train_ts, cfg, hcfg, uncond, gen=None):
-    """(T, B, C, h, w) noisy latents of the samples `indices` at the training timesteps (docs/paper.md section 5).
-
-    "inversion": DDIM inversion following the "" context `uncond`, the images of `indices` together (one UNet call
-    per step for the whole chunk), as at test time. "noise": fresh forward noise from `gen` (the paper's other reading).
-    """
-    device = torch.device(cfg.device)
-    with torch.no_grad():
-        x = torch.stack([data.image(data.samples[i], pipe.image) for i in indices]).to(device)
-        z0 = pipe.vae.encode(x) * pipe.scale_factor
-        if cfg.noisy_latents == "noise":
-            return training_latents(pipe, z0, train_ts, mode="noise", generator=gen)
-        with autocast(device, cfg.autocast):
-            return training_latents(pipe, z0, train_ts, mode="inversion", uncond=uncond, cfg=hcfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# prompt tuning
+# prompt tuning: the paper's loop (docs/paper.md section 5)
 
 
 def tune(cfg, resume=False, run=None):
-    rank, world = distributed.setup(cfg.device)
+    """Tune the anatomy rows of the prompt codebook on the curated samples; returns the LearnablePrompts.
+
+    One step (single process, batch 1): pick a sample -> its noisy latents z_t at the T training timesteps -> the
+    cross-attention maps of the prompt at the chosen layers -> L = w_div L_div + w_loc L_loc (grounding/tuning.py
+    `tuning_loss`) -> AdamW step on the anatomy rows only. Data parallelism, resuming, the latent cache, fp16 loss
+    scaling and the NaN stop are the named helpers below; with one process and fp32 each is a no-op.
+    """
+    rank, world = distributed.setup(cfg.device)                          # (0, 1) without torchrun
     say = print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(cfg.device)
     pipe = load_pipeline(cfg.weights, device=cfg.device)
-    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])   # checked before any data is read
+    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, "tuning")])   # checked before any data is read
     check_layers("layers", layers, len(pipe.unet.cross_attention_layers()), f"{cfg.weights} (family {pipe.family})")
-    data = sources.load(cfg, image_size=pipe.image["size"], write_lut=False)
-    if cfg.batch_size * world > len(data.samples):  # every step would see samples twice over: hours per step
-        raise ValueError(f"config key 'batch_size': {cfg.batch_size}" + (f" x {world} processes" if world > 1 else "")
-                         + f" is larger than the tuning set ({len(data.samples)} samples); use at most "
-                         f"{len(data.samples) // world} (the paper uses 1)")
-    if run is not None:  # the model and the data checked out: the run begins (config.yaml written)
-        run.start()
-    if rank == 0:
-        data.save_lut()  # a LUT built from the gold boxes goes into the run folder (out_dir/lut.json)
-    say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
-    say(data.report)
-    if rank == 0:  # the curated tuning set as used (image, view, prompt of every sample), for inspection
-        with open(os.path.join(cfg.out_dir, "tuning_set.jsonl"), "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in data.samples)
-    say(f"tuning samples: {len(data.samples)}; validation pairs: {len(data.val_pairs)}; test pairs: {len(data.test_pairs)}")
-    if cfg.val_every:
-        say(data.val_note)
+    data = load_data(cfg, pipe, say, world, run, write=rank == 0)   # run.start(): the run folder is written from here
 
     # the learnable anatomy rows; everything else frozen (docs/paper.md section 4)
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
@@ -151,79 +85,39 @@ def tune(cfg, resume=False, run=None):
     opt = make_optimizer(cfg, params)
     scaler = grad_scaler(device, cfg.autocast)  # fp16 only: scales the loss so small gradients do not underflow
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step0 = 0
-    if resume and os.path.exists(ckpt_path):
-        ckpt = provenance.read_checkpoint(ckpt_path, map_location=device)
-        prompts.load_state_dict(ckpt["prompts"])
-        opt.load_state_dict(ckpt["opt"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # fp16: the loss scale reached so far
-            scaler.load_state_dict(ckpt["scaler"])
-        for group in opt.param_groups:  # the config's lr and decay, not the saved ones (--resume --force may change them)
-            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        step0 = ckpt["step"]
-        say(f"resumed from {ckpt_path} at step {step0}")
-        if step0 >= cfg.max_steps:
-            say(f"the run is already past max_steps ({step0} steps done >= max_steps {cfg.max_steps}): no tuning "
-                f"step; the rows are those of step {step0} (raise max_steps to tune further)")
+    step0 = resume_checkpoint(ckpt_path, prompts, opt, scaler, cfg, say) if resume else 0
 
     # T timesteps of the training window (paper: steps [30, 60) of a 100-step DDIM schedule, reverse order)
-    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, tuned=True, layers=tuple(layers),
+    hcfg = HeatmapConfig(num_steps=cfg.num_inference_steps, family=pipe.family, layers=tuple(layers),
                          autocast=cfg.autocast)
-    sched = inversion_scheduler(pipe.scheduler, hcfg)
-    train_ts = window_timesteps(sched, *cfg.train_window)
+    train_ts = window_timesteps(inversion_scheduler(pipe.scheduler, hcfg), *cfg.train_window)   # (T,) descending
     say(f"training timesteps ({len(train_ts)}): {train_ts.tolist()}; layers {layers}; noisy latents by {cfg.noisy_latents}")
-    with torch.no_grad(), autocast(device, cfg.autocast):
-        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))      # the "" context the inversion follows
-    # Cache every sample's inversion up front, in chunks, when it fits in cfg.latent_cache_mb (the phantom world);
-    # at MIMIC scale (6,480 x 30 latents of 3x64x64) it does not, and each step inverts its own image.
-    h = pipe.image["size"] // pipe.vae.downscale_factor
-    cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
-    latent_cache = {}  # sample index -> (T, 1, C, h, w): inversion is deterministic, so it is computed once
-    if cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb:
-        for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images", disable=rank != 0):
-            chunk = list(range(start, min(start + 32, len(data.samples))))
-            for i, z in zip(chunk, noisy_latents(pipe, data, chunk, train_ts, cfg, hcfg, uncond).unbind(1)):
-                latent_cache[i] = z[:, None]
+    latents = TrainingLatents(pipe, data, train_ts, cfg, hcfg, progress=rank == 0)
 
-    global_batch = cfg.batch_size * world
-    n = len(data.samples)
+    global_batch, n = cfg.batch_size * world, len(data.samples)
     bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
     t0, ema = time.time(), None
     for step in bar:
-        # the data order and every random draw depend only on (seed, step, place in the global batch): resuming,
-        # or splitting the batch over ranks, reproduces the same run
         total = 0.0
-        for k in range(rank, global_batch, world):                        # this rank's slice of the global batch
-            i = sample_index(step, k, global_batch, n, cfg.seed)
-            gen = torch.Generator().manual_seed(draw_seed(step, k, global_batch, cfg.seed))
+        for k in range(rank, global_batch, world):     # this rank's items of the global batch (one process: all)
+            i = sample_index(step, k, global_batch, n, cfg.seed)                              # which sample
+            gen = torch.Generator().manual_seed(draw_seed(step, k, global_batch, cfg.seed))   # its random draws
             sample = data.samples[i]
-            z = latent_cache[i] if i in latent_cache else \
-                noisy_latents(pipe, data, [i], train_ts, cfg, hcfg, uncond, gen)   # (T, 1, C, h, w)
-            ts = train_ts
-            if cfg.timesteps_per_step:                                     # a random subset of the T steps
-                keep = torch.randperm(len(ts), generator=gen)[:cfg.timesteps_per_step].sort().values
-                z, ts = z[keep], ts[keep]
+            z, ts = latents.get(i, gen)                 # z (T, 1, C, h, w) noisy latents at the timesteps ts (T,)
+            z, ts = subset_timesteps(z, ts, cfg.timesteps_per_step, gen)       # all T unless timesteps_per_step
+            # G's Gaussians: the LUT entries of the prompt's locations, mu and sigma jittered by +-5% (paper Sec. 3.2)
             gaussians = jitter(gaussians_for(data.lut, sample["locations"]), cfg.jitter, gen)
             loss, parts = tuning_loss(pipe, prompts, sample["prompt"], z, ts, layers, gaussians, merge=cfg.merge,
                                       weights=(cfg.w_div, cfg.w_loc), alpha=cfg.alpha, eps=cfg.eps,
                                       autocast_mode=cfg.autocast)
-            scaler.scale(loss / global_batch).backward()
+            scaler.scale(loss / global_batch).backward()   # the batch mean; = (loss / B).backward() unless fp16
             total += loss.item() / global_batch
-        if world > 1:  # data parallel: sum the per-rank gradients (each already divided by the global batch)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            t = torch.tensor([total], device=device)                      # nccl reduces CUDA tensors only
-            dist.all_reduce(t)
-            total = t.item()
-        if not math.isfinite(total):
-            last = f"The last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
-                "No checkpoint was written yet (a lower lr?)"
-            raise SystemExit(f"step {step}: loss is {total}; stopping. {last}")
+        total = all_reduce_gradients(params, total, world, device)       # data parallel only
+        stop_if_not_finite(total, step, ckpt_path)
         scaler.step(opt)                                                   # = opt.step() unless fp16
         scaler.update()
         opt.zero_grad(set_to_none=True)
+
         ema = total if ema is None else 0.95 * ema + 0.05 * total
         bar.set_postfix(loss=f"{ema:.4f}", div=f"{parts['div'].item():.3f}", loc=f"{parts['loc'].item():.3f}",
                         drift=f"{prompts.drift().mean().item():.3f}")
@@ -231,11 +125,7 @@ def tune(cfg, resume=False, run=None):
         if rank == 0 and (done % cfg.ckpt_every == 0 or done == cfg.max_steps):
             save_checkpoint(ckpt_path, prompts, opt, scaler, done, cfg)
         if rank == 0 and cfg.val_every and done % cfg.val_every == 0 and data.val_pairs:
-            rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch, desc="validation",
-                                  protocol=cfg.metric_protocol)
-            say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
-                f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
-                f"({data.val_note})")
+            validate(cfg, pipe, prompts, data, hcfg, done, say)
     say(f"tuning done: {max(0, cfg.max_steps - step0)} steps in {time.time() - t0:.0f}s")
     if rank == 0 and not cfg.n_ctx and not prompts.drift().any():  # e.g. zero loss weights: no gradient reached them
         say("note: the learned rows are EXACTLY their starting embeddings: tuning changed nothing (check lr, alpha, "
@@ -250,6 +140,191 @@ def tune(cfg, resume=False, run=None):
         final_evaluation(cfg, pipe, prompts, data)
     distributed.teardown(world)
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the sample stream and its random draws: a function of (seed, step, place in the global batch) only, so that
+# resuming, or splitting the batch over ranks, reproduces the same run
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    """The order of the n tuning samples in `epoch`: a function of (seed, epoch) only.
+
+    7919 (the 1,000th prime) spreads the epochs' generator seeds: seed + 7919 * epoch gives every epoch of a run its
+    own permutation, and two runs' seeds collide only when their seeds differ by a multiple of 7919."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+
+
+def sample_index(step, k, global_batch, n, seed):
+    """The tuning sample of item k of step's global batch: the items of all steps form one stream of epochs, each
+    epoch a fresh permutation, so every sample is seen once per epoch whatever the batch size."""
+    epoch, pos = divmod(step * global_batch + k, n)
+    return int(epoch_order(n, seed, epoch)[pos])
+
+
+def draw_seed(step, k, global_batch, seed):
+    """The seed of item k's random draws (noise, timestep subset, jitter): distinct for every (step, k).
+
+    Each step owns max(64, global_batch) consecutive seeds, item k the k-th of them: never shared, because k <
+    global_batch. The floor of 64 keeps item k's seed the same for every batch size up to 64. 1_000_003 (a prime
+    above a million) is the stride between run seeds: runs with other seeds draw other numbers for their first
+    million steps."""
+    return (seed * 1_000_003 + step) * max(64, global_batch) + k
+
+
+def subset_timesteps(z, ts, keep, gen):
+    """A random `keep` of the T timesteps (sorted, drawn from gen), or all of them when keep is 0 (the paper)."""
+    if not keep:
+        return z, ts
+    idx = torch.randperm(len(ts), generator=gen)[:keep].sort().values
+    return z[idx], ts[idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and noisy latents
+
+
+def load_data(cfg, pipe, say, world=1, run=None, write=True):
+    """The tuning samples, LUT and evaluation pairs of the config (grounding/experiment/sources.py), with the data
+    report printed and the curated tuning set as used written to out_dir/tuning_set.jsonl (for inspection).
+    Nothing is written before the model and the data have checked out: then `run.start()` writes config.yaml."""
+    data = sources.load(cfg, image_size=pipe.image["size"], write_lut=False)
+    if cfg.batch_size * world > len(data.samples):  # every step would see samples twice over: hours per step
+        raise ValueError(f"config key 'batch_size': {cfg.batch_size}" + (f" x {world} processes" if world > 1 else "")
+                         + f" is larger than the tuning set ({len(data.samples)} samples); use at most "
+                         f"{len(data.samples) // world} (the paper uses 1)")
+    if run is not None:  # the run begins (config.yaml, the lock's run folder)
+        run.start()
+    if write:
+        data.save_lut()  # a LUT built from the gold boxes goes into the run folder (out_dir/lut.json)
+    say(f"model: {cfg.weights} (family {pipe.family}); data: {data.description}")
+    say(data.report)
+    if write:
+        with open(os.path.join(cfg.out_dir, "tuning_set.jsonl"), "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in data.samples)
+    say(f"tuning samples: {len(data.samples)}; validation pairs: {len(data.val_pairs)}; test pairs: {len(data.test_pairs)}")
+    if cfg.val_every:
+        say(data.val_note)
+    return data
+
+
+class TrainingLatents:
+    """The noisy latents z_t (T, 1, C, h, w) of a tuning sample at the training timesteps (docs/paper.md section 5).
+
+    noisy_latents "noise": q(z_t | z_0) with fresh noise from the item's generator, every time.
+    noisy_latents "inversion": DDIM inversion following the "" prompt, as at test time; the latent for t is the
+    inversion state at the next smaller timestep, the one the inversion step to t feeds the UNet. Inversion is
+    deterministic, so when every sample's latents fit in latent_cache_mb (the phantom world) they are computed once,
+    up front, 32 images per UNet call; at MIMIC scale (6,480 x 30 latents of 3x64x64) each step inverts its image.
+    """
+
+    def __init__(self, pipe, data, train_ts, cfg, hcfg, progress=True):
+        self.pipe, self.data, self.train_ts, self.cfg, self.hcfg = pipe, data, train_ts, cfg, hcfg
+        self.device = torch.device(cfg.device)
+        with torch.no_grad(), autocast(self.device, cfg.autocast):
+            self.uncond = pipe.text_encoder(pipe.tokenizer([""]).to(self.device))   # (1, 77, D): "" context
+        h = pipe.image["size"] // pipe.vae.downscale_factor
+        cache_mb = len(data.samples) * len(train_ts) * pipe.vae.config.latent_channels * h * h * 4 / 2**20
+        self.cache = {}  # sample index -> (T, 1, C, h, w)
+        if cfg.noisy_latents == "inversion" and cache_mb <= cfg.latent_cache_mb:
+            for start in tqdm(range(0, len(data.samples), 32), desc="inverting the tuning images",
+                              disable=not progress):
+                chunk = list(range(start, min(start + 32, len(data.samples))))
+                for i, z in zip(chunk, self.compute(chunk).unbind(1)):
+                    self.cache[i] = z[:, None]
+
+    def get(self, i, gen):
+        """(z (T, 1, C, h, w), the timesteps (T,)) of sample i; gen draws the noise in "noise" mode."""
+        z = self.cache[i] if i in self.cache else self.compute([i], gen)
+        return z, self.train_ts
+
+    def compute(self, indices, gen=None):
+        """(T, B, C, h, w) noisy latents of the samples `indices` (B images encoded together)."""
+        pipe, cfg = self.pipe, self.cfg
+        with torch.no_grad():
+            x = torch.stack([self.data.image(self.data.samples[i], pipe.image) for i in indices]).to(self.device)
+            z0 = pipe.vae.encode(x) * pipe.scale_factor                 # (B, C, h, w) scaled latents
+            if cfg.noisy_latents == "noise":
+                return training_latents(pipe, z0, self.train_ts, mode="noise", generator=gen)
+            with autocast(self.device, cfg.autocast):
+                return training_latents(pipe, z0, self.train_ts, mode="inversion", uncond=self.uncond, cfg=self.hcfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimiser, checkpoints, data parallelism, the NaN stop, validation
+
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"config key 'optimizer': expected adamw | adam | sgd, got {cfg.optimizer!r}")
+
+
+def save_checkpoint(path, prompts, opt, scaler, step, cfg):
+    """Atomic: write a temporary file, then rename over the old checkpoint (a crash never leaves half a file)."""
+    tmp = path + ".tmp"
+    torch.save({"prompts": prompts.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg)}, tmp)  # the settings that made it: --resume compares them
+    os.replace(tmp, path)
+
+
+def resume_checkpoint(path, prompts, opt, scaler, cfg, say):
+    """--resume: load the rows, optimiser state and fp16 loss scale of `path`; returns the step to continue from (0
+    when there is no checkpoint yet). grounding/experiment/provenance.py has already checked the settings."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = provenance.read_checkpoint(path, map_location=torch.device(cfg.device))
+    prompts.load_state_dict(ckpt["prompts"])
+    opt.load_state_dict(ckpt["opt"])
+    if ckpt.get("scaler") and scaler.is_enabled():  # fp16: the loss scale reached so far
+        scaler.load_state_dict(ckpt["scaler"])
+    for group in opt.param_groups:  # the config's lr and decay, not the saved ones (--resume --force may change them)
+        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    say(f"resumed from {path} at step {ckpt['step']}")
+    if ckpt["step"] >= cfg.max_steps:
+        say(f"the run is already past max_steps ({ckpt['step']} steps done >= max_steps {cfg.max_steps}): no tuning "
+            f"step; the rows are those of step {ckpt['step']} (raise max_steps to tune further)")
+    return ckpt["step"]
+
+
+def all_reduce_gradients(params, total, world, device):
+    """Data parallel (torchrun): sum the per-rank gradients (each already divided by the global batch) and the loss;
+    returns the step's loss. One process: nothing to do."""
+    if world == 1:
+        return total
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    t = torch.tensor([total], device=device)                              # nccl reduces CUDA tensors only
+    dist.all_reduce(t)
+    return t.item()
+
+
+def stop_if_not_finite(total, step, ckpt_path):
+    """A NaN or infinite loss stops the run before the optimiser step, so the last checkpoint stays good."""
+    if not math.isfinite(total):
+        last = f"The last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+            "No checkpoint was written yet (a lower lr?)"
+        raise SystemExit(f"step {step}: loss is {total}; stopping. {last}")
+
+
+def validate(cfg, pipe, prompts, data, hcfg, done, say):
+    """The short validation every val_every steps: CNR and mIoU of the current rows on a few MS-CXR-loc pairs."""
+    rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch,
+                          desc="validation", protocol=cfg.metric_protocol)
+    say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
+        f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
+        f"({data.val_note})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the final table
 
 
 def final_evaluation(cfg, pipe, prompts, data):
@@ -291,7 +366,7 @@ def main(argv=None):
     cfg, args = parse_args(argv)
     if args.check:
         sys.exit(preflight.main(cfg, args.config, "train.py"))
-    # the checks and the out_dir lock; nothing is written until the model and data load (run.start() in tune)
+    # the checks and the out_dir lock; nothing is written until the model and data load (run.start() in load_data)
     run = provenance.prepare_run_dir(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite,
                                      write=int(os.environ.get("RANK", "0")) == 0)
     try:

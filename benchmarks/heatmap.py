@@ -74,7 +74,7 @@ def main(argv=None):
     pipe = build_pipe(args.size, device)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
-    cfg = HeatmapConfig(num_steps=args.steps, family=pipe.family, tuned=True)
+    cfg = HeatmapConfig(num_steps=args.steps, family=pipe.family)
     n = (args.runs + args.warmup) * args.batch
     images = random_images(pipe, n + args.batch, device)
     prompts = [PROMPT] * args.batch

@@ -95,7 +95,7 @@ def main(argv=None):
     pipe = build_pipe(args.size, device)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
-    layers = HeatmapConfig(family=pipe.family, tuned=True).resolved_layers()   # the tuned preset (MONAI: 4..7)
+    layers = HeatmapConfig(family=pipe.family).resolved_layers()   # the tuning preset (MONAI: 4..7)
     step = Step(pipe, args.timesteps, layers, device, lambda: autocast(args))
     print(env_line(device), f"| size {args.size} | dtype {args.dtype} | {len(step.ts)} timesteps batched | "
           f"layers {layers} | stop_after={max(layers)}")

@@ -9,13 +9,11 @@ Mirrors Vilouras et al., MIDL 2026, Sec. 3.1 and App. D (docs/paper.md section 3
   lingular -> left mid lung zone, bilateral -> both sides);
 - the LUT: every gold ImaGenome box rescaled to the paper's 512x512 frame (the LUT frame), mu = box centre, sigma = side / 6
   (the +-3 sigma rule), averaged per region name;
-- Gaussian rendering (the L_loc target G), +-5% jitter, and the nearest-Gaussian match (squared
-  2-Wasserstein) used to synthesise VinDr-CXR prompts (docs/paper.md section 8).
+- Gaussian rendering (the L_loc target G) and the +-5% jitter.
+The plumbing around it lives with the data: the LUT as a file (grounding/data/lut.py), the report wording of each
+pathology (grounding/data/reports.py) and the nearest-Gaussian match that synthesises VinDr-CXR prompts from boxes
+(grounding/data/vindr.py).
 """
-import json
-import math
-import os
-
 import torch
 
 from grounding.geometry import box_to_model
@@ -44,22 +42,6 @@ PATHOLOGIES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Op
                "Pneumonia", "Pneumothorax")
 # The word(s) a standardised prompt uses for each pathology: the category name in lower case.
 PATHOLOGY_WORDS = {p: p.lower() for p in PATHOLOGIES}
-
-# Report wording of each pathology (regex alternatives, matched as whole words on lower-cased text).
-# Plurals and the common radiology synonyms; "Lung Opacity" is the generic finding and is only counted
-# when no more specific pathology is named in the same clause (see reports.find_pathologies).
-PATHOLOGY_SYNONYMS = {
-    "Atelectasis": [r"atelecta(?:sis|ses|tic)", r"collapse[d]?", r"volume loss"],
-    "Cardiomegaly": [r"cardiomegaly", r"enlarged (?:heart|cardiac silhouette)",
-                     r"(?:heart|heart size|cardiac silhouette) (?:is |remains |appears )?(?:mildly |moderately |severely |markedly )?enlarged",
-                     r"enlargement of the (?:heart|cardiac silhouette)"],
-    "Consolidation": [r"consolidations?", r"consolidative", r"airspace disease"],
-    "Edema": [r"o?edema", r"edematous", r"interstitial fluid"],
-    "Lung Opacity": [r"opacit(?:y|ies)", r"opacification", r"opacified", r"densit(?:y|ies)", r"haziness"],
-    "Pleural Effusion": [r"effusions?", r"pleural fluid", r"hydrothorax"],
-    "Pneumonia": [r"pneumonias?", r"bronchopneumonia", r"infectious process", r"pneumonic"],
-    "Pneumothorax": [r"pneumothora(?:x|ces|xes)", r"ptx"],
-}
 
 # ImaGenome region names (bbox_name) that the LUT averages.
 REGIONS = ("right lung", "left lung", "right apical zone", "left apical zone", "right upper lung zone",
@@ -133,50 +115,8 @@ def build_lut(scene_graphs, frame=FRAME, mode="crop"):
     return lut, counts
 
 
-def save_lut(lut, path, **provenance):
-    """Write the LUT as JSON (ARCHITECTURE.md: {location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}, 512 frame).
-
-    provenance: extra JSON keys kept beside it (e.g. source, boxes_per_region); load_lut ignores them."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"      # written whole, then renamed: a reader never sees half a LUT
-    with open(tmp, "w") as f:
-        json.dump({"frame": FRAME, "lut": lut, **provenance}, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _is_gaussian(g):
-    """[mu_x, mu_y, sigma_x > 0, sigma_y > 0]: four finite numbers."""
-    return (isinstance(g, list) and len(g) == 4 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in g) and
-            g[2] > 0 and g[3] > 0)
-
-
-def load_lut(path):
-    """Read a LUT written by save_lut (or a bare {location: [...]} dict) and check every entry."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except ValueError as e:  # JSONDecodeError, or bytes that are not text
-        raise ValueError(f"{path}: not a JSON LUT ({e}); delete it to rebuild the LUT from the gold boxes") from None
-    lut = data.get("lut", data) if isinstance(data, dict) else None
-    frame = data.get("frame", FRAME) if isinstance(data, dict) else FRAME
-    if frame != FRAME:  # every consumer (jitter, rendering, the VinDr match) assumes the 512 frame
-        raise ValueError(f"{path}: LUT in a {frame}-px frame, expected {FRAME}; rebuild it with anatomy.build_lut")
-    if not isinstance(lut, dict):
-        raise ValueError(f"{path}: expected a JSON object {{location: [[mu_x, mu_y, sigma_x, sigma_y], ...]}}")
-    for loc, gs in lut.items():
-        if not isinstance(gs, list) or not gs or not all(_is_gaussian(g) for g in gs):
-            raise ValueError(f"{path}: entry {loc!r} must be a non-empty list of [mu_x, mu_y, sigma_x>0, sigma_y>0] "
-                             f"(four finite numbers each), got {gs!r}; delete the file to rebuild the LUT from the "
-                             "gold boxes")
-    missing = [loc for loc in LOCATIONS if loc not in lut]
-    if missing:
-        raise ValueError(f"{path}: LUT lacks locations {missing}; rebuild it with anatomy.build_lut")
-    return {loc: [[float(v) for v in g] for g in gs] for loc, gs in lut.items()}
-
-
 # ---------------------------------------------------------------------------------------------------
-# Gaussians: lookup, jitter, rendering, nearest match
+# Gaussians: lookup, jitter, rendering
 
 def gaussians_for(lut, locations):
     """All Gaussians named by a prompt's locations (a bilateral location contributes two)."""
@@ -218,24 +158,3 @@ def render_gaussians(gaussians, size, frame=FRAME, merge="max"):
         else:
             raise ValueError(f"render_gaussians: merge must be 'max' or 'sum', got {merge!r}")
     return out / out.max().clamp_min(1e-12) if merge == "sum" else out
-
-
-# Locations a single box can be matched to: one Gaussian each, and only the canonical name of each region
-# (base/pleural duplicate "lower", lingular duplicates "left middle"; bilateral ones have two Gaussians).
-SINGLE_BOX_LOCATIONS = tuple(location_name(s, z) for s in ("left", "right")
-                             for z in ("", "apical", "upper", "middle", "lower", "costophrenic"))
-
-
-def nearest_location(box_gaussian_, lut, candidates=SINGLE_BOX_LOCATIONS):
-    """The candidate location whose Gaussian is nearest a box's (mu_x, mu_y, sigma_x, sigma_y).
-
-    Distance: squared 2-Wasserstein between axis-aligned Gaussians = squared Euclidean distance over the
-    4 numbers (docs/paper.md section 8). Ties go to the earlier candidate.
-    """
-    best, best_d = None, float("inf")
-    for loc in candidates:
-        for g in lut[loc]:
-            d = sum((a - b) ** 2 for a, b in zip(box_gaussian_, g))
-            if d < best_d:
-                best, best_d = loc, d
-    return best

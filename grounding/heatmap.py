@@ -39,20 +39,22 @@ from grounding.prompts import prompt_positions
 TEST_WINDOW = (400, 600)    # reverse-process indices [40, 60) of 100 trailing steps
 TRAIN_WINDOW = (400, 700)   # reverse-process indices [30, 60)
 
-# Layer presets (cross_index). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid, 5-10 up):
-# tuned = mid + first three decoder layers {4,5,6,7}; frozen baseline {3,4,6,7} + Otsu (the predecessor's
-# choice). All at latent/4 = 16x16. The phantom UNet (6 layers, all 16x16: 0-1 down, 2 mid, 3-5 up) takes the
-# same roles: tuned {2,3,4,5}, baseline {1,2,4,5}.
+# Layer presets (cross_index), per (family, preset). MONAI CXR UNet (11 cross-attention layers: 0-3 down, 4 mid,
+# 5-10 up): "tuning" = mid + first three decoder layers {4,5,6,7}, the layers prompt tuning trains and reads;
+# "baseline" = the frozen baseline's {3,4,6,7} + Otsu (the predecessor's choice). All at latent/4 = 16x16. The
+# phantom UNet (6 layers, all 16x16: 0-1 down, 2 mid, 3-5 up) takes the same roles: tuning {2,3,4,5}, baseline
+# {1,2,4,5}.
 # SD1/RoentGen and SD2 (16 layers: 0,1 @64; 2,3 @32; 4,5 @16; 6 mid @8; 7,8,9 @16; 10-12 @32; 13-15 @64):
 # the SD mid layer is 8x8, so the equivalent 16x16 choice is OUR pick, not the paper's:
-#   tuned    (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
+#   tuning   (5, 7, 8, 9): the deepest 16x16 encoder layer + the first three decoder layers;
 #   baseline (4, 5, 8, 9): the two 16x16 encoder layers + the 2nd and 3rd decoder layers (as {3,(4),6,7}).
 LAYER_PRESETS = {
-    ("monai_cxr", True): (4, 5, 6, 7), ("monai_cxr", False): (3, 4, 6, 7),
-    ("phantom", True): (2, 3, 4, 5), ("phantom", False): (1, 2, 4, 5),
-    ("sd1", True): (5, 7, 8, 9), ("sd1", False): (4, 5, 8, 9),
-    ("sd2", True): (5, 7, 8, 9), ("sd2", False): (4, 5, 8, 9),
+    ("monai_cxr", "tuning"): (4, 5, 6, 7), ("monai_cxr", "baseline"): (3, 4, 6, 7),
+    ("phantom", "tuning"): (2, 3, 4, 5), ("phantom", "baseline"): (1, 2, 4, 5),
+    ("sd1", "tuning"): (5, 7, 8, 9), ("sd1", "baseline"): (4, 5, 8, 9),
+    ("sd2", "tuning"): (5, 7, 8, 9), ("sd2", "baseline"): (4, 5, 8, 9),
 }
+PRESETS = ("tuning", "baseline")
 
 
 @dataclass
@@ -61,25 +63,30 @@ class HeatmapConfig:
     spacing: str = "trailing"            # timestep spacing used for the inversion (predecessor code)
     window: tuple = TEST_WINDOW          # recorded timesteps, half-open [lo, hi)
     family: str = "monai_cxr"            # picks the layer preset
-    tuned: bool = True                   # the tuned-layer reading (no Otsu), also used for the original rows
-                                         # ("untuned"); False = the frozen baseline protocol (its layers, Otsu)
-    layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, tuned)]
+    preset: str = "tuning"               # which reading: "tuning" = the layers prompt tuning trains, no Otsu (for the
+                                         # tuned rows and the original ones alike, "untuned"); "baseline" = the
+                                         # paper's frozen-baseline protocol (its own layers + Otsu)
+    layers: Optional[tuple] = None       # cross_index list; None = LAYER_PRESETS[(family, preset)]
     otsu: Optional[bool] = None          # None = preset: Otsu mask for the frozen baseline only
     sigma: float = 2.5                   # Gaussian filter sigma in pixels at sigma_ref_size
     sigma_ref_size: int = 512            # ... scaled linearly with the image size
     resize_mode: str = "bilinear"        # map -> image resize (per-map, after min-max)
     autocast: str = "none"               # "none" | "bf16" | "fp16": text encoder + inversion under torch.autocast
 
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"HeatmapConfig: preset must be one of {PRESETS}, got {self.preset!r}")
+
     def resolved_layers(self):
         if self.layers is not None:
             return tuple(int(i) for i in self.layers)
-        if (self.family, self.tuned) not in LAYER_PRESETS:
+        if (self.family, self.preset) not in LAYER_PRESETS:
             raise ValueError(f"HeatmapConfig: no layer preset for family {self.family!r}; set layers=(...) "
                              f"(presets: {sorted({f for f, _ in LAYER_PRESETS})})")
-        return LAYER_PRESETS[(self.family, self.tuned)]
+        return LAYER_PRESETS[(self.family, self.preset)]
 
     def resolved_otsu(self):
-        return (not self.tuned) if self.otsu is None else bool(self.otsu)
+        return self.preset == "baseline" if self.otsu is None else bool(self.otsu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,15 +316,27 @@ def prompt_contexts(pipe, texts, prompts=None):
     return pipe.text_encoder(ids), positions
 
 
+@torch.no_grad()
 def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
     """Model-frame images (B, C, H, W) in the family's range and one prompt each -> (B, H, W) heatmaps in [0, 1]
-    (float32, on the CPU). The B images are inverted together (one UNet call per step for the whole batch); every
-    per-image operation (min-max, filter, Otsu) stays per image. prompts: a LearnablePrompts (tuned model) or None
-    (plain text encoder), whose own layers, steps and window (a rows file's) are the default. One variant of
-    extract_heatmaps_shared below."""
-    settings = getattr(prompts, "heatmap_settings", None) or {}
-    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"), tuned=prompts is not None, **settings)
-    return extract_heatmaps_shared(pipe, images, [(texts, prompts, [cfg])], fast=fast)[0][0]
+    (float32, on the CPU): the procedure of this file's docstring, step by step. prompts: a LearnablePrompts (tuned
+    model) or None (plain text encoder); with cfg None, the layers, steps and window a rows file recorded are the
+    default (grounding/experiment/rows.py). The B images are inverted together (one UNet call per step for the whole
+    batch); every per-image operation (min-max, filter, Otsu) stays per image."""
+    settings = getattr(prompts, "heatmap_settings", None) or {}          # {} for the frozen encoder or older rows
+    cfg = cfg or HeatmapConfig(family=getattr(pipe, "family", "monai_cxr"),
+                               preset="tuning" if prompts is not None else "baseline", **settings)
+    device = pipe.unet.conv_in.weight.device
+    images = images.to(device, pipe.unet.conv_in.weight.dtype)
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"extract_heatmaps: {len(texts)} prompts for {images.shape[0]} images")
+    z0 = pipe.vae.encode(images) * pipe.scale_factor                      # 1. (B, C, h, w) scaled latents
+    with autocast(device, cfg.autocast):                                  # the recorded maps stay float32
+        cond, positions = prompt_contexts(pipe, list(texts), prompts)     # (B, 77, D), each prompt's token columns
+        uncond = pipe.text_encoder(pipe.tokenizer([""]).to(device))       # (1, 77, D): the trajectory follows ""
+        store = AttentionStore(cfg.resolved_layers(), positions)          # keeps (B, N, S) per (step, layer)
+        invert_and_record(pipe, z0, cond, uncond, store, cfg, fast=fast)  # 2-3. invert, record the window's maps
+    return heatmap_from_maps(store, tuple(images.shape[-2:]), cfg).float().cpu()   # 4-5. maps -> (B, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +345,7 @@ def extract_heatmaps(pipe, images, texts, cfg=None, prompts=None, fast=True):
 
 @torch.no_grad()
 def extract_heatmaps_shared(pipe, images, variants, fast=True):
-    """Heatmaps of several prompt variants on the SAME images from ONE inversion.
+    """Heatmaps of several prompt variants on the SAME images from ONE inversion: extract_heatmaps, shared.
 
     The inversion follows the "" prompt (guidance 0), so its trajectory does not depend on the prompt or on the
     learned rows: it is computed once, and at every recorded step ONE conditional UNet call runs every variant's

@@ -8,9 +8,9 @@ T recorded steps, L recorded layers, B batch, N = h*w pixels of the map, S the p
 (only the non-special ones: the store already dropped the BOS/EOS/pad columns and the "and" joining locations,
 grounding/prompts.py `token_positions`). When the prompts of a batch
 have different lengths the store pads S and gives a (B, S) `token_mask` (True = a real token); pass it here.
-G is the anatomy Gaussian target, (B, h', w'). Prompt tuning renders it directly at the map's h x w
+G is the anatomy Gaussian target, (B, h, w) at the map's own resolution: prompt tuning renders it there
 (grounding/tuning.py: grounding/anatomy.py `render_gaussians` evaluates each Gaussian at the map's pixel centres,
-peak 1), so no resize happens there; a G given at another resolution is resized here (`resize_target`).
+peak 1), so nothing is resized here.
 """
 import math
 
@@ -60,20 +60,6 @@ def token_average(maps, token_mask=None):
     return (maps * mask[:, None, :]).sum(-1) / mask.sum(-1)[:, None]
 
 
-def resize_target(G, map_size):
-    """Resize the Gaussian(s) G (B, H, W) to the map's (h, w).
-
-    Down-sampling uses antialiased bilinear interpolation, which averages over the footprint of each map
-    cell (a 512 -> 16 resize of a sharp Gaussian would otherwise sample single pixels).
-    """
-    if G.dim() != 3:
-        raise ValueError(f"G must be (B, H, W), got {tuple(G.shape)}")
-    if tuple(G.shape[-2:]) == tuple(map_size):
-        return G.float()
-    return F.interpolate(G[:, None].float(), size=tuple(map_size), mode="bilinear",
-                         align_corners=False, antialias=True)[:, 0]
-
-
 def _map_side(N):
     """The side of a square map of N pixels (every cross-attention map of these UNets is square)."""
     side = math.isqrt(N)
@@ -96,10 +82,13 @@ def localisation_target(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS):
 def localisation_loss(A_sp, G, alpha=PAPER_ALPHA, eps=PAPER_EPS):
     """Eq. 4: L_loc = mean over t, l, b of 1 - cos(A_sp, trg), the cosine taken over the N pixels.
 
-    A_sp (T, L, B, N) (or any leading dims ending in B, N); G (B, H, W) at any resolution.
+    A_sp (T, L, B, N) (or any leading dims ending in B, N); G (B, side, side) at the maps' resolution, N = side^2.
     """
     side = _map_side(A_sp.shape[-1])
-    g = resize_target(G.to(A_sp.device), (side, side)).flatten(1)    # (B, N)
+    if G.dim() != 3 or tuple(G.shape[-2:]) != (side, side):
+        raise ValueError(f"G must be (B, {side}, {side}), the maps' resolution, got {tuple(G.shape)}; render the "
+                         f"Gaussians at that size (grounding/anatomy.py render_gaussians(gaussians, {side}))")
+    g = G.to(A_sp.device).float().flatten(1)                         # (B, N)
     trg = localisation_target(A_sp, g, alpha=alpha, eps=eps)
     return (1 - F.cosine_similarity(A_sp.float(), trg.float(), dim=-1)).mean()
 

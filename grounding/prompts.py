@@ -9,6 +9,10 @@ vectors replace rows of the token lookup and go through the frozen text transfor
 As in CoOp / textual inversion: ONE trainable parameter holds the learned vectors (`anatomy`), and
 `nearest_tokens` reports the closest real tokens of each.
 
+The paper's codebook is not a tensor here: the frozen rows stay in the text encoder's own table, the learned ones
+are `anatomy`, and `row_of_id` (vocabulary id -> row of `anatomy`, -1 = frozen) is what `token_embeds` uses to put
+them together. `codebook` only lists the rows (token, role, trainable) for the printout at the start of training.
+
 Paper gaps (docs/paper.md section 10), as options:
 - shared_tokens: with the real CLIP vocabulary 6 sub-tokens (ple, ural</w>, cardi, ome, gal, y</w>) are both
   location and pathology sub-tokens ("pleural", "cardiomegaly").
@@ -69,9 +73,9 @@ class LearnablePrompts(nn.Module):
         if not self.anatomy_ids:
             raise ValueError(f"no trainable location sub-token with shared_tokens={shared_tokens!r}: every location "
                              "sub-token is also a pathology sub-token in this vocabulary; try 'positional'")
-        # the codebook (for the table): trainable anatomy rows, then the frozen rows. A shared id has a
-        # frozen row too unless it is trainable everywhere ("positional": a frozen pathology row beside
-        # its trainable location row).
+        # the codebook as a list, for the printout only: trainable anatomy rows, then the frozen rows. A shared id
+        # has a frozen row too unless it is trainable everywhere ("positional": a frozen pathology row beside its
+        # trainable location row).
         role = {i: "shared" if i in shared else "location" for i in loc_ids}
         role.update({i: "shared" if i in shared else "pathology" for i in path_ids})
         rows = [(i, role[i], True) for i in self.anatomy_ids]
@@ -81,7 +85,7 @@ class LearnablePrompts(nn.Module):
 
         # ONE trainable parameter: the anatomy rows, initialised from the frozen table
         self.anatomy = nn.Parameter(table[self.anatomy_ids].clone())        # (R, D), R anatomy sub-tokens
-        # vocabulary id -> anatomy row (-1 = not trainable), a lookup for `encode`
+        # vocabulary id -> anatomy row (-1 = frozen): the lookup `token_embeds` substitutes the learned rows with
         row_of = torch.full((table.shape[0],), -1, dtype=torch.long)
         row_of[torch.tensor(self.anatomy_ids, dtype=torch.long)] = torch.arange(len(self.anatomy_ids))
         self.register_buffer("row_of_id", row_of, persistent=False)

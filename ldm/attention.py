@@ -1,4 +1,6 @@
-"""Attention and the spatial transformer of the LDM UNet: the ONE place where attention math and recording live.
+"""Attention and the spatial transformer of the LDM UNet: the one place where the UNet's attention (self and cross)
+is computed, and where cross-attention probabilities are recorded. (The text encoder's causal self-attention is in
+ldm/text_encoder.py, the VAE's single-head one in ldm/vae.py: nothing is recorded there.)
 
 Mirrors diffusers `models/attention_processor.py` (Attention + AttnProcessor / AttnProcessor2_0),
 `models/attention.py` (BasicTransformerBlock, FeedForward), `models/activations.py` (GEGLU) and
@@ -54,6 +56,7 @@ class Attention(nn.Module):
             # Explicit attention in float32 (diffusers' `upcast_attention` / `upcast_softmax` behaviour); autocast
             # is switched off here, or it would run the float32 matmul in bf16/fp16 again.
             with torch.autocast(q.device.type, enabled=False):
+                # Eq. 1 (paper Sec. 3.2): A = softmax(Q K^T / sqrt(d)), d = dim_head; rows sum to 1 over the K keys
                 scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale  # (B, heads, N, K)
                 probs = scores.softmax(dim=-1)
             # ---------------- THE recording point: post-softmax probabilities (B, heads, N, K) ----------------

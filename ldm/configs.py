@@ -2,17 +2,14 @@
 
 Every module config (TextEncoderConfig, VAEConfig, UNetConfig, SchedulerConfig) inherits `to_dict` / `from_dict`
 from `ConfigDict`: our own dict in, our own dict out, and a key the dataclass does not have is an error (a typo in
-model.yaml must not silently fall back to a default). The one exception is a class's `retired_keys`: keys that
-folders converted by an earlier version of this code wrote and that no longer change anything (the class says why
-next to the set); they are skipped, so those folders still load. Foreign config files (diffusers, transformers,
-MONAI) are translated into these dataclasses by the conversion code: ldm/weights/configs.py.
+model.yaml must not silently fall back to a default). Keys that folders converted by an earlier version wrote are
+dropped before this (ldm/weights/folder.py `RETIRED_KEYS`). Foreign config files (diffusers, transformers, MONAI)
+are translated into these dataclasses by the conversion code: ldm/weights/configs.py.
 """
 from dataclasses import asdict, fields
 
 
 class ConfigDict:
-    retired_keys = frozenset()  # keys an older model.yaml may hold that mean nothing now (not a dataclass field)
-
     def to_dict(self):
         """Plain dict (lists, not tuples) for model.yaml."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -21,7 +18,7 @@ class ConfigDict:
     def from_dict(cls, d):
         """From our own plain dict (model.yaml); unknown keys are an error, missing keys take defaults."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - cls.retired_keys)
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**d)

@@ -14,17 +14,9 @@ The pipeline, text -> ids:
   5. ids        look every BPE string up in the vocabulary
   6. frame      [<|startoftext|>] + ids + [<|endoftext|>], truncated to 77, padded with the family's pad id
 
-Differences from the references, on purpose or by necessity:
-- OpenAI runs `ftfy.fix_text` first (mojibake repair, NFC, ...). ftfy is not a dependency; we apply only its
-  NFC normalisation (what transformers' tokenizer does too). Text that needs mojibake repair can differ.
-- transformers' tokenizer (v5, `tokenizers`-backed) does NOT html-unescape: "&amp;" stays 4 characters there,
-  and becomes "&" here and in OpenAI's tokenizer. Everything else matches (see tests/test_tokenizer.py).
-- transformers treats the pad token as a special token even inside the text: with SD2's pad token "!", a "!"
-  in a prompt becomes id 0 there, and BPE ("!</w>" = 256) here and in OpenAI/OpenCLIP's tokenizer.
-- transformers v4's *slow* CLIPTokenizer without ftfy used BERT's BasicTokenizer instead: it deletes control
-  characters and puts spaces around every CJK ideograph (so "胸部" is two words there, one word here and in OpenAI's).
-- The pre-tokenising regex needs \\p{L} / \\p{N} (the `regex` package); we scan characters with
-  unicodedata.category instead. Python 3.11's Unicode tables (14.0) decide what is a letter or number.
+The ids match the references on every text the tests try; the edge cases where the references disagree with each
+other or need a package we do not use (ftfy, html unescaping, a pad token inside the text, CJK spacing, Unicode
+tables) are listed in tests/test_tokenizer.py's docstring.
 """
 import gzip
 import html

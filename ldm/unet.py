@@ -122,8 +122,6 @@ class UNetConfig(ConfigDict):
     transformer_norm_eps: float = 1e-6  # GroupNorm in front of each spatial transformer (both families)
     flip_sin_to_cos: bool = True  # sinusoid order [cos, sin] (diffusers SD and MONAI alike)
     freq_shift: int = 0  # frequencies exp(-log(10000) * i / (half - freq_shift))
-    # diffusers' SD2 `upcast_attention` has no key here: ldm/attention.py always computes attention in float32
-    retired_keys = frozenset({"upcast_attention"})
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -291,34 +289,37 @@ class UNet2DConditionModel(nn.Module):
                                  self.config.freq_shift)
         emb = self.time_embedding(emb.to(sample.dtype))  # (B, 4 C0)
 
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
+        # Shapes with C = block_out_channels, level i at (h_i, w_i) = (H, W) / 2**i, n levels.
+        x = self.conv_in(sample)                                   # (B, C[0], H, W)
+        skips = [x]         # the skip stack: every resnet's and downsampler's output, popped last-in first-out below
+        for block in self.down_blocks:                             # level i
             for j, resnet in enumerate(block.resnets):
-                x = resnet(x, emb)
+                x = resnet(x, emb)                                 # (B, C[i], h_i, w_i)
                 if hasattr(block, "attentions"):
                     x, stop = self._attend(block.attentions[j], x, context, store, stop_after)
                     if stop:
                         return None                                # nothing after this layer is needed
                 skips.append(x)
             if hasattr(block, "downsamplers"):
-                x = block.downsamplers[0](x)
+                x = block.downsamplers[0](x)                       # (B, C[i], h_i / 2, w_i / 2)
                 skips.append(x)
+        # len(skips) = 1 + n * layers_per_block + (n - 1): one per up-path resnet (each level has one resnet more)
 
-        x = self.mid_block.resnets[0](x, emb)
+        x = self.mid_block.resnets[0](x, emb)                     # (B, C[-1], h_{n-1}, w_{n-1}) through the middle
         x, stop = self._attend(self.mid_block.attentions[0], x, context, store, stop_after)
         if stop:
             return None
         x = self.mid_block.resnets[1](x, emb)
 
-        for block in self.up_blocks:
+        for block in self.up_blocks:                               # up block i works at level n-1-i
             for j, resnet in enumerate(block.resnets):
+                # (B, C_running + C_skip, h, w): the skip of the same resolution, on channels -> (B, C[level], h, w)
                 x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
                 if hasattr(block, "attentions"):
                     x, stop = self._attend(block.attentions[j], x, context, store, stop_after)
                     if stop:
                         return None
             if hasattr(block, "upsamplers"):
-                x = block.upsamplers[0](x)
+                x = block.upsamplers[0](x)                         # (B, C[level], 2h, 2w)
 
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))        # (B, out_channels, H, W): eps or v

@@ -147,8 +147,6 @@ class VAEConfig(ConfigDict):
     mid_block_attention: bool = True
     quant: str = "joint"                 # "joint" (diffusers quant_conv) | "split" (MONAI quant_conv_mu / _log_sigma)
     silu_before_conv_out: bool = True    # MONAI's Encoder/Decoder go GroupNorm -> conv_out with no SiLU between
-    # the latent scale is the pipeline's (model.yaml's top-level scale_factor), not this module's
-    retired_keys = frozenset({"scale_factor"})
 
     def __post_init__(self):
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -203,12 +201,12 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], out, 3, padding=1)
 
     def forward(self, x):
-        x = self.conv_in(x)
+        x = self.conv_in(x)                                        # (B, C_in, H, W) -> (B, ch[0], H, W)
         for block in self.down_blocks:
-            x = block(x)
+            x = block(x)                                           # (B, ch[i], H / 2**(i+1), ..); last: H / f
         if self.mid_block is not None:
-            x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+            x = self.mid_block(x)                                  # (B, ch[-1], H / f, W / f), f = 2**(levels - 1)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))   # (B, 2Z "joint" | Z "split", H / f, W / f)
 
 
 class Decoder(nn.Module):
@@ -226,12 +224,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z):
-        x = self.conv_in(z)
+        x = self.conv_in(z)                                        # (B, Z, h, w) -> (B, ch[-1], h, w)
         if self.mid_block is not None:
             x = self.mid_block(x)
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # no output activation
+            x = block(x)                                           # doubles h, w (not the last) -> (B, ch[0], h f, w f)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # (B, C_out, h f, w f); no output activation
 
 
 class AutoencoderKL(nn.Module):

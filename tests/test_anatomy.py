@@ -1,10 +1,13 @@
-"""Anatomy vocabulary, the location -> Gaussian LUT (build / save / load), rendering, jitter, nearest match."""
+"""Anatomy vocabulary, the location -> Gaussian LUT (build, and save / load: grounding/data/lut.py), rendering, jitter,
+the nearest-Gaussian match of a VinDr box (grounding/data/vindr.py)."""
 import json
 
 import pytest
 import torch
 
 from grounding import anatomy as an
+from grounding.data.lut import load_lut, save_lut
+from grounding.data.vindr import nearest_location
 
 
 def test_27_locations_and_names():
@@ -63,19 +66,19 @@ def test_build_lut_missing_region_is_an_error():
 
 def test_save_load_roundtrip_and_bad_file(tmp_path):
     lut, _ = an.build_lut([_graph(600, 500)])
-    an.save_lut(lut, tmp_path / "lut.json")
-    back = an.load_lut(tmp_path / "lut.json")
+    save_lut(lut, tmp_path / "lut.json")
+    back = load_lut(tmp_path / "lut.json")
     assert set(back) == set(lut) and all(g == pytest.approx(h) for k in lut for g, h in zip(back[k], lut[k]))
     bad = dict(lut, left=[[1, 2, 0, 3]])
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="'left'"):
-        an.load_lut(tmp_path / "bad.json")
+        load_lut(tmp_path / "bad.json")
     (tmp_path / "short.json").write_text(json.dumps({"left": [[1, 2, 3, 4]]}))
     with pytest.raises(ValueError, match="lacks locations"):
-        an.load_lut(tmp_path / "short.json")
+        load_lut(tmp_path / "short.json")
     (tmp_path / "frame.json").write_text(json.dumps({"frame": 224, "lut": lut}))  # e.g. ImaGenome's 224 frame
     with pytest.raises(ValueError, match="224-px frame"):
-        an.load_lut(tmp_path / "frame.json")
+        load_lut(tmp_path / "frame.json")
 
 
 def test_render_gaussians_peak_merge_and_frame():
@@ -108,7 +111,7 @@ def test_nearest_location_squared_w2():
     lut, _ = an.build_lut([_graph(512, 512)])
     for loc in ("right apical", "left costophrenic", "left middle"):
         g = lut[loc][0]
-        assert an.nearest_location((g[0] + 3, g[1] - 2, g[2] + 1, g[3]), lut) == loc
+        assert nearest_location((g[0] + 3, g[1] - 2, g[2] + 1, g[3]), lut) == loc
     # "left lower", "left base" and "left pleural" share one Gaussian: the canonical zone name wins
-    assert an.nearest_location(tuple(lut["left base"][0]), lut) == "left lower"
-    assert an.nearest_location(tuple(lut["cardiomegaly"][0]), lut, candidates=["cardiomegaly", "left"]) == "cardiomegaly"
+    assert nearest_location(tuple(lut["left base"][0]), lut) == "left lower"
+    assert nearest_location(tuple(lut["cardiomegaly"][0]), lut, candidates=["cardiomegaly", "left"]) == "cardiomegaly"

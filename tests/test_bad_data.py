@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grounding import anatomy as an
+from grounding.data.lut import load_lut
 
 from grounding.data import readers as ds
 from grounding.data.images import load_image
@@ -201,7 +201,7 @@ def test_lut_entries_that_are_not_four_finite_numbers_are_named(tiny_world, tmp_
     for bad in ([5], [[1, 2, "3", 4]], [[1, "x", 3, 4]], [[1, 2, float("nan"), 4]], [[1, 2, 3, True]], [None]):
         lut_path.write_text(json.dumps(dict(lut, left=bad)))
         with pytest.raises(ValueError, match=r"entry 'left' must be .*\(four finite numbers each\), got .*delete"):
-            an.load_lut(lut_path)
+            load_lut(lut_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

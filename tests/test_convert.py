@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import cmp, need
 
@@ -381,6 +382,25 @@ def test_strict_loading_lists_every_problem_once(tmp_path):
     for piece in ["unet: 2 missing", "conv_in.bias", "unet: 1 unexpected", "extra.weight", "unet: 1 mis-shaped",
                   "conv_out.weight file [4, 32, 1, 1] vs model [4, 32, 3, 3]", "vae: 1 missing", "quant_conv.bias"]:
         assert piece in msg, piece
+
+
+def test_folders_of_earlier_versions_load_and_unknown_keys_stay_errors(tmp_path):
+    """model.yaml of an earlier version held unet.upcast_attention and vae.scale_factor (they change nothing now):
+    such a folder loads as if they were absent; any other unknown key is an error naming it."""
+    from ldm.weights import folder as P
+    write_diffusers(tmp_path / "src", tiny_sd("sd1"), pad="eos")
+    P.save_pipeline(P.convert_checkpoint(tmp_path / "src", log=lambda s: None), tmp_path / "dst")
+    path = tmp_path / "dst" / "model.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["unet"]["upcast_attention"], cfg["vae"]["scale_factor"] = True, 0.5
+    path.write_text(yaml.safe_dump(cfg))
+    pipe = P.load_pipeline(tmp_path / "dst")
+    assert pipe.vae.config.to_dict() == {k: v for k, v in cfg["vae"].items() if k != "scale_factor"}
+    assert pipe.scale_factor == cfg["scale_factor"] != 0.5
+    cfg["unet"]["upcast_attn"] = True                                   # a typo is not a retired key
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(P.PipelineError, match="unknown keys.*'upcast_attn'"):
+        P.load_pipeline(tmp_path / "dst")
 
 
 def test_save_is_atomic_and_never_clobbers_other_folders(tmp_path, monkeypatch):

@@ -84,6 +84,23 @@ def test_data_report_scores_the_weak_supervision_against_the_phantom_truth(tiny_
         assert len(data.samples) == (2 if need else 0)
 
 
+def test_paper_phantom_yaml_is_the_papers_settings_and_tune_yaml_departs_where_it_says():
+    """configs/paper_phantom.yaml: the paper's method settings (docs/paper.md sections 4-6) on the phantom world;
+    tune.yaml differs from it on the method keys its first lines name, and on nothing else."""
+    from grounding.heatmap import LAYER_PRESETS, TRAIN_WINDOW
+    from grounding.losses import PAPER_ALPHA, PAPER_EPS
+    paper = load_config(TrainConfig, os.path.join(REPO, "configs", "paper_phantom.yaml"))
+    quick = load_config(TrainConfig, os.path.join(REPO, "tune.yaml"))
+    assert (paper.w_div, paper.w_loc, paper.lr, paper.batch_size, paper.optimizer) == (1.0, 1.0, 1e-4, 1, "adamw")
+    assert tuple(paper.layers) == LAYER_PRESETS[("phantom", "tuning")] and paper.noisy_latents == "inversion"
+    assert paper.num_inference_steps == 100 and tuple(paper.train_window) == TRAIN_WINDOW
+    assert (paper.alpha, paper.eps, paper.jitter, paper.timesteps_per_step) == (PAPER_ALPHA, PAPER_EPS, 0.05, 0)
+    assert paper.out_dir == "runs/paper_phantom" and paper.mscxr_split == quick.mscxr_split == "test"
+    differ = {f.name for f in dataclasses.fields(TrainConfig) if getattr(paper, f.name) != getattr(quick, f.name)}
+    assert differ == {"noisy_latents", "num_inference_steps", "layers", "w_div", "lr",       # named in tune.yaml
+                      "max_steps", "max_train_samples", "out_dir"}, differ                   # budget and place
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Frontal views only: PA by default, AP on request, lateral never
 
@@ -244,7 +261,7 @@ def test_vindr_without_image_labels_converts_every_ild_infiltration_box(tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 # 5. The default phantom world is unchanged by the real-layout writer (the quickstart's numbers depend on it)
 
-DEFAULT_TINY_WORLD_SHA1 = {  # sha1 of the tiny default world's CSVs, as written before layout="real" existed
+DEFAULT_TINY_WORLD_SHA1 = {  # sha1 of the tiny default world's CSVs, as written before the real-layout writer existed
     "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv": "f2177ee259c6a545f54c03a3e6f9d9daa2a6e32b",
     "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv": "286c91bc11fa616157349d6186883d79c4817dd7",
     "ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv": "7654b8c727c6764879adc7f5804e3a8c81e83be3",
@@ -257,5 +274,3 @@ def test_default_world_is_byte_for_byte_unchanged(tiny_world):
         with open(os.path.join(tiny_world, rel), "rb") as f:
             assert hashlib.sha1(f.read()).hexdigest() == sha, rel
     assert not os.path.exists(os.path.join(tiny_world, "mimic-cxr-jpg", "2.0.0"))
-    with pytest.raises(ValueError, match="layout"):
-        ph.build_world(os.path.join(tiny_world, "x"), ph.PhantomConfig.tiny(), layout="physionet")

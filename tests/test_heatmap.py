@@ -72,11 +72,13 @@ def test_window_matches_paper_indices():
 
 def test_layer_presets():
     assert HeatmapConfig().resolved_layers() == (4, 5, 6, 7) and not HeatmapConfig().resolved_otsu()
-    base = HeatmapConfig(tuned=False)
+    base = HeatmapConfig(preset="baseline")
     assert base.resolved_layers() == (3, 4, 6, 7) and base.resolved_otsu()
     assert all(len(v) == 4 for v in LAYER_PRESETS.values())
     with pytest.raises(ValueError, match="preset"):
         HeatmapConfig(family="nope").resolved_layers()
+    with pytest.raises(ValueError, match="preset must be one of"):
+        HeatmapConfig(preset=True)          # the old `tuned` flag's values are not presets
 
 
 def test_preset_layers_share_one_resolution_on_real_layouts():
@@ -86,10 +88,10 @@ def test_preset_layers_share_one_resolution_on_real_layouts():
                         ("phantom", UNetConfig.phantom())):
         with torch.device("meta"):
             layers = UNet2DConditionModel(cfg).cross_attention_layers()
-        for tuned in (True, False):
-            scales = {layers[i].downscale for i in LAYER_PRESETS[(family, tuned)]}
-            print(family, tuned, len(layers), scales)
-            assert len(scales) == 1, (family, tuned, scales)
+        for preset in ("tuning", "baseline"):
+            scales = {layers[i].downscale for i in LAYER_PRESETS[(family, preset)]}
+            print(family, preset, len(layers), scales)
+            assert len(scales) == 1, (family, preset, scales)
         assert len(layers) == {"sd1": 16, "monai_cxr": 11, "phantom": 6}[family]
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from grounding.attention_store import AttentionStore
-from grounding.losses import (diversity_loss, grounding_loss, localisation_loss, localisation_target,
-                              resize_target, token_average)
+from grounding.losses import diversity_loss, grounding_loss, localisation_loss, localisation_target, token_average
 from test_heatmap import _inputs, tiny_pipe
 
 
@@ -90,12 +89,8 @@ def test_localisation_zero_on_target_direction_and_grows_with_distance():
     assert losses[0] < 1e-6 and losses[-1] > 0.3
 
 
-def test_resize_and_grounding_loss_parts():
-    G = _gauss(64, 16, 40, 6.0)[None]                      # at image resolution
-    g = resize_target(G, (16, 16))
-    assert g.shape == (1, 16, 16)
-    peak = divmod(int(g.flatten().argmax()), 16)
-    assert peak == (10, 4)                                 # (40/4, 16/4)
+def test_grounding_loss_parts_and_the_target_at_the_map_resolution():
+    G = _gauss(16, 4, 10, 1.5)[None]                       # (B, 16, 16): rendered at the maps' 16 x 16
     maps = torch.rand(2, 4, 1, 256, 3).softmax(-2)         # (T, L, B, N, S)
     total, parts = grounding_loss(maps, G, weights=(1.0, 1.0))
     assert total.item() == pytest.approx(parts["div"].item() + parts["loc"].item(), rel=1e-6)
@@ -104,6 +99,8 @@ def test_resize_and_grounding_loss_parts():
     assert torch.allclose(token_average(maps), maps.mean(-1))
     with pytest.raises(ValueError, match="not a square"):
         localisation_loss(torch.rand(1, 1, 1, 12), G)
+    with pytest.raises(ValueError, match=r"G must be \(B, 16, 16\).*render_gaussians"):   # nothing is resized
+        grounding_loss(maps, _gauss(64, 16, 40, 6.0)[None])
 
 
 # ---- a short optimisation on a tiny random LDM ---------------------------------------------------------

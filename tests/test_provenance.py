@@ -85,6 +85,25 @@ def test_the_code_version_covers_code_not_settings(tmp_path):
     assert provenance.code_version(str(tmp_path)).startswith(clean + "+dirty.")
 
 
+def test_records_written_before_the_preset_rename_still_resume(tmp_path):
+    """HeatmapConfig.tuned (true also for the untuned rows' reading) became `preset`; a sidecar that says
+    "tuned" reads as the same settings, so its rows resume instead of being refused or moved aside."""
+    from grounding.heatmap import HeatmapConfig
+    for preset, tuned in (("tuning", True), ("baseline", False)):
+        path = str(tmp_path / f"rows_{preset}.jsonl")
+        record = {**RECORD, "heatmap": provenance.heatmap_settings(HeatmapConfig(family="phantom", preset=preset))}
+        old = {**record, "heatmap": {("tuned" if k == "preset" else k): (tuned if k == "preset" else v)
+                                     for k, v in record["heatmap"].items()}}
+        assert "preset" not in old["heatmap"] and old["heatmap"]["tuned"] is tuned
+        _rows(path, ["p0", "p1"])
+        json.dump(old, open(path + ".provenance.json", "w"))
+        provenance.check_rows(path, record)                                  # no SystemExit: the same settings
+        assert open(path).read().count("pair_id") == 2
+        json.dump({**old, "heatmap": {**old["heatmap"], "tuned": not tuned}}, open(path + ".provenance.json", "w"))
+        with pytest.raises(SystemExit, match="heatmap"):                     # the other reading is still refused
+            provenance.check_rows(path, record)
+
+
 def test_a_live_lock_stops_a_second_writer_and_a_dead_one_is_taken_over(tmp_path):
     lock = str(tmp_path / "rows.jsonl.lock")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -306,7 +325,7 @@ def test_final_evaluation_uses_the_trained_layers_and_steps():
     tuned = provenance.eval_heatmap_config(cfg, "phantom", tuned=True)
     frozen = provenance.eval_heatmap_config(cfg, "phantom", tuned=False)
     assert tuned.resolved_layers() == (3, 4) and tuned.num_steps == 50 and not tuned.resolved_otsu()
-    assert frozen.resolved_layers() == LAYER_PRESETS[("phantom", False)] and frozen.resolved_otsu()  # paper protocol
+    assert frozen.resolved_layers() == LAYER_PRESETS[("phantom", "baseline")] and frozen.resolved_otsu()  # paper protocol
     assert frozen.num_steps == 50
     line = provenance.describe_heatmap("tuned", tuned)
     assert "layers (3, 4)" in line and "50 DDIM steps" in line and "no Otsu" in line

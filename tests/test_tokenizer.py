@@ -3,7 +3,19 @@ a vocabulary trained here, the pre-tokeniser equal to the `regex`-package patter
 truncation, decode and the positions of a phrase in a prompt.
 
 transformers 5 has only the `tokenizers`-backed CLIPTokenizer (the old slow one is gone); it normalises with
-NFC + whitespace collapse + lowercase and does not html-unescape, so "&amp;" is the one documented difference.
+NFC + whitespace collapse + lowercase and does not html-unescape, so "&amp;" is the one difference these tests meet.
+
+Where ldm/tokenizer.py differs from the references, on purpose or by necessity:
+- OpenAI runs `ftfy.fix_text` first (mojibake repair, NFC, ...). ftfy is not a dependency; we apply only its
+  NFC normalisation (what transformers' tokenizer does too). Text that needs mojibake repair can differ.
+- transformers' tokenizer (v5, `tokenizers`-backed) does NOT html-unescape: "&amp;" stays 4 characters there,
+  and becomes "&" here and in OpenAI's tokenizer. Everything else matches (the tests below).
+- transformers treats the pad token as a special token even inside the text: with SD2's pad token "!", a "!"
+  in a prompt becomes id 0 there, and BPE ("!</w>" = 256) here and in OpenAI/OpenCLIP's tokenizer.
+- transformers v4's *slow* CLIPTokenizer without ftfy used BERT's BasicTokenizer instead: it deletes control
+  characters and puts spaces around every CJK ideograph (so "胸部" is two words there, one word here and in OpenAI's).
+- The pre-tokenising regex needs \\p{L} / \\p{N} (the `regex` package); we scan characters with
+  unicodedata.category instead. Python 3.11's Unicode tables (14.0) decide what is a letter or number.
 """
 import json
 import random

@@ -9,7 +9,8 @@ import collections
 import os
 
 from grounding.data import reports as rp
-from grounding.anatomy import box_gaussian, nearest_location, SINGLE_BOX_LOCATIONS
+from grounding.anatomy import box_gaussian
+from grounding.data.vindr import nearest_location, SINGLE_BOX_LOCATIONS
 from grounding.data.readers import DataReport
 from grounding.metrics import box_edges
 from grounding.geometry import box_to_model, crop_window

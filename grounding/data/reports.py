@@ -13,7 +13,23 @@ sides, symmetric merging) -> `standardise_prompt` ("{location} {pathology}", sev
 import json
 import re
 
-from grounding.anatomy import PATHOLOGIES, PATHOLOGY_SYNONYMS, PATHOLOGY_WORDS, location_name
+from grounding.anatomy import PATHOLOGIES, PATHOLOGY_WORDS, location_name
+
+# Report wording of each pathology (regex alternatives, matched as whole words on lower-cased text).
+# Plurals and the common radiology synonyms; "Lung Opacity" is the generic finding and is only counted
+# when no more specific pathology is named in the same clause (see find_pathologies).
+PATHOLOGY_SYNONYMS = {
+    "Atelectasis": [r"atelecta(?:sis|ses|tic)", r"collapse[d]?", r"volume loss"],
+    "Cardiomegaly": [r"cardiomegaly", r"enlarged (?:heart|cardiac silhouette)",
+                     r"(?:heart|heart size|cardiac silhouette) (?:is |remains |appears )?(?:mildly |moderately |severely |markedly )?enlarged",
+                     r"enlargement of the (?:heart|cardiac silhouette)"],
+    "Consolidation": [r"consolidations?", r"consolidative", r"airspace disease"],
+    "Edema": [r"o?edema", r"edematous", r"interstitial fluid"],
+    "Lung Opacity": [r"opacit(?:y|ies)", r"opacification", r"opacified", r"densit(?:y|ies)", r"haziness"],
+    "Pleural Effusion": [r"effusions?", r"pleural fluid", r"hydrothorax"],
+    "Pneumonia": [r"pneumonias?", r"bronchopneumonia", r"infectious process", r"pneumonic"],
+    "Pneumothorax": [r"pneumothora(?:x|ces|xes)", r"ptx"],
+}
 
 # ---------------------------------------------------------------------------------------------------
 # Sections and sentences

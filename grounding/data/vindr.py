@@ -1,10 +1,11 @@
 """Reader for VinDr-CXR's test annotations: out-of-distribution grounding pairs, one per image and class, boxes in
 original pixels (docs/formats.md "Datasets", docs/paper.md section 8). Records and DataReport as
-grounding/data/readers.py."""
+grounding/data/readers.py. VinDr has no report text: `nearest_location` names a box by the LUT Gaussian nearest to it
+(grounding/data/curation.py `vindr_prompts` turns that into a prompt)."""
 import collections
 import os
 
-from grounding.anatomy import PATHOLOGIES
+from grounding.anatomy import PATHOLOGIES, location_name
 from grounding.data.images import image_size
 from grounding.data.readers import DataReport, _check_header, _clip_box, _number, _read_csv
 
@@ -15,6 +16,27 @@ VINDR_TO_MSCXR = {p.lower(): p for p in PATHOLOGIES}
 # these two local classes to Pneumonia, so that 7 of the 8 MS-CXR classes are scored (edema has no test boxes).
 VINDR_AS_PNEUMONIA = ("ild", "infiltration")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".dicom", ".dcm")
+
+
+# Locations a single box can be matched to: one Gaussian each, and only the canonical name of each region
+# (base/pleural duplicate "lower", lingular duplicates "left middle"; bilateral ones have two Gaussians).
+SINGLE_BOX_LOCATIONS = tuple(location_name(s, z) for s in ("left", "right")
+                             for z in ("", "apical", "upper", "middle", "lower", "costophrenic"))
+
+
+def nearest_location(box_gaussian_, lut, candidates=SINGLE_BOX_LOCATIONS):
+    """The candidate location whose Gaussian is nearest a box's (mu_x, mu_y, sigma_x, sigma_y).
+
+    Distance: squared 2-Wasserstein between axis-aligned Gaussians = squared Euclidean distance over the
+    4 numbers (docs/paper.md section 8). Ties go to the earlier candidate.
+    """
+    best, best_d = None, float("inf")
+    for loc in candidates:
+        for g in lut[loc]:
+            d = sum((a - b) ** 2 for a, b in zip(box_gaussian_, g))
+            if d < best_d:
+                best, best_d = loc, d
+    return best
 
 
 def _find_image(image_dir, image_id):

@@ -180,7 +180,8 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None, protocol="reference
         raise ValueError("classify: the 'tuned' source needs learned rows (--prompts)")
     # every (model, prompt kind) heatmap of the batch from ONE inversion (it follows "", so it is shared)
     keys = [(model, k) for model, model_kinds in models.items() for k in ["normal"] + model_kinds]
-    hcfgs = hcfgs or {m: HeatmapConfig(family=pipe.family, tuned=m == "tuned") for m in ("frozen", "tuned")}
+    hcfgs = hcfgs or {m: HeatmapConfig(family=pipe.family, preset="tuning" if m == "tuned" else "baseline")
+                     for m in ("frozen", "tuned")}
     variants = [(texts[k], prompts if model == "tuned" else None, [hcfgs[model]]) for model, k in keys]
     heat = {}                                                     # (model, kind) -> (B, S, S) model-frame heatmaps
     if variants:

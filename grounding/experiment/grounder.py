@@ -47,8 +47,8 @@ class Reading:
 def readings(family, num_steps, window, layers=None, tuned=True):
     """The three readings of evaluate.py (two without learned rows). layers: the tuned-layer reading's (None = the
     family's tuned preset); the frozen reading keeps the baseline preset and its Otsu mask."""
-    base = HeatmapConfig(num_steps=num_steps, window=tuple(window), family=family, tuned=False)
-    mine = HeatmapConfig(num_steps=num_steps, window=tuple(window), family=family, tuned=True,
+    base = HeatmapConfig(num_steps=num_steps, window=tuple(window), family=family, preset="baseline")
+    mine = HeatmapConfig(num_steps=num_steps, window=tuple(window), family=family, preset="tuning",
                          layers=tuple(layers) if layers else None)
     out = [Reading("frozen", "frozen", base, f"original embeddings, the paper's baseline reading: layers "
                    f"{base.resolved_layers()} + Otsu mask"),

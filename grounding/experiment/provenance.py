@@ -136,8 +136,8 @@ def eval_heatmap_config(cfg, family, tuned):
     """
     from grounding.heatmap import HeatmapConfig
     layers = tuple(cfg.layers) if tuned and cfg.layers else None
-    return HeatmapConfig(num_steps=cfg.num_inference_steps, family=family, tuned=tuned, layers=layers,
-                         autocast=cfg.autocast)
+    return HeatmapConfig(num_steps=cfg.num_inference_steps, family=family, preset="tuning" if tuned else "baseline",
+                         layers=layers, autocast=cfg.autocast)
 
 
 def rows_record(pipe, weights, hcfg, prompts=None, prompts_path=None, split=None, data=None):
@@ -149,6 +149,19 @@ def rows_record(pipe, weights, hcfg, prompts=None, prompts_path=None, split=None
 
 # ---------------------------------------------------------------------------------------------------------------
 # rows files: provenance sidecar and lock
+
+
+def read_record(path):
+    """A rows file's sidecar record; one written before HeatmapConfig.tuned became `preset` reads as the same
+    settings (tuned true -> preset "tuning", false -> "baseline"), so its rows still resume."""
+    with open(path) as f:
+        record = json.load(f)
+    heatmap = record.get("heatmap") if isinstance(record, dict) else None
+    if isinstance(heatmap, dict) and "tuned" in heatmap and "preset" not in heatmap:
+        heatmap = {("preset" if k == "tuned" else k): ("tuning" if v else "baseline") if k == "tuned" else v
+                   for k, v in heatmap.items()}
+        record = {**record, "heatmap": heatmap}
+    return record
 
 
 def differences(old, new, ignore=()):
@@ -172,8 +185,7 @@ def check_rows(rows_path, record, on_mismatch="error"):
     if os.path.exists(rows_path) and os.path.getsize(rows_path) > 0:
         old = None
         if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                old = json.load(f)
+            old = read_record(meta_path)
         diffs = differences(old, record, ignore=INFO_KEYS) if old is not None else [("provenance", "(no record)", "...")]
         if diffs:
             what = (f"{rows_path} holds rows made by something else ({_format(diffs)})" if old is not None else

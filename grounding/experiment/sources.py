@@ -17,7 +17,8 @@ from grounding.data import readers as ds
 from grounding.data.imagenome import read_gold_ids, read_imagenome, read_imagenome_gold_csv
 from grounding.data.vindr import read_vindr
 from grounding.phantom import world as phantom
-from grounding.anatomy import build_lut, load_lut, save_lut
+from grounding.anatomy import build_lut
+from grounding.data.lut import load_lut, save_lut
 from grounding.phantom.real import world_notice_for
 from grounding.phantom.truth import read_truth, score_tuning_set
 from grounding.data.images import preprocess

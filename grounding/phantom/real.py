@@ -1,8 +1,8 @@
 """The rehearsal replica: the phantom world written in the exact layouts of the credentialed releases, traps included.
 
-    grounding.phantom.build_world(root, PhantomConfig.tiny(), layout="real")
+    grounding.phantom.real.build_real_world(root, PhantomConfig.tiny())
 
-The default phantom world (grounding/phantom/world.py, layout "phantom") keeps one flat, simplified tree that the
+The default phantom world (grounding/phantom/world.py `build_world`) keeps one flat, simplified tree that the
 quickstart reads. This writer draws the SAME cases (phantom.sample_case, phantom_render.render_case) but lays them
 out as the real releases are unpacked, so that configs/mimic_monai.yaml runs on it with only its "/data" prefix
 changed, and it plants the traps a new user meets on the real data:

@@ -15,8 +15,9 @@ frontal radiograph from a sampled case is grounding/phantom/render.py.
   root/chest-imagenome/silver_dataset/scene_graph/<dicom_id>_SceneGraph.json   gold subset anatomy boxes
   root/vindr-cxr/annotations_test.csv + test/<image_id>.png      out-of-distribution "scanner"
 
-build_world(..., layout="real") writes the same cases in the exact layouts of the credentialed releases instead,
-traps included (grounding/phantom/real.py): the rehearsal of configs/mimic_monai.yaml.
+grounding/phantom/real.py `build_real_world` writes the same cases in the exact layouts of the credentialed releases
+instead, traps included: the rehearsal of configs/mimic_monai.yaml (it imports this file; this file does not import
+it).
 
 Convention: radiological view, so the patient's RIGHT lung is on the image LEFT.
 """
@@ -180,18 +181,10 @@ def _scene_graph(case, anatomy, rng):
                 viewpoint="PA", objects=objects, attributes=attributes, relationships=[])
 
 
-def build_world(root, config=None, layout="phantom"):
-    """Generate the phantom world under `root` in the real dataset formats; returns a summary dict.
-
-    layout: "phantom" (the quickstart's flat tree above) | "real" (the same cases in the exact folder layout and
-    files of the credentialed releases, traps included: grounding/phantom/real.py).
-    """
+def build_world(root, config=None):
+    """Generate the phantom world under `root` in the real dataset formats (the quickstart's flat tree above);
+    returns a summary dict. The releases' exact layouts: grounding/phantom/real.py `build_real_world`."""
     cfg = config or PhantomConfig()
-    if layout == "real":
-        from grounding.phantom.real import build_real_world
-        return build_real_world(root, cfg)
-    if layout != "phantom":
-        raise ValueError(f"build_world: layout must be 'phantom' or 'real', got {layout!r}")
     t0 = time.time()
     mimic, reps = os.path.join(root, "mimic-cxr-jpg"), os.path.join(root, "mimic-cxr-reports")
     cases = [sample_case(cfg, k, i) for k, n in (("train", cfg.n_train), ("validate", cfg.n_validate),

@@ -95,6 +95,15 @@ def build_modules(configs, weights, device="cpu", dtype=torch.float32, source=""
     return modules
 
 
+# model.yaml keys that folders converted by an earlier version of this code hold and that change nothing now; they
+# are dropped when the folder is read, so those folders still load (any other unknown key is an error: a typo in
+# model.yaml must not silently fall back to a default).
+RETIRED_KEYS = {
+    "unet": ("upcast_attention",),   # diffusers' SD2 flag: ldm/attention.py always computes attention in float32
+    "vae": ("scale_factor",),        # the latent scale is the pipeline's: model.yaml's top-level scale_factor
+}
+
+
 def _read_yaml(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -112,6 +121,7 @@ def _read_yaml(path):
     for name, cfg_cls in sections.items():
         if not isinstance(cfg[name], dict):
             raise PipelineError(f"{path}: section {name!r} must be a mapping of config keys")
+        cfg[name] = {k: v for k, v in cfg[name].items() if k not in RETIRED_KEYS.get(name, ())}
         absent = [f.name for f in fields(cfg_cls) if f.name not in cfg[name]]
         if absent:
             raise PipelineError(f"{path}: section {name!r} lacks keys {absent}; re-convert the checkpoint with "
