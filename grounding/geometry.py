@@ -32,6 +32,14 @@ def box_to_model(box, orig_w, orig_h, size, clip=True):
     return (x1, y1, x2 - x1, y2 - y1)
 
 
+def box_to_original(box, orig_w, orig_h, size):
+    """Inverse of box_to_model (for boxes inside the crop): model-frame (x, y, w, h) -> original pixels (ground.py
+    reports a map's peak cell in the original image with it)."""
+    sx, sy, left, top = frame_params(orig_w, orig_h, size)
+    x1, y1 = (box[0] + left) / sx, (box[1] + top) / sy
+    return (x1, y1, box[2] / sx, box[3] / sy)
+
+
 def crop_window(orig_w, orig_h, size):
     """(left, top, side) of the square of ORIGINAL pixels the centre crop keeps (to_original fills only it)."""
     m = min(orig_w, orig_h)

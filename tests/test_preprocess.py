@@ -5,15 +5,7 @@ import torch
 from PIL import Image
 
 from grounding.data import images as pp
-from grounding.geometry import box_to_model, frame_params, to_original
-
-
-def box_to_original(box, orig_w, orig_h, size):
-    """Inverse of grounding/geometry.py box_to_model (for boxes inside the crop): model-frame (x, y, w, h) ->
-    original pixels. The method never needs it (heatmaps go back with to_original); these tests check both ways."""
-    sx, sy, left, top = frame_params(orig_w, orig_h, size)
-    x1, y1 = (box[0] + left) / sx, (box[1] + top) / sy
-    return (x1, y1, box[2] / sx, box[3] / sy)
+from grounding.geometry import box_to_model, box_to_original, frame_params, to_original
 
 
 @pytest.mark.parametrize("W,H,size", [(2544, 3056, 512), (3056, 2544, 512), (256, 320, 64), (700, 700, 512),

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ldm.weights.folder import load_pipeline
-from grounding.anatomy import load_lut
+from grounding.data.lut import load_lut
 from grounding.data import readers as ds
 from grounding.data.curation import class_counts
 from grounding.data.imagenome import read_gold_ids, read_imagenome_gold_csv, read_scene_graph
