@@ -275,8 +275,9 @@ def main(argv=None):
               f"true {class_average(run[m]['rows'].values(), 'true_side'):.2f}, "
               f"swapped {class_average(run[m]['rows'].values(), 'swap_side'):.2f}" for m in models]
     for other in [m for m in ("untuned", "frozen") if m in run]:
-        above = [sum(run["tuned"]["rows"][r["pair_id"]][key] > run[other]["rows"][r["pair_id"]][key] for *_, r in chosen)
-                 for key in ("cnr", "miou")]
+        pair_ids = [r["pair_id"] for *_, r in chosen]
+        tuned, base = run["tuned"]["rows"], run[other]["rows"]
+        above = [sum(tuned[i][key] > base[i][key] for i in pair_ids) for key in ("cnr", "miou")]
         lines.append(f"Tuned above {other} in these {len(chosen)} rows: CNR {above[0]}, mIoU {above[1]}")
     foot = Image.new("RGB", (width, 8 + 14 * len(lines)), (0, 0, 0))
     draw = ImageDraw.Draw(foot)

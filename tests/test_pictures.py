@@ -1,4 +1,5 @@
-"""scripts/figure.py: which pairs the README figure shows, and that it refuses maps that do not give the run's numbers."""
+"""The README's pictures: scripts/figure.py (which pairs it shows, and that it refuses maps that do not give the run's
+numbers) and scripts/generation_sides.py (where a generated finding lies)."""
 import importlib.util
 import os
 
@@ -8,11 +9,15 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def figure_script():
-    spec = importlib.util.spec_from_file_location("figure_script", os.path.join(REPO, "scripts", "figure.py"))
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", name + ".py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+def figure_script():
+    return load_script("figure")
 
 
 def test_rows_cover_every_class_and_both_sides_at_the_median_cnr():
@@ -45,3 +50,37 @@ def test_a_map_that_does_not_give_the_recorded_numbers_is_refused():
         fig.check({"cnr": 1.5, "miou": 0.25}, row, "eval_tuned.jsonl")
     with pytest.raises(ValueError, match="miou"):
         fig.check({"cnr": 1.0, "miou": 0.30}, row, "eval_tuned.jsonl")
+
+
+def test_a_generated_finding_is_found_on_its_side_and_only_when_drawn():
+    gen = load_script("generation_sides")
+    normal = torch.full((1, 64, 64), 0.4)
+    image = normal.clone()
+    image[0, 30:40, 44:52] = 0.9        # a bright finding on the IMAGE's right = the patient's left
+    image += 0.02 * torch.randn_like(image)   # the rest of a same-seed sample differs a little everywhere
+    left = gen.side_row(image, normal, "left", (0.0, 1.0))
+    assert (left["drawn"], left["on_side"], left["drawn_on_side"]) == (1.0, 1.0, 1.0)
+    assert left["peak"] == pytest.approx(0.5, abs=0.05)
+    assert gen.side_row(image, normal, "right", (0.0, 1.0))["on_side"] == 0.0
+    # a dark finding (a pneumothorax removes markings) counts as well; in [-1, 1] images the range is rescaled
+    dark = normal.clone()
+    dark[0, 10:30, 4:14] = 0.1
+    assert gen.side_row(dark, normal, "right", (0.0, 1.0))["drawn_on_side"] == 1.0
+    assert gen.side_row(dark * 2 - 1, normal * 2 - 1, "right", (-1.0, 1.0))["peak"] == pytest.approx(0.3, abs=0.01)
+    # a faint change is not a drawn finding (whatever side its peak falls on)
+    faint = normal.clone()
+    faint[0, 30:40, 44:52] += 0.05
+    row = gen.side_row(faint, normal, "left", (0.0, 1.0))
+    assert row["drawn"] == 0.0 and row["drawn_on_side"] == 0.0 and row["on_side"] != row["on_side"]   # NaN
+
+
+def test_outlines_moved_by_a_pixel_or_two_are_not_a_finding():
+    gen = load_script("generation_sides")
+    normal = torch.full((1, 64, 64), 0.3)
+    normal[0, 40:, :] = 0.8                      # a bright diaphragm below a dark lung
+    moved = torch.full((1, 64, 64), 0.3)
+    moved[0, 38:, :] = 0.8                       # the same outline 2 px higher: a 0.5 step along a whole row
+    assert gen.side_row(moved, normal, "left", (0.0, 1.0))["drawn"] == 0.0
+    moved[0, 20:30, 10:20] = 0.8                 # and a finding in the image's left lung = the patient's right
+    row = gen.side_row(moved, normal, "right", (0.0, 1.0))
+    assert (row["drawn"], row["on_side"]) == (1.0, 1.0)

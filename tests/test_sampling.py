@@ -111,8 +111,9 @@ def test_learned_rows_reach_the_unet_and_only_they_differ():
 
 def test_prompts_naming_one_side_get_their_swapped_twin():
     import sample as script
-    assert script.with_swapped_sides(["left pneumothorax", "cardiomegaly", "right pneumothorax", "Left base effusion"]) \
-        == ["left pneumothorax", "right pneumothorax", "cardiomegaly", "Left base effusion", "Right base effusion"]
+    texts = ["left pneumothorax", "cardiomegaly", "right pneumothorax", "Left base effusion"]
+    assert script.with_swapped_sides(texts) == ["left pneumothorax", "right pneumothorax", "cardiomegaly",
+                                                "Left base effusion", "Right base effusion"]
 
 
 def test_the_grid_puts_each_tile_under_its_group_and_seed_beside_its_prompt():
@@ -166,7 +167,8 @@ def test_sample_py_names_bad_learned_rows(tmp_path, capsys):
         script.main(["--weights", "/nonexistent-weights", "--prompt", "x", "--prompts"])
     assert "argument --prompts: expected one argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):   # refused before the model loads
-        script.main(["--weights", "/nonexistent-weights", "--prompt", "x", "--prompts", str(tmp_path / "no.safetensors")])
+        script.main(["--weights", "/nonexistent-weights", "--prompt", "x",
+                     "--prompts", str(tmp_path / "no.safetensors")])
     assert "no.safetensors: no such file; give the learned rows train.py wrote" in capsys.readouterr().err
     # rows learned with another text encoder (the tiny test model's) are refused, the file named
     other = str(tmp_path / "other.safetensors")
