@@ -52,7 +52,8 @@ def main(argv=None):
                                  or not os.path.isdir(os.path.dirname(args.out) or ".")):
         p.error(f"--out {args.out}: a .png or .jpg path in an existing folder")
     if args.prompts is not None and not os.path.isfile(args.prompts):
-        p.error(f"--prompts {args.prompts}: no such file; give the learned rows train.py wrote "
+        p.error(f"--prompts {args.prompts}: {'a folder' if os.path.isdir(args.prompts) else 'no such file'}; "
+                "give the learned rows train.py wrote "
                 "(<out_dir>/learned_rows.safetensors, e.g. runs/tune/learned_rows.safetensors)")
     pipe = load_pipeline(args.weights, device=args.device)
     learned = load_learned(pipe, args.prompts) if args.prompts else None

@@ -170,6 +170,9 @@ def test_sample_py_names_bad_learned_rows(tmp_path, capsys):
         script.main(["--weights", "/nonexistent-weights", "--prompt", "x",
                      "--prompts", str(tmp_path / "no.safetensors")])
     assert "no.safetensors: no such file; give the learned rows train.py wrote" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # the run folder instead of its rows file
+        script.main(["--weights", "/nonexistent-weights", "--prompt", "x", "--prompts", str(tmp_path)])
+    assert "a folder; give the learned rows train.py wrote" in capsys.readouterr().err
     # rows learned with another text encoder (the tiny test model's) are refused, the file named
     other = str(tmp_path / "other.safetensors")
     save_rows(moved_rows(tiny_pipe()), other)
