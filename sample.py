@@ -1,29 +1,45 @@
-"""Text-to-image DDIM sampling from a converted model (a sanity check of weights, and pictures for the README).
+"""Text-to-image DDIM sampling from a converted model: a sanity check of weights and, with learned rows, what the
+prompt tuning changes in what the model draws.
 
-    python sample.py --weights assets/phantom_ldm --prompt "left lower atelectasis" --n 4 --out samples.png
+    python sample.py --weights assets/phantom_ldm --prompt "left lower atelectasis" --n 4
+    python sample.py --weights assets/phantom_ldm --prompt "left lower atelectasis" \\
+        --prompts runs/tune/learned_rows.safetensors            # frozen vs tuned, "left ..." vs "right ..."
     python sample.py --weights weights/roentgen --prompt "big right-sided pleural effusion" --steps 50 --guidance 4
+
+Writes one labelled PNG grid (default runs/samples/<first prompt>[_frozen_vs_tuned].png): a row per prompt, a column
+per seed (--seed, --seed + 1, ...; column k starts from the same noise z_T in every row), the prompts written beside
+their rows and "GENERATED" (+ "SYNTHETIC" for the phantom model) in the title.
+With --prompts FILE (the learned rows train.py writes): a second group of columns samples the same prompts on the
+same seeds through the learned rows, so frozen and tuned differ only in the rows; and each prompt that names one side
+is joined by its left/right-swapped twin ("left X" and "right X"), because where the words put the finding is what
+the rows were tuned for and what a reader can check by eye (hence no separate flag for it).
 """
 import argparse
 import math
 import os
+import re
 import sys
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from ldm import load_pipeline
-from ldm.sampling import grid, sample, to_pil
+from ldm.sampling import latent_shape, sample, to_pil
+from ldm.weights.safetensors import read_header
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="converted model folder (convert_weights.py or assets/phantom_ldm)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat the flag for several)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--prompts", metavar="FILE", help="learned rows (train.py's <out_dir>/learned_rows.safetensors): "
+                   "adds the tuned samples beside the frozen ones, same seeds, and each one-sided prompt's swap")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="samples.png", help="PNG grid: one row per prompt")
+    p.add_argument("--out", help="PNG grid (default runs/samples/<first prompt>[_frozen_vs_tuned].png)")
     args = p.parse_args(argv)
     # checked before the model loads: a bad value must not cost a sampling run
     if args.n < 1:
@@ -32,14 +48,134 @@ def main(argv=None):
         p.error(f"--steps must be in [1, 1000] (the training schedule's length), got {args.steps}")
     if not math.isfinite(args.guidance):
         p.error(f"--guidance must be a finite number, got {args.guidance}")
-    if not args.out.lower().endswith((".png", ".jpg", ".jpeg")) or not os.path.isdir(os.path.dirname(args.out) or "."):
+    if args.out is not None and (not args.out.lower().endswith((".png", ".jpg", ".jpeg"))
+                                 or not os.path.isdir(os.path.dirname(args.out) or ".")):
         p.error(f"--out {args.out}: a .png or .jpg path in an existing folder")
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        p.error(f"--prompts {args.prompts}: {'a folder' if os.path.isdir(args.prompts) else 'no such file'}; "
+                "give the learned rows train.py wrote "
+                "(<out_dir>/learned_rows.safetensors, e.g. runs/tune/learned_rows.safetensors)")
     pipe = load_pipeline(args.weights, device=args.device)
-    prompts = [q for q in args.prompt for _ in range(args.n)]
-    images = sample(pipe, prompts, num_steps=args.steps, guidance_scale=args.guidance,
-                    generator=torch.Generator().manual_seed(args.seed))
-    grid(to_pil(images, pipe.image["range"]), cols=args.n).save(args.out)
-    print(f"{len(prompts)} samples from {args.weights} (family {pipe.family}) -> {args.out}")
+    learned = load_learned(pipe, args.prompts) if args.prompts else None
+    texts = with_swapped_sides(args.prompt) if learned is not None else list(args.prompt)
+    seeds = list(range(args.seed, args.seed + args.n))
+    groups = {"frozen": generate(pipe, texts, seeds, None, args.steps, args.guidance)}
+    if learned is not None:
+        groups[f"tuned: {os.path.basename(args.prompts)}"] = generate(pipe, texts, seeds, learned, args.steps,
+                                                                     args.guidance)
+    title = (f"GENERATED by {args.weights} ({pipe.family})"
+             + (" - SYNTHETIC phantom model, not a chest X-ray model" if pipe.family == "phantom" else "")
+             + f"; DDIM {args.steps} steps, guidance {args.guidance:g}")
+    picture = labelled_grid({g: [to_pil(x, pipe.image["range"]) for x in imgs] for g, imgs in groups.items()},
+                            texts, seeds, title)[0]
+    out = args.out or default_out(args.prompt[0], learned is not None)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    picture.save(out)
+    print(f"{len(texts) * len(seeds) * len(groups)} samples from {args.weights} (family {pipe.family}) -> {out}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the learned rows and the prompts
+
+
+def load_learned(pipe, path):
+    """The LearnablePrompts a rows file was saved from, its rows loaded (shared_tokens and n_ctx read from the file);
+    load_rows refuses rows learned with another text encoder or codebook, naming what differs."""
+    from grounding.experiment.rows import load_rows
+    from grounding.prompts import LearnablePrompts
+
+    try:
+        meta = read_header(path).get("__metadata__") or {}
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--prompts {path}: not a learned-rows safetensors file ({e})") from None
+    n_ctx = int(meta["n_ctx"]) if str(meta.get("n_ctx", "0")).isdigit() else 0   # load_rows names a bad value
+    prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=meta.get("shared_tokens", "positional"),
+                               n_ctx=n_ctx).to(pipe.unet.conv_in.weight.device)
+    return load_rows(prompts, path)
+
+
+def with_swapped_sides(texts):
+    """Each prompt, followed by its left/right-swapped twin when it names exactly one side (once per prompt)."""
+    from grounding.experiment.swap import prompt_side, swap_sides
+
+    out = []
+    for t in texts:
+        for u in ([t, swap_sides(t)] if prompt_side(t)[0] is not None else [t]):
+            if u not in out:
+                out.append(u)
+    return out
+
+
+def default_out(prompt, compare):
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "samples"
+    return os.path.join("runs", "samples", slug + ("_frozen_vs_tuned" if compare else "") + ".png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling on shared noise
+
+
+def seed_latents(pipe, seeds):
+    """(len(seeds), C, h, w) starting noise: row k is what seed k draws, whichever batch it goes into."""
+    return torch.cat([torch.randn(latent_shape(pipe, 1), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def generate(pipe, texts, seeds, learned=None, steps=50, guidance=4.0):
+    """[one (len(seeds), C, H, W) tensor per text]: every text on every seed's noise, through the plain text
+    encoder (learned=None) or the learned rows (a LearnablePrompts), in one batch."""
+    batch = [t for t in texts for _ in seeds]
+    context = None
+    if learned is not None:
+        with torch.no_grad():
+            context = learned.encode(batch)                        # (T*N, 77, D), the rows substituted
+    z = seed_latents(pipe, seeds).repeat(len(texts), 1, 1, 1)      # (T*N, C, h, w), the same noise in every row
+    images = sample(pipe, batch, num_steps=steps, guidance_scale=guidance, context=context, latents=z)
+    return list(images.split(len(seeds)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the labelled grid
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)     # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def labelled_grid(groups, texts, seeds, title, gap=4):
+    """{group name: [one row of PIL images per text]} -> (picture, {(group, row, col): (x, y) of that tile}).
+
+    Layout: the title; per group of columns its name and the seed above each column; each text written left of its
+    row. Tiles smaller than 128 px are enlarged (nearest) to 128.
+    """
+    f = _font(12)
+    w, h = next(iter(groups.values()))[0][0].size
+    k = max(1, 128 // max(w, h))
+    w, h = w * k, h * k
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(probe.textlength(t, font=f) for t in texts) + 12
+    top = 44                                         # title, group name, seed numbers
+    group_w = len(seeds) * (w + gap) + 3 * gap
+    width = max(int(label_w) + len(groups) * group_w, int(probe.textlength(title, font=f)) + 8)
+    canvas = Image.new("RGB", (width, top + len(texts) * (h + gap)), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=(255, 255, 255), font=f)
+    where = {}
+    for g, (name, rows) in enumerate(groups.items()):
+        x0 = int(label_w) + g * group_w
+        draw.text((x0, 16), name, fill=(255, 230, 0), font=f)
+        for c, s in enumerate(seeds):
+            draw.text((x0 + c * (w + gap), 30), f"seed {s}", fill=(200, 200, 200), font=f)
+        for r, row in enumerate(rows):
+            for c, im in enumerate(row):
+                xy = (x0 + c * (w + gap), top + r * (h + gap))
+                canvas.paste(im.convert("RGB").resize((w, h), Image.NEAREST), xy)
+                where[(name, r, c)] = xy
+    for r, t in enumerate(texts):
+        draw.text((4, top + r * (h + gap) + h // 2 - 7), t, fill=(255, 255, 255), font=f)
+    return canvas, where
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ def latent_shape(pipe, batch_size):
 
 
 @torch.no_grad()
-def sample(pipe, prompts, num_steps=50, guidance_scale=4.0, eta=0.0, generator=None, context=None):
+def sample(pipe, prompts, num_steps=50, guidance_scale=4.0, eta=0.0, generator=None, context=None, latents=None):
     """Generate one image per prompt; returns images in the family's value range, (B, C, H, W) float32.
 
-    `context` (B, 77, D) replaces the encoded prompts (e.g. tuned prompt embeddings).
+    `context` (B, 77, D) replaces the encoded prompts, e.g. the learned rows' `LearnablePrompts.encode(prompts)`;
+    the unconditional branch stays the plain encoder's "" prompt. `latents` (B, C, h, w) is the starting noise z_T
+    instead of a draw from `generator`: two calls given the same latents differ only in their context.
     """
     device, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
     if isinstance(prompts, str):
@@ -27,7 +29,10 @@ def sample(pipe, prompts, num_steps=50, guidance_scale=4.0, eta=0.0, generator=N
     if context is None:
         context = pipe.text_encoder(pipe.tokenizer(prompts).to(device))
     uncond = pipe.text_encoder(pipe.tokenizer([""] * B).to(device))  # the "" prompt of classifier-free guidance
-    z = torch.randn(latent_shape(pipe, B), generator=generator, dtype=torch.float32).to(device, dtype)
+    if latents is not None and tuple(latents.shape) != latent_shape(pipe, B):
+        raise ValueError(f"sample: latents of shape {tuple(latents.shape)}, expected {latent_shape(pipe, B)}")
+    z = latents if latents is not None else torch.randn(latent_shape(pipe, B), generator=generator, dtype=torch.float32)
+    z = z.to(device, dtype)
     pipe.scheduler.set_timesteps(num_steps)
     for t in pipe.scheduler.timesteps:
         # one batched UNet call for both branches: [unconditional | conditional]
