@@ -34,20 +34,24 @@ from grounding.prompts import LearnablePrompts
 from grounding.tuning import tuning_loss
 from grounding.data.curation import class_counts
 from grounding.experiment import distributed, preflight, provenance, sources
-from grounding.experiment.config import check_layers, load_config, TrainConfig
+from grounding.experiment.config import check_layers, keys_help, load_config, TrainConfig
 from grounding.experiment.evaluation import Model, compare_models, evaluate_pairs
 from grounding.experiment.rows import save_rows
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    keys = ("config keys, set in the --config YAML file or as key=value (key: default, then what it sets; the field\n"
+            "comments of TrainConfig in grounding/experiment/config.py). The defaults follow the paper where it gives a value;\n"
+            "tune.yaml (the quickstart) changes a few, each with its reason in its comments.\n\n" + keys_help(TrainConfig))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=keys,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with TrainConfig keys (tune.yaml, configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (same settings)")
     p.add_argument("--force", action="store_true", help="with --resume: continue even though settings changed")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an out_dir that holds a checkpoint")
     p.add_argument("--check", action="store_true", help="read every configured input, print one report of what is "
                    "found and missing, write nothing; exit 1 if anything is missing (preflight.py)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys (listed below)")
     args = p.parse_intermixed_args(argv)
     try:
         return load_config(TrainConfig, args.config, args.overrides), args
