@@ -40,9 +40,10 @@ from grounding.experiment.rows import save_rows
 
 
 def parse_args(argv=None):
-    keys = ("config keys, set in the --config YAML file or as key=value (key: default, then what it sets; the field\n"
-            "comments of TrainConfig in grounding/experiment/config.py). The defaults follow the paper where it gives a value;\n"
-            "tune.yaml (the quickstart) changes a few, each with its reason in its comments.\n\n" + keys_help(TrainConfig))
+    keys = ("config keys, set in the --config YAML file or as key=value (key: default, then what it sets: the field\n"
+            "comments of TrainConfig in grounding/experiment/config.py). The defaults follow the paper where it gives\n"
+            "a value; tune.yaml (the quickstart) changes a few, each with its reason in its comments.\n\n"
+            + keys_help(TrainConfig))
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=keys,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with TrainConfig keys (tune.yaml, configs/*.yaml)")
