@@ -100,6 +100,9 @@ def tune(cfg, resume=False, run=None):
     latents = TrainingLatents(pipe, data, train_ts, cfg, hcfg, progress=rank == 0)
 
     global_batch, n = cfg.batch_size * world, len(data.samples)
+    say(f"progress bar: loss = moving average of w_div * div + w_loc * loc (weights {cfg.w_div:g} and {cfg.w_loc:g});"
+        f" div = L_div (Eq. 2) and loc = L_loc (Eq. 4)\n  of the step's last image; drift = how far tuning has moved "
+        f"the {len(prompts.anatomy_ids)} learned rows: the mean of |row - start| / |start| (0 = not at all)")
     bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
     t0, ema = time.time(), None
     for step in bar:
@@ -138,9 +141,10 @@ def tune(cfg, resume=False, run=None):
     if rank == 0:
         save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"),   # + the settings they are read with
                   provenance.eval_heatmap_config(cfg, pipe.family, True), cfg.train_window)
-        say("nearest real tokens of each learned row:")
+        say("nearest real tokens of each learned row (cosine similarity to the frozen input embedding of each token of "
+            "the\n  vocabulary; its own token first: the row still points closest to where it started):")
         for token, near in prompts.nearest_tokens(k=3).items():
-            say(f"  {token!r:>14} -> {near}")
+            say(f"  {token!r:>14} -> " + ", ".join(f"{t} {cos:.3f}" for t, cos in near))
     if cfg.eval_at_end and rank == 0:
         final_evaluation(cfg, pipe, prompts, data)
     distributed.teardown(world)
