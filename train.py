@@ -328,7 +328,7 @@ def validate(cfg, pipe, prompts, data, hcfg, done, say):
     rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch,
                           desc="validation", protocol=cfg.metric_protocol)
     say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
-        f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
+        f"mIoU {sum(r['miou_percent'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
         f"({data.val_note})")
 
 

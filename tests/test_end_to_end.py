@@ -45,7 +45,7 @@ def test_train_then_evaluate(setup):
     assert "Average" in table and "cnr tuned" in table
     assert "Location-swap test" in table and "side share true tuned" in table   # eval_swap defaults to on
     rows = [json.loads(l) for l in open(os.path.join(out, "eval_tuned.jsonl"))]
-    assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou"] <= 1 for r in rows)
+    assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou_percent"] <= 100 for r in rows)
     assert all(r["protocol"] == "reference" and 0 <= r["auc_binned5"] <= 1 for r in rows)  # the default reached it
     # the learned rows moved away from their initial values (lr 0.05 on 4 steps)
     initial = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -238,14 +238,15 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
     rows = {m: [json.loads(l) for l in open(os.path.join(ev, f"rows_{m}.jsonl"))] for m in ("frozen", "untuned", "tuned")}
     assert all(len(r) == 8 for r in rows.values())
     for a, b in zip(rows["untuned"], rows["tuned"]):
-        assert a["pair_id"] == b["pair_id"] and a["cnr"] == b["cnr"] and a["miou"] == b["miou"]
+        assert a["pair_id"] == b["pair_id"] and a["cnr"] == b["cnr"] and a["miou_percent"] == b["miou_percent"]
     one_sided = [r for r in rows["tuned"] if prompt_side(r["prompt"])[0]]
     assert one_sided, "the tiny world should hold one-sided prompts"
     for r in rows["tuned"]:
         assert ("true_side" in r) == (prompt_side(r["prompt"])[0] is not None)
         if "true_side" in r:
             assert r["true_side"] in (0.0, 0.5, 1.0) and r["swapped_prompt"] != r["prompt"]
-            assert abs(r["miou_drop"] - (r["miou_true"] - r["miou_swap"])) < 1e-12
+            assert abs(r["miou_drop_percent"] - (r["miou_true_percent"] - r["miou_swap_percent"])) < 1e-12
+            assert r["miou_true_percent"] == r["miou_percent"]
     swap_md = open(os.path.join(ev, "swap.md")).read()
     assert "side share swapped untuned" in swap_md and "Location-swap test" in log
 

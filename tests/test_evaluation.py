@@ -44,8 +44,9 @@ def test_score_uses_the_protocol_for_cnr_and_miou_only():
     ref, old = ev.score(full, boxes), ev.score(full, boxes, "per_box")
     assert set(ref) == set(ev.ROW_METRICS)
     assert ref["cnr"] == cnr(full, boxes) and old["cnr"] == cnr(full, boxes, protocol="per_box")
-    assert ref["miou"] == miou(full, boxes) and old["miou"] == miou(full, boxes, protocol="per_box")
-    assert ref["cnr"] != pytest.approx(old["cnr"]) and ref["miou"] < old["miou"]   # band pixels are misses
+    assert ref["miou_percent"] == 100 * miou(full, boxes)                           # rows keep mIoU in percent
+    assert old["miou_percent"] == 100 * miou(full, boxes, protocol="per_box")
+    assert ref["cnr"] != pytest.approx(old["cnr"]) and ref["miou_percent"] < old["miou_percent"]   # band pixels miss
     for m, f in (("auc", auc_roc), ("auc_binned5", auc_binned5), ("pointing", pointing_game)):
         assert ref[m] == old[m] == f(full, boxes)
 
@@ -107,6 +108,32 @@ def test_resume_rescores_a_row_whose_pair_prompt_changed(fake_extraction, tmp_pa
     ev.evaluate_pairs(_Pipe(), [changed], None, rows_path=path, record=record)
     assert "another version" not in capsys.readouterr().out
     assert [json.loads(l)["prompt"] for l in open(path)] == ["right edema"]   # a resume rewrites one row per pair
+
+
+def test_rows_of_the_fraction_era_resume_in_percent(fake_extraction, tmp_path, capsys):
+    """Rows files written when mIoU was a fraction (`miou`, `miou_true`, ...; classify.py's `miou` {source: value})
+    are read in percent: the resumed row is the row this version computes, the table over it is the same table."""
+    import json
+    path = str(tmp_path / "rows.jsonl")
+    record = {"weights": "w", "code": "c"}
+    fresh = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)[0]
+    old = {k: v for k, v in fresh.items() if k != "miou_percent"}
+    old["miou"] = fresh["miou_percent"] / 100                                         # as the older version wrote it
+    old.update(miou_true=0.25, miou_swap=0.05, miou_drop=0.2)
+    with open(path, "w") as f:
+        f.write(json.dumps(old) + "\n")
+    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    assert "resuming: 1 of 1 pairs already scored" in capsys.readouterr().out
+    assert rows[0]["miou_percent"] == pytest.approx(fresh["miou_percent"], rel=1e-15) and "miou" not in rows[0]
+    assert (rows[0]["miou_true_percent"], rows[0]["miou_swap_percent"]) == (25.0, 5.0)
+    assert rows[0]["miou_drop_percent"] == pytest.approx(20.0)
+    assert "miou_percent" in json.loads(open(path).readline())                        # the file is rewritten in percent
+    cls = ev.percent_row({"pair_id": "c", "miou": {"frozen": 0.5, "tuned": 0.25}})
+    assert cls == {"pair_id": "c", "miou_percent": {"frozen": 50.0, "tuned": 25.0}}
+    assert ev.percent_row(dict(rows[0])) == rows[0]                                   # a current row stays as it is
+    _, md = ev.summary_table(rows, n_boot=10)
+    assert md.splitlines()[0] == "| class | n | cnr | miou | auc | auc_binned5 | pointing |"
+    assert f"| {fresh['miou_percent']:.2f} [" in md                                # the rows' percent, unscaled
 
 
 def test_resume_rescores_a_pair_whose_data_was_edited_in_place(fake_extraction, tmp_path, capsys):

@@ -94,7 +94,7 @@ def select_pairs(pairs, rows, n_show=2, a="tuned", b="frozen"):
         for p in pairs:
             if p["category"] != c or any(p["pair_id"] not in d for d in by_id):
                 continue
-            v = [d[p["pair_id"]]["miou"] for d in by_id]
+            v = [d[p["pair_id"]]["miou_percent"] for d in by_id]
             scored.append((v[0] - v[1] if len(v) == 2 else v[0], p))
         scored.sort(key=lambda x: x[0], reverse=True)
         best = scored[:n_show]
@@ -103,11 +103,12 @@ def select_pairs(pairs, rows, n_show=2, a="tuned", b="frozen"):
     return out
 
 
-def summary_html(summaries, metrics=("cnr", "miou", "auc", "pointing")):
+def summary_html(summaries, metrics=("cnr", "miou_percent", "auc", "pointing")):
     """Per-class table, one column per (model, metric): "mean [lo, hi]", mIoU in %."""
     names = list(summaries)
     classes = list(next(iter(summaries.values())))
-    head = "".join(f"<th>{html.escape(m)}<br>{html.escape(n)}</th>" for n in names for m in metrics)
+    label = {"miou_percent": "mIoU %"}
+    head = "".join(f"<th>{html.escape(label.get(m, m))}<br>{html.escape(n)}</th>" for n in names for m in metrics)
     lines = [f'<table class="summary"><tr><th>class</th><th>n</th>{head}</tr>']
     for c in classes:
         cells = []
@@ -116,8 +117,7 @@ def summary_html(summaries, metrics=("cnr", "miou", "auc", "pointing")):
                 if m not in summaries[n][c]:
                     cells.append("<td>-</td>")
                     continue
-                k = 100 if m == "miou" else 1
-                mean, lo, hi = (x * k for x in summaries[n][c][m])
+                mean, lo, hi = summaries[n][c][m]
                 cells.append(f"<td>{mean:.2f} <small>[{lo:.2f}, {hi:.2f}]</small></td>")
         lines.append(f"<tr><td>{html.escape(str(c))}</td><td>{summaries[names[0]][c]['n']}</td>{''.join(cells)}</tr>")
     return "\n".join(lines + ["</table>"])
@@ -134,7 +134,7 @@ def write_report(path, header, summaries, rows, pairs, columns, n_show=2, thumb=
     chosen = select_pairs(pairs, rows, n_show)
     flat = [p for c in chosen.values() for p, _, _ in c]
     maps = {col.name: dict(zip([p["pair_id"] for p in flat], col.heatmaps(flat))) for col in columns}
-    miou = {m: {r["pair_id"]: r["miou"] for r in rs} for m, rs in rows.items()}
+    miou = {m: {r["pair_id"]: r["miou_percent"] for r in rs} for m, rs in rows.items()}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
              f"<pre>{html.escape(header)}</pre>", "<h2>Per-class results (95% bootstrap CIs)</h2>",
@@ -143,12 +143,12 @@ def write_report(path, header, summaries, rows, pairs, columns, n_show=2, thumb=
         parts.append(f"<h2>{html.escape(str(c))}</h2><table class='grid'><tr><th>pair</th><th>image + boxes</th>"
                      + "".join(f"<th>{html.escape(col.name)}</th>" for col in columns) + "</tr>")
         for p, tag, delta in items:
-            cells = [f"<td>{tag}<br><small>{html.escape(p['pair_id'])}<br>&Delta;mIoU {100 * delta:+.1f}</small></td>",
+            cells = [f"<td>{tag}<br><small>{html.escape(p['pair_id'])}<br>&Delta;mIoU {delta:+.1f}</small></td>",
                      f"<td>{_img(overlay(p, None, thumb), 'image')}<small>{html.escape(p['prompt'])}</small></td>"]
             for col in columns:
                 text = col.prompt(p) if col.prompt else p["prompt"]
                 score = miou.get(col.name, {}).get(p["pair_id"])
-                note = f"<br>mIoU {100 * score:.1f}" if score is not None else ""
+                note = f"<br>mIoU {score:.1f}%" if score is not None else ""
                 cells.append(f"<td>{_img(overlay(p, maps[col.name][p['pair_id']], thumb), col.name)}"
                              f"<small>{html.escape(text)}{note}</small></td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
