@@ -7,8 +7,9 @@
     python train.py --config configs/mimic_monai.yaml --check             # every input read at once, one report
 
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig
-(grounding/experiment/config.py) with its default and a comment; YAML files and key=value overrides fill it (unknown
-keys and wrong types are errors). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
+(grounding/experiment/config.py) with its default and a comment (`--help` lists them); YAML files and key=value
+overrides fill it (unknown keys and wrong types are errors). The run folder (out_dir) receives the config, checkpoint,
+learned rows, final tables, per-pair rows, overlays and report.html; the run ends by listing them (the Outputs block). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
 L_div + L_loc on the cross-attention maps of the chosen layers (`layers`; the paper: 4) at T timesteps
 (docs/paper.md section 5; one image's loss is grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
 python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml --overwrite (docs/phantom.md).
@@ -36,7 +37,11 @@ from grounding.data.curation import class_counts
 from grounding.experiment import distributed, preflight, provenance, sources
 from grounding.experiment.config import check_layers, keys_help, load_config, TrainConfig
 from grounding.experiment.evaluation import Model, compare_models, evaluate_pairs
+from grounding.experiment.outputs import outputs_block
+from grounding.experiment.report import write_evaluation_report
 from grounding.experiment.rows import save_rows
+
+REPORT_OVERLAYS = 8  # overlay PNGs per model in out_dir/overlays/ (evaluate.py's --overlays default)
 
 
 def parse_args(argv=None):
@@ -147,6 +152,8 @@ def tune(cfg, resume=False, run=None):
             say(f"  {token!r:>14} -> " + ", ".join(f"{t} {cos:.3f}" for t, cos in near))
     if cfg.eval_at_end and rank == 0:
         final_evaluation(cfg, pipe, prompts, data)
+    if rank == 0:
+        say("\n" + outputs_block(cfg.out_dir, next_steps(cfg, data)))
     distributed.teardown(world)
     return prompts
 
@@ -354,12 +361,13 @@ def final_evaluation(cfg, pipe, prompts, data):
     heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], notes[name]) for name in hcfgs)
     print(heatmaps)
     cols = [Model(name, p, hcfgs[name], os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
-                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description))
+                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description),
+                  os.path.join(cfg.out_dir, "overlays", name))
             for name, p, _ in models]
     # one inversion per image batch serves all three columns and their left/right-swapped prompts
-    _, summaries, tables, swap_md, table = compare_models(pipe, pairs, cols, batch_size=cfg.eval_batch,
-                                                          swap=cfg.eval_swap, on_mismatch="fresh",
-                                                          protocol=cfg.metric_protocol)
+    rows, summaries, tables, swap_md, table = compare_models(pipe, pairs, cols, batch_size=cfg.eval_batch,
+                                                             swap=cfg.eval_swap, on_mismatch="fresh",
+                                                             protocol=cfg.metric_protocol, n_overlays=REPORT_OVERLAYS)
     for name, md in tables.items():
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
             f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")
@@ -368,7 +376,35 @@ def final_evaluation(cfg, pipe, prompts, data):
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
         f.write(f"{head}Heatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)
+    # the page evaluate.py writes too: the tables and, per class, the best and worst pairs under every model
+    path = os.path.join(cfg.out_dir, "report.html")
+    size = write_evaluation_report(path, pipe, f"{head}Heatmaps:\n{heatmaps}\n",
+                                   [(m.name, m.cfg, m.prompts) for m in cols], summaries, rows, pairs,
+                                   batch=cfg.eval_batch, swap=cfg.eval_swap,
+                                   title=f"Phrase grounding, MS-CXR-loc (mscxr_split: {cfg.mscxr_split}): train.py's "
+                                         "final table")
+    print(f"\nwrote {path} ({size / 1e6:.1f} MB)")
     return summaries
+
+
+def next_steps(cfg, data):
+    """What to open or run after this run (the end of its Outputs block): its report, one held-out image through
+    ground.py with these rows, and evaluate.py on a split the final table did not score."""
+    rows, config = os.path.join(cfg.out_dir, "learned_rows.safetensors"), os.path.join(cfg.out_dir, "config.yaml")
+    steps = []
+    if os.path.exists(os.path.join(cfg.out_dir, "report.html")):
+        steps.append(f"open {os.path.join(cfg.out_dir, 'report.html')} in a browser: the table with the best and worst "
+                     "pairs of each class, frozen beside tuned")
+    if data.test_pairs:  # a held-out pair the table scored: every word's map, frozen / untuned / tuned, swapped
+        p = data.test_pairs[0]
+        box = ",".join(f"{v:g}" for v in p["boxes"][0])
+        steps.append(f'python ground.py {p["image_path"]} --prompt "{p["prompt"]}" --box {box} --weights '
+                     f"{cfg.weights} --prompts {rows}   # one held-out image, word by word")
+    split, n = ("vindr", len(data.vindr)) if data.vindr else ("mscxr", len(data.mscxr))
+    if n:
+        steps.append(f"python evaluate.py --split {split} --config {config} --baseline --prompts {rows} --swap   "
+                     f"# another split ({n} pairs), into runs/eval_{split}/")
+    return steps
 
 
 def main(argv=None):

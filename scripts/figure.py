@@ -55,7 +55,8 @@ def main():
     args = p.parse_args()
     cfg = load_config(TrainConfig, args.config)
     pipe = load_pipeline(cfg.weights)
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
+    # write_lut=False: a LUT built here is not saved, least of all into the training run's folder (cfg.out_dir)
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"], write_lut=False)
     # one single-box pair per class in a fixed order, preferring prompts that name one side (the swap column)
     pairs, seen = [], set()
     for one_side in (True, False):

@@ -6,6 +6,8 @@ finished pairs.
 """
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,6 +56,26 @@ def test_train_then_evaluate(setup):
     from grounding.experiment.rows import rows_settings
     assert rows_settings(os.path.join(out, "learned_rows.safetensors")) == {"layers": (2, 3, 4, 5), "num_steps": 10,
                                                                          "window": (400, 600)}
+    # what the run prints explains itself: the codebook's roles, the progress bar, 3-decimal cosines
+    assert "special (frozen) = BOS, EOS, the pad token" in log and "drift = how far tuning has moved" in log
+    assert re.search(r"'left</w>' -> \S+ \d\.\d{3}, \S+ \d\.\d{3}, \S+ \d\.\d{3}\n", log)
+    # the final evaluation writes report.html and overlays into the run folder, as evaluate.py does
+    page = open(os.path.join(out, "report.html")).read()
+    assert "<th>frozen</th>" in page and "<th>tuned</th>" in page and "<th>tuned, swapped prompt</th>" in page
+    assert all(len(os.listdir(os.path.join(out, "overlays", m))) == 4 for m in ("frozen", "untuned", "tuned"))
+    # ... and the run ends with its Outputs block: every file of the run folder, what it holds, what to do next
+    block = log[log.index("Outputs in run_a/:"):].split("\n\n")[0]      # stdout's end (stderr follows in `log`)
+    listed = [line.split()[0].rstrip("/") for line in block.split("\nNext:")[0].splitlines()[1:]]
+    assert sorted(listed) == sorted(n for n in os.listdir(out) if not n.endswith(".lock")), block
+    assert re.search(r"\n  learned_rows.safetensors +the tuned anatomy rows", block) and "overlays/ (12 files)" in block
+    steps = [line.strip() for line in block.split("\nNext:")[1].splitlines()[1:]]
+    assert steps[0].startswith("open run_a/report.html") and len(steps) == 3
+    for step in steps[1:]:                                        # the commands it suggests run as printed
+        cmd = shlex.split(step.split("   #")[0])
+        assert cmd[1] in ("ground.py", "evaluate.py") and "run_a/learned_rows.safetensors" in cmd
+        run([os.path.join(REPO, cmd[1]), *cmd[2:], "--out", f"next_{cmd[1][:-3]}"] +
+            (["--limit", "2", "--bootstrap", "50", "--report-pairs", "0"] if cmd[1] == "evaluate.py" else []), cwd=root)
+    assert os.path.exists(os.path.join(root, "next_ground", "viewer.html"))
 
     log = run([os.path.join(REPO, "evaluate.py"), "--split", "mscxr", "--config", setup["config"], "--baseline",
                "--prompts", os.path.join(out, "learned_rows.safetensors"), "--limit", "3", "--out", "ev",
@@ -104,6 +126,9 @@ def test_evaluation_resumes_without_recomputing(setup):
     assert len(full) == 4
     with open(path, "w") as f:                       # an interrupted run: two rows and a torn third line
         f.write("\n".join(full[:2]) + "\n" + full[2][:15])
+    # --baseline alone: the header (in the log and in every file) names the frozen model only
+    header = open(os.path.join(root, "ev_resume", "table_frozen.md")).read().split("\n\n")[0]
+    assert "Heatmaps: frozen: layers" in header and "tuned" not in header, header
     log = run(args, cwd=root)
     assert "resuming: 2 of 4 pairs already scored" in log
     rows = [json.loads(l) for l in open(path).read().splitlines() if l.strip().endswith("}")]
@@ -259,11 +284,34 @@ def test_classify_runs_resumes_and_refuses_rows_retrained_in_place(setup):
     rows = os.path.join(root, "run_cls", "learned_rows.safetensors")
     args = [os.path.join(REPO, "classify.py"), "--config", setup["config"], "--prompts", rows, "--out", "cls",
             "n_draws=2", "n_boot=50", "n_perm=50"]
+    msg = fails(args + ["category=Nodule"], cwd=root)             # data that cannot serve: no --out folder left
+    assert "at least 2 Nodule pairs" in msg and not os.path.exists(os.path.join(root, "cls"))
     log = run(args, cwd=root)
     table = open(os.path.join(root, "cls", "table.md")).read()
     assert "tuned LDM heatmap" in table and "AUROC all" in table and "SYNTHETIC" in log
+    block = log[log.index("Outputs in cls/:"):]                  # it says where it wrote
+    assert "table.md" in block and "rows.jsonl" in block and "settings.json" in block
     assert "images already scored" in run(args, cwd=root)              # the same settings: resumed, not rescored
     tensors = load_file(rows)                                          # retrained into the same path
     save_file({k: v + 0.5 for k, v in tensors.items()}, rows, metadata=read_header(rows)["__metadata__"])
     out = subprocess.run([sys.executable, *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode != 0 and "prompts_sha256" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_readme_figure_never_writes_into_a_training_run_folder(setup):
+    """scripts/figure.py read the config's data and saved the LUT it built into the config's out_dir, a training
+    run's folder (replacing the LUT the run's rows were tuned with): it saves none."""
+    import yaml
+    from grounding.experiment.rows import save_rows
+    from grounding.prompts import LearnablePrompts
+    from ldm.weights.folder import load_pipeline
+    root = setup["root"]
+    pipe = load_pipeline(setup["model"])
+    save_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"),
+              os.path.join(root, "rows_fig.safetensors"))
+    config = dict(yaml.safe_load(open(setup["config"])), out_dir=os.path.join(root, "run_fig"))
+    with open(os.path.join(root, "fig.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    run([os.path.join(REPO, "scripts", "figure.py"), "--config", "fig.yaml", "--prompts", "rows_fig.safetensors",
+         "--out", "fig.png"], cwd=root)
+    assert os.path.exists(os.path.join(root, "fig.png")) and not os.path.exists(os.path.join(root, "run_fig"))

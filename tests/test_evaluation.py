@@ -161,3 +161,45 @@ def test_swap_table_without_one_sided_prompts_says_so(fake_extraction):
 def test_a_nan_heatmap_names_the_pair_and_the_likely_cause():
     with pytest.raises(ValueError, match="pair p0 .*NaN.*autocast"):
         ev._score_pair(_pair(), _model_map() * float("nan"))
+
+
+def test_evaluate_help_says_what_each_split_is_and_how_many_pairs_it_holds(capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for split in ("mscxr", "mscxr-loc", "vindr", "phantom"):
+        assert f"\n  {split} " in text, split                            # each split has its paragraph
+    assert "1,162 pairs" in text and "1,043 pairs" in text and "443 pairs in 7 classes" in text   # docs/paper.md s. 8
+
+
+def test_the_phantom_counts_in_evaluate_help_are_the_default_worlds():
+    """evaluate.py --help gives each split's pairs in the default phantom world: they must be the world's counts.
+    Reads the checkout's data/phantom (the quickstart builds it, about a minute) when it is the current version."""
+    import json
+    import os
+    import evaluate
+    from grounding.experiment import sources
+    from grounding.experiment.config import load_config
+    from grounding.phantom.world import WORLD_VERSION
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.join(repo, "data", "phantom")
+    try:
+        world = json.load(open(os.path.join(root, "world.json")))
+    except OSError:
+        pytest.skip("no phantom world in data/phantom: run the quickstart (python train.py --config tune.yaml) first")
+    if world.get("version", 1) != WORLD_VERSION or world["config"]["seed"] != 0:
+        pytest.skip("data/phantom is not the current default world: run the quickstart to rebuild it")
+    n = {}
+    for split in ("test", "all"):
+        cfg = load_config(TrainConfig, os.path.join(repo, "tune.yaml"),
+                          [f"phantom_root={root}", f"mscxr_split={split}"])
+        data = sources.load(cfg, need_samples=False, image_size=64, write_lut=False)   # the phantom LDM's size
+        n[split] = (len(data.mscxr), len(data.mscxr_loc), len(data.vindr))
+    text = " ".join(evaluate.SPLITS_HELP.split())
+    assert f"Phantom: {n['test'][0]} with tune.yaml's mscxr_split: test, {n['all'][0]} with mscxr_split: all" in text
+    assert (f"Phantom: {n['test'][1]} with mscxr_split: test (the quickstart's held-out table), {n['all'][1]} "
+            "with all") in text
+    assert f"Phantom: {n['test'][2]}." in text and n["test"][2] == n["all"][2]
+    assert (f"as mscxr-loc (the name for the phantom world): {n['test'][1]} with tune.yaml, {n['all'][1]} "
+            "with all") in text

@@ -7,7 +7,8 @@ Researchers look at heatmaps before they trust a number. The page holds, with no
   - per class, a grid of overlays for the best and the worst pairs by tuned-minus-frozen mIoU (by the one model's
     mIoU when only one ran): the image with its boxes, then one column per model, plus any extra column a caller
     adds (e.g. the swapped-prompt heatmap of a location-swap test: a Column with its own prompt function).
-Columns compute heatmaps only for the few pairs shown, so the page costs a handful of extra inversions.
+Columns compute heatmaps only for the few pairs shown, all columns from one inversion per image batch, so the page
+costs a handful of extra inversions. evaluate.py and train.py's final table both write it: write_evaluation_report.
 """
 import base64
 import html
@@ -29,24 +30,44 @@ class Column:
     prompt: Optional[Callable] = None           # pair -> the prompt this column used (default pair["prompt"])
 
 
-def model_column(pipe, name, hcfg, prompts=None, batch=16, prompt=None):
-    """A Column whose heatmaps come from the grounding extraction (grounding/heatmap.py) with hcfg / prompts;
-    `prompt` (pair -> text) overrides the prompt, as a swap test does."""
-    from grounding.heatmap import extract_heatmaps
+def model_columns(pipe, models, batch=16, swap=False):
+    """The report's Columns for the models an evaluation scored, [(name, HeatmapConfig, prompts or None)]: one per
+    model and, with swap, the last model's map of the left/right-swapped prompt. Every column's heatmaps come from
+    ONE inversion per image batch (grounding/heatmap.py extract_heatmaps_shared), computed on the first column's
+    request and kept for the others."""
+    from grounding.experiment.swap import swap_sides
+    from grounding.heatmap import extract_heatmaps_shared
     from grounding.data.images import preprocess
     from grounding.geometry import to_original
 
-    text = prompt or (lambda p: p["prompt"])
+    specs = [(name, hcfg, prompts, None) for name, hcfg, prompts in models]
+    if swap:
+        name, hcfg, prompts = models[-1]
+        specs.append((f"{name}, swapped prompt", hcfg, prompts, lambda p: swap_sides(p["prompt"])))
+    done = {}                                   # pair ids -> [column][pair] original-frame heatmaps
 
-    def heatmaps(pairs):
-        out = []
-        for s in range(0, len(pairs), batch):
-            chunk = pairs[s:s + batch]
-            images = torch.stack([preprocess(p["image_path"], pipe.image) for p in chunk])
-            hms = extract_heatmaps(pipe, images, [text(p) for p in chunk], hcfg, prompts)
-            out += [to_original(h, p["image_width"], p["image_height"]) for p, h in zip(chunk, hms)]
-        return out
-    return Column(name, heatmaps, prompt)
+    def heatmaps(pairs, k):
+        key = tuple(p["pair_id"] for p in pairs)
+        if key not in done:
+            done[key] = [[] for _ in specs]
+            for s in range(0, len(pairs), batch):
+                chunk = pairs[s:s + batch]
+                images = torch.stack([preprocess(p["image_path"], pipe.image) for p in chunk])
+                variants = [([(text or (lambda p: p["prompt"]))(p) for p in chunk], prompts, [hcfg])
+                            for _, hcfg, prompts, text in specs]
+                for c, (maps,) in enumerate(extract_heatmaps_shared(pipe, images, variants)):   # (B, S, S) each
+                    done[key][c] += [to_original(h, p["image_width"], p["image_height"]) for p, h in zip(chunk, maps)]
+        return done[key][k]
+    return [Column(name, lambda pairs, k=k: heatmaps(pairs, k), text) for k, (name, _, _, text) in enumerate(specs)]
+
+
+def write_evaluation_report(path, pipe, header, models, summaries, rows, pairs, batch=16, swap=False, n_show=2,
+                            title="Phrase grounding"):
+    """report.html of an evaluation (evaluate.py and train.py's final table): the header, the tables and, per
+    class, the best and worst pairs under every model in `models` [(name, HeatmapConfig, prompts)] (+ the swapped
+    prompt's column with swap). Returns the page's size in bytes."""
+    return write_report(path, header, summaries, rows, pairs, model_columns(pipe, models, batch, swap),
+                        n_show=n_show, title=title)
 
 
 # ---------------------------------------------------------------------------------------------------------
