@@ -105,9 +105,9 @@ def tune(cfg, resume=False, run=None):
     latents = TrainingLatents(pipe, data, train_ts, cfg, hcfg, progress=rank == 0)
 
     global_batch, n = cfg.batch_size * world, len(data.samples)
-    say(f"progress bar: loss = moving average of w_div * div + w_loc * loc (weights {cfg.w_div:g} and {cfg.w_loc:g});"
-        f" div = L_div (Eq. 2) and loc = L_loc (Eq. 4)\n  of the step's last image; drift = how far tuning has moved "
-        f"the {len(prompts.anatomy_ids)} learned rows: the mean of |row - start| / |start| (0 = not at all)")
+    say(f"progress bar: loss = moving average of w_div * div + w_loc * loc (w_div {cfg.w_div:g}, w_loc {cfg.w_loc:g}); "
+        f"div = L_div (Eq. 2)\n  and loc = L_loc (Eq. 4) of the step's last image; drift = how far tuning has moved "
+        f"the {len(prompts.anatomy_ids)} learned rows:\n  the mean of |row - start| / |start| (0 = not at all)")
     bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
     t0, ema = time.time(), None
     for step in bar:

@@ -81,3 +81,24 @@ def test_report_opens_in_headless_browser(tmp_path):
     assert "<table" in dom and "Pneumothorax" in dom, out.stderr[-2000:]
     assert 'data-decoded="16"' in dom
     assert dom.count("<tr>") >= 2 + 2 + 2 * 2
+
+
+def test_the_outputs_block_names_every_file_once_with_what_it_holds(tmp_path):
+    """The block train.py, evaluate.py and classify.py end with (grounding/experiment/outputs.py)."""
+    from grounding.experiment.outputs import outputs_block
+    for name in ("config.yaml", "eval_tuned.jsonl", "eval_frozen.jsonl", "eval_frozen_vs_tuned.md", "train.lock",
+                 "eval_tuned.jsonl.provenance.json", "notes.txt", "report.html"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "overlays" / "tuned").mkdir(parents=True)
+    for k in range(3):
+        (tmp_path / "overlays" / "tuned" / f"p{k}.png").write_bytes(b"png")
+    block = outputs_block(str(tmp_path), ["open report.html"])
+    print(block)
+    lines = block.splitlines()
+    assert lines[0] == f"Outputs in {tmp_path}/:" and lines[-2:] == ["Next:", "  open report.html"]
+    assert "train.lock" not in block and "notes.txt" in block                    # a lock is no output; the rest is
+    assert lines[1].startswith("  config.yaml ") and "--resume" in lines[1]       # in a fixed order, described
+    assert "\n  eval_frozen.jsonl, eval_tuned.jsonl\n" in block                     # one line per kind of file
+    assert block.index("eval_frozen_vs_tuned.md") < block.index("eval_frozen.jsonl") < block.index("report.html")
+    assert "overlays/ (3 files)" in block and all(len(line) <= 118 for line in lines)
+    assert block.count("eval_tuned.jsonl") == 2                                   # the rows and their provenance
