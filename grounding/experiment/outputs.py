@@ -16,7 +16,7 @@ FILES = [
     ("ckpt.pt", "learned rows + optimiser state of the last step (--resume continues from it)"),
     ("learned_rows.safetensors", "the tuned anatomy rows, with the layers, DDIM steps and window they are read with: "
                                  "--prompts of evaluate.py, classify.py, ground.py"),
-    ("lut.json", "location -> Gaussian LUT (from the gold boxes): the tuning targets"),
+    ("lut.json", "location -> Gaussian LUT built from the gold boxes: the tuning targets, VinDr's prompts"),
     ("tuning_set.jsonl", "the curated tuning samples used, one a line (image, prompt, locations)"),
     ("eval_frozen_vs_tuned.md", "the final table: CNR and mIoU % per class with 95% CIs, and the location-swap test"),
     ("eval_*.md", "each model's per-class table: CNR, mIoU %, pixel AUC, pointing game"),
