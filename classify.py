@@ -11,8 +11,9 @@ and as many MIMIC-CXR "No Finding" test images, by its noise-prediction error we
 without weights (the plain zero-shot diffusion classifier). AUROC overall and per mIoU half with 95% bootstrap CIs,
 and a one-sided test that the high half's AUROC is the larger (grounding/auroc.py).
 Keys: the data/weights keys of train.py's TrainConfig (--config) and ClassifyConfig's (grounding/experiment/classify.py), both
-as key=value. Writes under --out (default runs/classify): rows.jsonl (per image, appended; a rerun resumes),
-table.md / table.json (Table 6's layout) with a header naming data, weights, prompts, code and settings.
+as key=value. Writes under --out (default runs/classify), once the inputs have checked out: rows.jsonl (per image,
+appended; a rerun resumes), settings.json, table.md / table.json (Table 6's layout) with a header naming data,
+weights, prompts, code and settings (and lut.json when the LUT is built here); the Outputs block at the end lists them.
 """
 import argparse
 import dataclasses
@@ -31,8 +32,9 @@ from grounding.experiment.rows import apply_rows_settings, load_rows
 from grounding.experiment.config import load_config, TrainConfig
 from grounding.experiment.evaluation import read_rows
 from grounding.prompts import LearnablePrompts
-from grounding.experiment.provenance import (code_version, describe_heatmap, eval_heatmap_config, folder_digest,
-                                             prompts_digest)
+from grounding.experiment.outputs import outputs_block
+from grounding.experiment.provenance import (check_writable, code_version, describe_heatmap, eval_heatmap_config,
+                                             folder_digest, prompts_digest)
 
 
 def split_overrides(overrides):
@@ -85,7 +87,7 @@ def main(argv=None):
         ccfg.sources = [s for s in ccfg.sources if s != "tuned"]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(args.out, exist_ok=True)
+    check_writable(args.out, "classify.py --out")   # before any work; the folder itself once the inputs check out
 
     pipe = load_pipeline(cfg.weights, device=cfg.device)
     prompts = None
@@ -93,8 +95,10 @@ def main(argv=None):
         prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens=cfg.shared_tokens, n_ctx=cfg.n_ctx)
         load_rows(prompts, args.prompts)
     data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"],  # crop-band drops at the model size
-                        lut_dir=args.out)  # a LUT built here goes under --out, not into the training run's folder
+                        lut_dir=args.out, write_lut=False)  # a LUT built here goes under --out, never into the run's
     positives, negatives, lines = classification_cases(cfg, data, ccfg)
+    os.makedirs(args.out, exist_ok=True)   # the inputs checked out: only now is anything written
+    data.save_lut()
     # the heatmaps the run's own evaluation reads (train.py's final table): layers, Otsu, DDIM steps of the config,
     # or of the rows file (apply_rows_settings above)
     hcfgs = {m: eval_heatmap_config(cfg, pipe.family, m == "tuned") for m in ("frozen", "tuned")}
@@ -157,6 +161,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump({"header": header, "seconds": seconds, "images_scored": len(todo), "summary": summary}, f, indent=1)
     print("\n" + timing + note + table)
+    print("\n" + outputs_block(args.out))
 
 
 if __name__ == "__main__":

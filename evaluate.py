@@ -12,7 +12,8 @@ rows_<model>.jsonl (per pair, appended as it goes; a rerun resumes them only whe
 weights, prompts, split, heatmap settings and code, else it stops), table_<model>.md/.json (per class, 95% bootstrap
 CIs), comparison.md (frozen vs tuned), swap.md (--swap: the location-swap test), overlays/<model>/*.png,
 report.html (one self-contained page: header, tables, best and worst overlays per class; grounding/experiment/report.py),
-and a header naming data, weights, prompts, code and the layers/steps of each model. key=value overrides may go
+and a header naming data, weights, prompts, code and the layers/steps of each model evaluated; it ends by listing
+them (the Outputs block). `--help` says what each split is and how many pairs it holds. key=value overrides may go
 anywhere on the command line. One inversion per image batch serves every model evaluated (--baseline, --untuned,
 --prompts) and the swapped prompts. `--task classify` runs the grounded classification instead (classify.py).
 """
@@ -31,14 +32,31 @@ from grounding.experiment.rows import apply_rows_settings, load_rows
 from grounding.experiment.config import check_layers, load_config, TrainConfig
 from grounding.data.curation import class_counts
 from grounding.experiment.evaluation import Model, compare_models
+from grounding.experiment.outputs import outputs_block
 from grounding.prompts import LearnablePrompts
-from grounding.experiment.swap import swap_sides
+
+
+# What each --split scores and how many pairs it holds: the paper's counts on the real releases (docs/paper.md
+# section 8), the phantom world's as the default world (phantom_seed 0) gives them (tests/test_evaluation.py checks)
+SPLITS_HELP = """splits (--split), with their pairs: the real releases' as the paper counts them; the SYNTHETIC
+phantom world's (data: phantom, as in tune.yaml) as the default world (phantom_seed 0) holds them. The data report
+printed first gives the exact count of a run, and what it dropped and why.
+  mscxr      every MS-CXR pair, its own phrase as the prompt. Real: MS-CXR v0.1 has 1,162 pairs.
+             Phantom: 257 with tune.yaml's mscxr_split: test, 300 with mscxr_split: all.
+  mscxr-loc  the MS-CXR pairs whose phrase names a location, the prompt standardised to "{location} {pathology}":
+             the paper's MS-CXR-loc. Real: 1,043 pairs (mscxr_split: all, the default on real data).
+             Phantom: 234 with mscxr_split: test (the quickstart's held-out table), 276 with all.
+  vindr      VinDr-CXR test, out of distribution: no phrases, prompts made from the boxes (nearest LUT Gaussian).
+             Real: 443 pairs in 7 classes (no edema; needs vindr_csv and vindr_images). Phantom: 169.
+  phantom    the same pairs as mscxr-loc (the name for the phantom world): 234 with tune.yaml, 276 with all."""
 
 
 def parse_args(argv=None):
     """(TrainConfig with the data paths and overrides, the command-line arguments); bad values end with the message."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=SPLITS_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", required=True, choices=["mscxr", "mscxr-loc", "vindr", "phantom"],
+                   help="which pairs to score (listed below with their counts)")
     p.add_argument("--config", default="tune.yaml", help="train.py config giving the data paths (default tune.yaml)")
     p.add_argument("--weights", default=None, help="converted model folder (default: the config's weights)")
     p.add_argument("--prompts", default=None, help="learned anatomy rows (.safetensors from train.py); default: "
@@ -117,9 +135,9 @@ def main(argv=None):
               + (f" (--limit: the first {len(pairs)} of {len(all_pairs)})" if len(pairs) < len(all_pairs) else "") + "\n"
               f"Weights: {os.path.abspath(cfg.weights)} (family {pipe.family})\n"
               f"Prompts: {args.prompts or '(frozen text encoder only)'}\nCode: {code_version()}\n")
-    hcfgs = {"frozen": provenance.eval_heatmap_config(cfg, pipe.family, tuned=False),
-             "untuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True),
-             "tuned": provenance.eval_heatmap_config(cfg, pipe.family, tuned=True)}
+    # the models evaluated, and only they, in the header (and so in every file it opens)
+    names = ["frozen"] * args.baseline + ["untuned"] * args.untuned + ["tuned"] * bool(args.prompts)
+    hcfgs = {name: provenance.eval_heatmap_config(cfg, pipe.family, tuned=name != "frozen") for name in names}
     hcfgs = {name: dataclasses.replace(h, window=window or h.window) for name, h in hcfgs.items()}
     header += "Heatmaps: " + "; ".join(provenance.describe_heatmap(n, h) for n, h in hcfgs.items()) + "\n"
     if rank == 0:
@@ -158,15 +176,16 @@ def main(argv=None):
             f.write(header + "\n" + table + "\n")
         print(f"\n{table}")
     if rank == 0 and args.report_pairs:  # one self-contained page: header, tables, best/worst overlays
-        from grounding.experiment.report import model_column, write_report
-        columns = [model_column(pipe, name, hcfgs[name], pr, args.batch) for name, pr in models]
-        if args.swap:  # the last model's (tuned, when given) map of the left/right-swapped prompt
-            name, pr = models[-1]
-            columns.append(model_column(pipe, f"{name}, swapped prompt", hcfgs[name], pr, args.batch,
-                                        prompt=lambda p: swap_sides(p["prompt"])))
-        size = write_report(os.path.join(out, "report.html"), header, summaries, rows, pairs, columns,
-                            n_show=args.report_pairs, title=f"Phrase grounding, split {args.split}")
+        from grounding.experiment.report import write_evaluation_report
+        size = write_evaluation_report(os.path.join(out, "report.html"), pipe, header,
+                                       [(name, hcfgs[name], pr) for name, pr in models], summaries, rows, pairs,
+                                       batch=args.batch, swap=args.swap, n_show=args.report_pairs,
+                                       title=f"Phrase grounding, split {args.split}")
         print(f"wrote {os.path.join(out, 'report.html')} ({size / 1e6:.1f} MB)")
+    if rank == 0:
+        page = os.path.join(out, "report.html")
+        print("\n" + outputs_block(out, [f"open {page} in a browser: the tables, and per class the best and worst "
+                                         "pairs under every model"] if args.report_pairs else []))
     distributed.teardown(world)
 
 

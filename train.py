@@ -7,8 +7,9 @@
     python train.py --config configs/mimic_monai.yaml --check             # every input read at once, one report
 
 A flat loop in the spirit of nanoGPT's train.py. Every setting is a field of TrainConfig
-(grounding/experiment/config.py) with its default and a comment; YAML files and key=value overrides fill it (unknown
-keys and wrong types are errors). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
+(grounding/experiment/config.py) with its default and a comment (`--help` lists them); YAML files and key=value
+overrides fill it (unknown keys and wrong types are errors). The run folder (out_dir) receives the config, checkpoint,
+learned rows, final tables, per-pair rows, overlays and report.html; the run ends by listing them (the Outputs block). The whole LDM is frozen; only the anatomy rows of the prompt codebook learn, from
 L_div + L_loc on the cross-attention maps of the chosen layers (`layers`; the paper: 4) at T timesteps
 (docs/paper.md section 5; one image's loss is grounding/tuning.py `tuning_loss`). The tiny phantom base LDM is pretrained by its own script:
 python scripts/pretrain_phantom.py --config configs/phantom_pretrain.yaml --overwrite (docs/phantom.md).
@@ -34,20 +35,29 @@ from grounding.prompts import LearnablePrompts
 from grounding.tuning import tuning_loss
 from grounding.data.curation import class_counts
 from grounding.experiment import distributed, preflight, provenance, sources
-from grounding.experiment.config import check_layers, load_config, TrainConfig
+from grounding.experiment.config import check_layers, keys_help, load_config, TrainConfig
 from grounding.experiment.evaluation import Model, compare_models, evaluate_pairs
+from grounding.experiment.outputs import outputs_block
+from grounding.experiment.report import write_evaluation_report
 from grounding.experiment.rows import save_rows
+
+REPORT_OVERLAYS = 8  # overlay PNGs per model in out_dir/overlays/ (evaluate.py's --overlays default)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    keys = ("config keys, set in the --config YAML file or as key=value (key: default, then what it sets: the field\n"
+            "comments of TrainConfig in grounding/experiment/config.py). The defaults follow the paper where it gives\n"
+            "a value; tune.yaml (the quickstart) changes a few, each with its reason in its comments.\n\n"
+            + keys_help(TrainConfig))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=keys,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with TrainConfig keys (tune.yaml, configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt (same settings)")
     p.add_argument("--force", action="store_true", help="with --resume: continue even though settings changed")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an out_dir that holds a checkpoint")
     p.add_argument("--check", action="store_true", help="read every configured input, print one report of what is "
                    "found and missing, write nothing; exit 1 if anything is missing (preflight.py)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys (listed below)")
     args = p.parse_intermixed_args(argv)
     try:
         return load_config(TrainConfig, args.config, args.overrides), args
@@ -95,6 +105,9 @@ def tune(cfg, resume=False, run=None):
     latents = TrainingLatents(pipe, data, train_ts, cfg, hcfg, progress=rank == 0)
 
     global_batch, n = cfg.batch_size * world, len(data.samples)
+    say(f"progress bar: loss = moving average of w_div * div + w_loc * loc (w_div {cfg.w_div:g}, w_loc {cfg.w_loc:g}); "
+        f"div = L_div (Eq. 2)\n  and loc = L_loc (Eq. 4) of the step's last image; drift = how far tuning has moved "
+        f"the {len(prompts.anatomy_ids)} learned rows:\n  the mean of |row - start| / |start| (0 = not at all)")
     bar = tqdm(range(step0, cfg.max_steps), desc="prompt tuning", disable=rank != 0, mininterval=2)
     t0, ema = time.time(), None
     for step in bar:
@@ -133,11 +146,14 @@ def tune(cfg, resume=False, run=None):
     if rank == 0:
         save_rows(prompts, os.path.join(cfg.out_dir, "learned_rows.safetensors"),   # + the settings they are read with
                   provenance.eval_heatmap_config(cfg, pipe.family, True), cfg.train_window)
-        say("nearest real tokens of each learned row:")
+        say("nearest real tokens of each learned row (cosine similarity to the frozen input embedding of each token of "
+            "the\n  vocabulary; its own token first: the row still points closest to where it started):")
         for token, near in prompts.nearest_tokens(k=3).items():
-            say(f"  {token!r:>14} -> {near}")
+            say(f"  {token!r:>14} -> " + ", ".join(f"{t} {cos:.3f}" for t, cos in near))
     if cfg.eval_at_end and rank == 0:
         final_evaluation(cfg, pipe, prompts, data)
+    if rank == 0:
+        say("\n" + outputs_block(cfg.out_dir, next_steps(cfg, data)))
     distributed.teardown(world)
     return prompts
 
@@ -319,7 +335,7 @@ def validate(cfg, pipe, prompts, data, hcfg, done, say):
     rows = evaluate_pairs(pipe, data.val_pairs[:cfg.val_pairs], hcfg, prompts, batch_size=cfg.eval_batch,
                           desc="validation", protocol=cfg.metric_protocol)
     say(f"\nstep {done}: validation CNR {sum(r['cnr'] for r in rows) / len(rows):.3f}, "
-        f"mIoU {100 * sum(r['miou'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
+        f"mIoU {sum(r['miou_percent'] for r in rows) / len(rows):.1f}% on {len(rows)} MS-CXR-loc pairs "
         f"({data.val_note})")
 
 
@@ -345,12 +361,13 @@ def final_evaluation(cfg, pipe, prompts, data):
     heatmaps = "\n".join(provenance.describe_heatmap(name, hcfgs[name], notes[name]) for name in hcfgs)
     print(heatmaps)
     cols = [Model(name, p, hcfgs[name], os.path.join(cfg.out_dir, f"eval_{name}.jsonl"),
-                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description))
+                  provenance.rows_record(pipe, cfg.weights, hcfgs[name], p, split="mscxr-loc", data=data.description),
+                  os.path.join(cfg.out_dir, "overlays", name))
             for name, p, _ in models]
     # one inversion per image batch serves all three columns and their left/right-swapped prompts
-    _, summaries, tables, swap_md, table = compare_models(pipe, pairs, cols, batch_size=cfg.eval_batch,
-                                                          swap=cfg.eval_swap, on_mismatch="fresh",
-                                                          protocol=cfg.metric_protocol)
+    rows, summaries, tables, swap_md, table = compare_models(pipe, pairs, cols, batch_size=cfg.eval_batch,
+                                                             swap=cfg.eval_swap, on_mismatch="fresh",
+                                                             protocol=cfg.metric_protocol, n_overlays=REPORT_OVERLAYS)
     for name, md in tables.items():
         with open(os.path.join(cfg.out_dir, f"eval_{name}.md"), "w") as f:
             f.write(f"{head}Heatmaps: {heatmaps}\n\n{md}\n")
@@ -359,7 +376,35 @@ def final_evaluation(cfg, pipe, prompts, data):
     with open(os.path.join(cfg.out_dir, "eval_frozen_vs_tuned.md"), "w") as f:
         f.write(f"{head}Heatmaps:\n{heatmaps}\n\n{table}\n")
     print(table)
+    # the page evaluate.py writes too: the tables and, per class, the best and worst pairs under every model
+    path = os.path.join(cfg.out_dir, "report.html")
+    size = write_evaluation_report(path, pipe, f"{head}Heatmaps:\n{heatmaps}\n",
+                                   [(m.name, m.cfg, m.prompts) for m in cols], summaries, rows, pairs,
+                                   batch=cfg.eval_batch, swap=cfg.eval_swap,
+                                   title=f"Phrase grounding, MS-CXR-loc (mscxr_split: {cfg.mscxr_split}): train.py's "
+                                         "final table")
+    print(f"\nwrote {path} ({size / 1e6:.1f} MB)")
     return summaries
+
+
+def next_steps(cfg, data):
+    """What to open or run after this run (the end of its Outputs block): its report, one held-out image through
+    ground.py with these rows, and evaluate.py on a split the final table did not score."""
+    rows, config = os.path.join(cfg.out_dir, "learned_rows.safetensors"), os.path.join(cfg.out_dir, "config.yaml")
+    steps = []
+    if os.path.exists(os.path.join(cfg.out_dir, "report.html")):
+        steps.append(f"open {os.path.join(cfg.out_dir, 'report.html')} in a browser: the table with the best and worst "
+                     "pairs of each class, frozen beside tuned")
+    if data.test_pairs:  # a held-out pair the table scored: every word's map, frozen / untuned / tuned, swapped
+        p = data.test_pairs[0]
+        box = ",".join(f"{v:g}" for v in p["boxes"][0])
+        steps.append(f'python ground.py {p["image_path"]} --prompt "{p["prompt"]}" --box {box} --weights '
+                     f"{cfg.weights} --prompts {rows}   # one held-out image, word by word")
+    split, n = ("vindr", len(data.vindr)) if data.vindr else ("mscxr", len(data.mscxr))
+    if n:
+        steps.append(f"python evaluate.py --split {split} --config {config} --baseline --prompts {rows} --swap   "
+                     f"# another split ({n} pairs), into runs/eval_{split}/")
+    return steps
 
 
 def main(argv=None):

@@ -23,6 +23,8 @@ Paper gaps (docs/paper.md section 10), as options:
   "trainable": shared rows are trainable wherever they occur, pathology words included.
 - n_ctx: CoOp-style learnable context tokens inserted after BOS (0 = off, the paper's setting).
 """
+import textwrap
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -193,7 +195,29 @@ class LearnablePrompts(nn.Module):
         lines = [f"codebook: {len(rows)} rows, {n_train} trainable (shared_tokens={self.shared_tokens!r}, "
                  f"n_ctx={self.n_ctx})"]
         lines += [f"  {tok:<20s} {role:<10s} {'trainable' if t else 'frozen'}" for tok, role, t in rows]
-        return "\n".join(lines)
+        return "\n".join(lines + self.codebook_legend())
+
+    def codebook_legend(self):
+        """What the roles of format_codebook mean, and which tokens are special here (the pad token and "and" vary
+        with the vocabulary: SD1 pads with EOS, SD2 / MONAI / phantom with "!"; a small vocabulary spells "and" in
+        pieces), as lines of at most 118 characters."""
+        tok = self.tokenizer
+        pad = "EOS" if tok.pad_id == tok.eos_id else repr(tok.decoder[tok.pad_id])
+        joins = []
+        for w in JOIN_WORDS:
+            pieces = self.token_strings(tok.encode(w))
+            joins.append(f'"{w}"' + (f", here {' '.join(map(repr, pieces))} (this vocabulary has no single token "
+                                     "for it)" if len(pieces) > 1 else ""))
+        text = ("roles: location = a sub-token of an anatomy phrase: the learned rows (paper Sec. 3.2); pathology = a "
+                "sub-token of a finding word, frozen;")
+        if self.shared_ids:
+            how = {"positional": "its location occurrences use the trainable row, its pathology occurrences the "
+                                 "frozen one (so it is listed twice)",
+                   "frozen": "frozen everywhere", "trainable": "trainable everywhere"}[self.shared_tokens]
+            text += f" shared = both ({', '.join(map(repr, self.token_strings(self.shared_ids)))}): {how};"
+        text += (f" special (frozen) = BOS, EOS, the pad token {pad} and the word joining several locations, "
+                 f"{'; '.join(joins)}")
+        return textwrap.wrap(text, 118, subsequent_indent="  ")
 
     @torch.no_grad()
     def nearest_tokens(self, k=5):

@@ -33,7 +33,7 @@ from ldm import load_pipeline  # noqa: E402
 from grounding.data.images import preprocess  # noqa: E402
 from grounding.experiment import sources  # noqa: E402
 from grounding.experiment.config import TrainConfig, load_config  # noqa: E402
-from grounding.experiment.evaluation import score  # noqa: E402
+from grounding.experiment.evaluation import percent_row, score  # noqa: E402
 from grounding.experiment.provenance import folder_digest, prompts_digest  # noqa: E402
 from grounding.experiment.rows import load_rows  # noqa: E402
 from grounding.experiment.swap import side_masses, swap_sides  # noqa: E402
@@ -43,7 +43,7 @@ from grounding.prompts import LearnablePrompts  # noqa: E402
 
 MODELS = ("frozen", "untuned", "tuned")   # eval_<model>.jsonl; "untuned" is optional (eval_untuned: false)
 SCALE, GAP = 2, 4                         # each 64 x 64 model-frame tile drawn at 2x; pixels between tiles
-CNR_TOL, MIOU_TOL = 0.02, 0.005           # recomputed vs recorded metrics (batching changes the last float bits)
+CNR_TOL, MIOU_TOL = 0.02, 0.5             # recomputed vs recorded CNR, mIoU % (batching changes the last float bits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def read_run(run):
                 continue
             raise FileNotFoundError(f"{path} not found: run train.py (eval_at_end: true) to write {run}")
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = [percent_row(json.loads(line)) for line in f if line.strip()]   # mIoU in percent
         sidecar = path + ".provenance.json"
         if not os.path.isfile(sidecar):
             raise FileNotFoundError(f"{sidecar} not found: the heatmap settings of {path} are unknown")
@@ -188,7 +188,8 @@ def main(argv=None):
     if prompts_digest(prompts) != tuned_record["prompts"]:
         raise ValueError(f"{rows_file} holds other rows than the ones {run['tuned']['path']} was scored with "
                          f"({prompts_digest(prompts)} vs {tuned_record['prompts']}): rerun the evaluation")
-    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"])
+    # write_lut=False: a LUT built here is not saved, least of all into the training run's folder (cfg.out_dir)
+    data = sources.load(cfg, need_samples=False, image_size=pipe.image["size"], write_lut=False)
     pairs = {q["pair_id"]: q for q in data.test_pairs}
     chosen = choose_rows(list(run["tuned"]["rows"].values()))
     missing = [r["pair_id"] for _, _, _, r in chosen if r["pair_id"] not in pairs]
@@ -227,13 +228,13 @@ def main(argv=None):
                 if side is None:
                     cells.append(tile(grey, hm.numpy(), boxes) if which == 0 else
                                  label(tile(np.zeros_like(grey)), "names no single side", f, (4, T // 2 - 6)))
-                    notes.append(f"CNR {row['cnr']:.2f}  mIoU {100 * row['miou']:.1f}%" if which == 0 else "")
+                    notes.append(f"CNR {row['cnr']:.2f}  mIoU {row['miou_percent']:.1f}%" if which == 0 else "")
                     continue
                 share = side_share(full, side)
                 hits[m][which] += share > 0.5
                 cells.append(label(tile(grey, hm.numpy(), boxes, midline=True), f"{100 * share:.1f}% on true side", f))
-                notes.append(f"CNR {row['cnr']:.2f}  mIoU {100 * row['miou']:.1f}%" if which == 0
-                             else f"mIoU {100 * row['miou_swap']:.1f}%")
+                notes.append(f"CNR {row['cnr']:.2f}  mIoU {row['miou_percent']:.1f}%" if which == 0
+                             else f"mIoU {row['miou_swap_percent']:.1f}%")
         title = f"{category}, {side or 'no single side'} (median of {n}):  \"{q['prompt']}\""
         if side is not None:
             title += f"   swapped: \"{swap_sides(q['prompt'])}\""
@@ -277,7 +278,7 @@ def main(argv=None):
     for other in [m for m in ("untuned", "frozen") if m in run]:
         pair_ids = [r["pair_id"] for *_, r in chosen]
         tuned, base = run["tuned"]["rows"], run[other]["rows"]
-        above = [sum(tuned[i][key] > base[i][key] for i in pair_ids) for key in ("cnr", "miou")]
+        above = [sum(tuned[i][key] > base[i][key] for i in pair_ids) for key in ("cnr", "miou_percent")]
         lines.append(f"Tuned above {other} in these {len(chosen)} rows: CNR {above[0]}, mIoU {above[1]}")
     foot = Image.new("RGB", (width, 8 + 14 * len(lines)), (0, 0, 0))
     draw = ImageDraw.Draw(foot)
@@ -297,7 +298,7 @@ def main(argv=None):
 
 def check(recomputed, row, path):
     """The map drawn must give the run's own numbers for its pair, else the figure would not show the table."""
-    for key, tol in (("cnr", CNR_TOL), ("miou", MIOU_TOL)):
+    for key, tol in (("cnr", CNR_TOL), ("miou_percent", MIOU_TOL)):
         if abs(recomputed[key] - row[key]) > tol:
             raise ValueError(f"{path} pair {row['pair_id']}: {key} {row[key]:.4f} recorded, {recomputed[key]:.4f} "
                              "from the map recomputed here: the rows were made by other code or settings; rerun "

@@ -6,6 +6,8 @@ finished pairs.
 """
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def test_train_then_evaluate(setup):
     assert "Average" in table and "cnr tuned" in table
     assert "Location-swap test" in table and "side share true tuned" in table   # eval_swap defaults to on
     rows = [json.loads(l) for l in open(os.path.join(out, "eval_tuned.jsonl"))]
-    assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou"] <= 1 for r in rows)
+    assert len(rows) == 4 and all(-10 < r["cnr"] < 10 and 0 <= r["miou_percent"] <= 100 for r in rows)
     assert all(r["protocol"] == "reference" and 0 <= r["auc_binned5"] <= 1 for r in rows)  # the default reached it
     # the learned rows moved away from their initial values (lr 0.05 on 4 steps)
     initial = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -54,6 +56,26 @@ def test_train_then_evaluate(setup):
     from grounding.experiment.rows import rows_settings
     assert rows_settings(os.path.join(out, "learned_rows.safetensors")) == {"layers": (2, 3, 4, 5), "num_steps": 10,
                                                                          "window": (400, 600)}
+    # what the run prints explains itself: the codebook's roles, the progress bar, 3-decimal cosines
+    assert "special (frozen) = BOS, EOS, the pad token" in log and "drift = how far tuning has moved" in log
+    assert re.search(r"'left</w>' -> \S+ \d\.\d{3}, \S+ \d\.\d{3}, \S+ \d\.\d{3}\n", log)
+    # the final evaluation writes report.html and overlays into the run folder, as evaluate.py does
+    page = open(os.path.join(out, "report.html")).read()
+    assert "<th>frozen</th>" in page and "<th>tuned</th>" in page and "<th>tuned, swapped prompt</th>" in page
+    assert all(len(os.listdir(os.path.join(out, "overlays", m))) == 4 for m in ("frozen", "untuned", "tuned"))
+    # ... and the run ends with its Outputs block: every file of the run folder, what it holds, what to do next
+    block = log[log.index("Outputs in run_a/:"):].split("\n\n")[0]      # stdout's end (stderr follows in `log`)
+    files = block.split("\nNext:")[0]
+    assert all(re.search(rf"[ ,]{re.escape(n)}[,/ \n]", files) for n in os.listdir(out) if n != "train.lock"), block
+    assert re.search(r"\n  learned_rows.safetensors +the tuned anatomy rows", block) and "overlays/ (12 files)" in block
+    steps = [line.strip() for line in block.split("\nNext:")[1].splitlines()[1:]]
+    assert steps[0].startswith("open run_a/report.html") and len(steps) == 3
+    for step in steps[1:]:                                        # the commands it suggests run as printed
+        cmd = shlex.split(step.split("   #")[0])
+        assert cmd[1] in ("ground.py", "evaluate.py") and "run_a/learned_rows.safetensors" in cmd
+        run([os.path.join(REPO, cmd[1]), *cmd[2:], "--out", f"next_{cmd[1][:-3]}"] +
+            (["--limit", "2", "--bootstrap", "50", "--report-pairs", "0"] if cmd[1] == "evaluate.py" else []), cwd=root)
+    assert os.path.exists(os.path.join(root, "next_ground", "viewer.html"))
 
     log = run([os.path.join(REPO, "evaluate.py"), "--split", "mscxr", "--config", setup["config"], "--baseline",
                "--prompts", os.path.join(out, "learned_rows.safetensors"), "--limit", "3", "--out", "ev",
@@ -104,6 +126,9 @@ def test_evaluation_resumes_without_recomputing(setup):
     assert len(full) == 4
     with open(path, "w") as f:                       # an interrupted run: two rows and a torn third line
         f.write("\n".join(full[:2]) + "\n" + full[2][:15])
+    # --baseline alone: the header (in the log and in every file) names the frozen model only
+    header = open(os.path.join(root, "ev_resume", "table_frozen.md")).read().split("\n\n")[0]
+    assert "Heatmaps: frozen: layers" in header and "tuned" not in header, header
     log = run(args, cwd=root)
     assert "resuming: 2 of 4 pairs already scored" in log
     rows = [json.loads(l) for l in open(path).read().splitlines() if l.strip().endswith("}")]
@@ -210,7 +235,8 @@ def test_evaluation_refuses_rows_of_other_prompts(setup):
     args = [os.path.join(REPO, "evaluate.py"), "--split", "phantom", "threads=1", "--config", setup["config"],
             "eval_batch=4", "--limit", "2", "--out", "ev_prov", "--bootstrap", "50", "--overlays", "0"]
     log = run(args + ["--prompts", "rows_a.safetensors"], cwd=root)
-    assert "Heatmaps: frozen: layers (1, 2, 4, 5), Otsu mask, 10 DDIM steps" in log and "tuned: layers (2, 3, 4, 5)" in log
+    heatmaps = next(line for line in log.splitlines() if line.startswith("Heatmaps: "))   # --prompts only: tuned only
+    assert heatmaps.startswith("Heatmaps: tuned: layers (2, 3, 4, 5), no Otsu, 10 DDIM steps") and "frozen" not in heatmaps
     msg = fails(args + ["--prompts", "rows_b.safetensors"], cwd=root)
     assert "rows_tuned.jsonl holds rows made by something else (prompts:" in msg and "Refusing to mix" in msg
     log = run(args + ["--prompts", "rows_a.safetensors"], cwd=root)
@@ -238,14 +264,15 @@ def test_evaluate_swap_and_untuned_in_one_pass(setup):
     rows = {m: [json.loads(l) for l in open(os.path.join(ev, f"rows_{m}.jsonl"))] for m in ("frozen", "untuned", "tuned")}
     assert all(len(r) == 8 for r in rows.values())
     for a, b in zip(rows["untuned"], rows["tuned"]):
-        assert a["pair_id"] == b["pair_id"] and a["cnr"] == b["cnr"] and a["miou"] == b["miou"]
+        assert a["pair_id"] == b["pair_id"] and a["cnr"] == b["cnr"] and a["miou_percent"] == b["miou_percent"]
     one_sided = [r for r in rows["tuned"] if prompt_side(r["prompt"])[0]]
     assert one_sided, "the tiny world should hold one-sided prompts"
     for r in rows["tuned"]:
         assert ("true_side" in r) == (prompt_side(r["prompt"])[0] is not None)
         if "true_side" in r:
             assert r["true_side"] in (0.0, 0.5, 1.0) and r["swapped_prompt"] != r["prompt"]
-            assert abs(r["miou_drop"] - (r["miou_true"] - r["miou_swap"])) < 1e-12
+            assert abs(r["miou_drop_percent"] - (r["miou_true_percent"] - r["miou_swap_percent"])) < 1e-12
+            assert r["miou_true_percent"] == r["miou_percent"]
     swap_md = open(os.path.join(ev, "swap.md")).read()
     assert "side share swapped untuned" in swap_md and "Location-swap test" in log
 
@@ -258,11 +285,34 @@ def test_classify_runs_resumes_and_refuses_rows_retrained_in_place(setup):
     rows = os.path.join(root, "run_cls", "learned_rows.safetensors")
     args = [os.path.join(REPO, "classify.py"), "--config", setup["config"], "--prompts", rows, "--out", "cls",
             "n_draws=2", "n_boot=50", "n_perm=50"]
+    msg = fails(args + ["category=Nodule"], cwd=root)             # data that cannot serve: no --out folder left
+    assert "at least 2 Nodule pairs" in msg and not os.path.exists(os.path.join(root, "cls"))
     log = run(args, cwd=root)
     table = open(os.path.join(root, "cls", "table.md")).read()
     assert "tuned LDM heatmap" in table and "AUROC all" in table and "SYNTHETIC" in log
+    block = log[log.index("Outputs in cls/:"):]                  # it says where it wrote
+    assert "table.md" in block and "rows.jsonl" in block and "settings.json" in block
     assert "images already scored" in run(args, cwd=root)              # the same settings: resumed, not rescored
     tensors = load_file(rows)                                          # retrained into the same path
     save_file({k: v + 0.5 for k, v in tensors.items()}, rows, metadata=read_header(rows)["__metadata__"])
     out = subprocess.run([sys.executable, *args], cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode != 0 and "prompts_sha256" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_readme_figure_never_writes_into_a_training_run_folder(setup):
+    """scripts/figure.py read the config's data and saved the LUT it built into the config's out_dir, a training
+    run's folder (replacing the LUT the run's rows were tuned with): it saves none."""
+    import yaml
+    from grounding.experiment.rows import save_rows
+    from grounding.prompts import LearnablePrompts
+    from ldm.weights.folder import load_pipeline
+    root = setup["root"]
+    pipe = load_pipeline(setup["model"])
+    save_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"),
+              os.path.join(root, "rows_fig.safetensors"))
+    config = dict(yaml.safe_load(open(setup["config"])), out_dir=os.path.join(root, "run_fig"))
+    with open(os.path.join(root, "fig.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    run([os.path.join(REPO, "scripts", "figure.py"), "--config", "fig.yaml", "--prompts", "rows_fig.safetensors",
+         "--out", "fig.png"], cwd=root)
+    assert os.path.exists(os.path.join(root, "fig.png")) and not os.path.exists(os.path.join(root, "run_fig"))

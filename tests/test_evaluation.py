@@ -44,8 +44,9 @@ def test_score_uses_the_protocol_for_cnr_and_miou_only():
     ref, old = ev.score(full, boxes), ev.score(full, boxes, "per_box")
     assert set(ref) == set(ev.ROW_METRICS)
     assert ref["cnr"] == cnr(full, boxes) and old["cnr"] == cnr(full, boxes, protocol="per_box")
-    assert ref["miou"] == miou(full, boxes) and old["miou"] == miou(full, boxes, protocol="per_box")
-    assert ref["cnr"] != pytest.approx(old["cnr"]) and ref["miou"] < old["miou"]   # band pixels are misses
+    assert ref["miou_percent"] == 100 * miou(full, boxes)                           # rows keep mIoU in percent
+    assert old["miou_percent"] == 100 * miou(full, boxes, protocol="per_box")
+    assert ref["cnr"] != pytest.approx(old["cnr"]) and ref["miou_percent"] < old["miou_percent"]   # band pixels miss
     for m, f in (("auc", auc_roc), ("auc_binned5", auc_binned5), ("pointing", pointing_game)):
         assert ref[m] == old[m] == f(full, boxes)
 
@@ -109,6 +110,32 @@ def test_resume_rescores_a_row_whose_pair_prompt_changed(fake_extraction, tmp_pa
     assert [json.loads(l)["prompt"] for l in open(path)] == ["right edema"]   # a resume rewrites one row per pair
 
 
+def test_rows_of_the_fraction_era_resume_in_percent(fake_extraction, tmp_path, capsys):
+    """Rows files written when mIoU was a fraction (`miou`, `miou_true`, ...; classify.py's `miou` {source: value})
+    are read in percent: the resumed row is the row this version computes, the table over it is the same table."""
+    import json
+    path = str(tmp_path / "rows.jsonl")
+    record = {"weights": "w", "code": "c"}
+    fresh = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)[0]
+    old = {k: v for k, v in fresh.items() if k != "miou_percent"}
+    old["miou"] = fresh["miou_percent"] / 100                                         # as the older version wrote it
+    old.update(miou_true=0.25, miou_swap=0.05, miou_drop=0.2)
+    with open(path, "w") as f:
+        f.write(json.dumps(old) + "\n")
+    rows = ev.evaluate_pairs(_Pipe(), [_pair()], None, rows_path=path, record=record)
+    assert "resuming: 1 of 1 pairs already scored" in capsys.readouterr().out
+    assert rows[0]["miou_percent"] == pytest.approx(fresh["miou_percent"], rel=1e-15) and "miou" not in rows[0]
+    assert (rows[0]["miou_true_percent"], rows[0]["miou_swap_percent"]) == (25.0, 5.0)
+    assert rows[0]["miou_drop_percent"] == pytest.approx(20.0)
+    assert "miou_percent" in json.loads(open(path).readline())                        # the file is rewritten in percent
+    cls = ev.percent_row({"pair_id": "c", "miou": {"frozen": 0.5, "tuned": 0.25}})
+    assert cls == {"pair_id": "c", "miou_percent": {"frozen": 50.0, "tuned": 25.0}}
+    assert ev.percent_row(dict(rows[0])) == rows[0]                                   # a current row stays as it is
+    _, md = ev.summary_table(rows, n_boot=10)
+    assert md.splitlines()[0] == "| class | n | cnr | miou | auc | auc_binned5 | pointing |"
+    assert f"| {fresh['miou_percent']:.2f} [" in md                                # the rows' percent, unscaled
+
+
 def test_resume_rescores_a_pair_whose_data_was_edited_in_place(fake_extraction, tmp_path, capsys):
     """The provenance record names the data by path only: a box or an image edited since was still resumed."""
     path = str(tmp_path / "rows.jsonl")
@@ -134,3 +161,45 @@ def test_swap_table_without_one_sided_prompts_says_so(fake_extraction):
 def test_a_nan_heatmap_names_the_pair_and_the_likely_cause():
     with pytest.raises(ValueError, match="pair p0 .*NaN.*autocast"):
         ev._score_pair(_pair(), _model_map() * float("nan"))
+
+
+def test_evaluate_help_says_what_each_split_is_and_how_many_pairs_it_holds(capsys):
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for split in ("mscxr", "mscxr-loc", "vindr", "phantom"):
+        assert f"\n  {split} " in text, split                            # each split has its paragraph
+    assert "1,162 pairs" in text and "1,043 pairs" in text and "443 pairs in 7 classes" in text   # docs/paper.md s. 8
+
+
+def test_the_phantom_counts_in_evaluate_help_are_the_default_worlds():
+    """evaluate.py --help gives each split's pairs in the default phantom world: they must be the world's counts.
+    Reads the checkout's data/phantom (the quickstart builds it, about a minute) when it is the current version."""
+    import json
+    import os
+    import evaluate
+    from grounding.experiment import sources
+    from grounding.experiment.config import load_config
+    from grounding.phantom.world import WORLD_VERSION
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.join(repo, "data", "phantom")
+    try:
+        world = json.load(open(os.path.join(root, "world.json")))
+    except OSError:
+        pytest.skip("no phantom world in data/phantom: run the quickstart (python train.py --config tune.yaml) first")
+    if world.get("version", 1) != WORLD_VERSION or world["config"]["seed"] != 0:
+        pytest.skip("data/phantom is not the current default world: run the quickstart to rebuild it")
+    n = {}
+    for split in ("test", "all"):
+        cfg = load_config(TrainConfig, os.path.join(repo, "tune.yaml"),
+                          [f"phantom_root={root}", f"mscxr_split={split}"])
+        data = sources.load(cfg, need_samples=False, image_size=64, write_lut=False)   # the phantom LDM's size
+        n[split] = (len(data.mscxr), len(data.mscxr_loc), len(data.vindr))
+    text = " ".join(evaluate.SPLITS_HELP.split())
+    assert f"Phantom: {n['test'][0]} with tune.yaml's mscxr_split: test, {n['all'][0]} with mscxr_split: all" in text
+    assert (f"Phantom: {n['test'][1]} with mscxr_split: test (the quickstart's held-out table), {n['all'][1]} "
+            "with all") in text
+    assert f"Phantom: {n['test'][2]}." in text and n["test"][2] == n["all"][2]
+    assert (f"as mscxr-loc (the name for the phantom world): {n['test'][1]} with tune.yaml, {n['all'][1]} "
+            "with all") in text

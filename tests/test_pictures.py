@@ -44,12 +44,12 @@ def test_side_share_uses_the_swap_tests_convention():
 
 def test_a_map_that_does_not_give_the_recorded_numbers_is_refused():
     fig = figure_script()
-    row = {"pair_id": "p1", "cnr": 1.0, "miou": 0.25}
-    fig.check({"cnr": 1.001, "miou": 0.2501}, row, "eval_tuned.jsonl")     # batching noise passes
+    row = {"pair_id": "p1", "cnr": 1.0, "miou_percent": 25.0}
+    fig.check({"cnr": 1.001, "miou_percent": 25.01}, row, "eval_tuned.jsonl")     # batching noise passes
     with pytest.raises(ValueError, match="eval_tuned.jsonl pair p1: cnr 1.0000 recorded, 1.5000"):
-        fig.check({"cnr": 1.5, "miou": 0.25}, row, "eval_tuned.jsonl")
+        fig.check({"cnr": 1.5, "miou_percent": 25.0}, row, "eval_tuned.jsonl")
     with pytest.raises(ValueError, match="miou"):
-        fig.check({"cnr": 1.0, "miou": 0.30}, row, "eval_tuned.jsonl")
+        fig.check({"cnr": 1.0, "miou_percent": 30.0}, row, "eval_tuned.jsonl")
 
 
 def test_a_generated_finding_is_found_on_its_side_and_only_when_drawn():

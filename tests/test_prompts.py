@@ -89,6 +89,26 @@ def test_real_vocab_codebook_counts_and_shared_modes():
     assert len(trainable.anatomy_ids) == 26 and len(trainable.codebook_table()) == 47
     positional = LearnablePrompts(tok, te, shared_tokens="positional")
     assert len(positional.anatomy_ids) == 26 and len(positional.codebook_table()) == 53  # + 6 frozen twins
+    legend = " ".join(" ".join(frozen.codebook_legend()).split())   # the real vocabulary has "and" as one token
+    assert "the pad token '!'" in legend and '"and"' in legend and "no single token" not in legend
+
+
+def test_the_printed_codebook_says_what_its_roles_and_special_tokens_are():
+    """The phantom vocabulary marks '!', 'a', 'n', 'd</w>' as special: the legend under the codebook says why (the
+    pad token, and "and" spelled in three pieces), and what location / pathology / shared mean."""
+    from ldm.weights.folder import load_pipeline
+    pipe = load_pipeline("assets/phantom_ldm")
+    prompts = LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional")
+    special = [t for t, role, _ in prompts.codebook_table() if role == "special"]
+    assert special == ["<|startoftext|>", "<|endoftext|>", "!", "a", "n", "d</w>"]
+    legend = prompts.codebook_legend()
+    text = " ".join(" ".join(legend).split())                  # the wrapping aside
+    assert "the pad token '!'" in text and "\"and\", here 'a' 'n' 'd</w>' (this vocabulary has no single token" in text
+    assert "shared = both ('pleural</w>', 'cardiomegaly</w>'): its location occurrences use the trainable row" in text
+    assert all(len(line) <= 118 for line in legend) and prompts.format_codebook().endswith(legend[-1])
+    pipe.tokenizer.pad_id = pipe.tokenizer.eos_id               # SD1 pads with EOS: no extra pad row to explain
+    legend = LearnablePrompts(pipe.tokenizer, pipe.text_encoder).codebook_legend()
+    assert "the pad token EOS" in " ".join(" ".join(legend).split())
 
 
 def test_positional_mode_substitutes_by_position():

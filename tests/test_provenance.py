@@ -312,6 +312,27 @@ def test_scripts_answer_bad_values_with_the_message_not_a_traceback(capsys):
     assert "config file /nonexistent.yaml does not exist" in capsys.readouterr().err   # was: unrecognized arguments
 
 
+def test_every_config_key_has_a_meaning_and_help_lists_it(capsys):
+    """TrainConfig's field comments are the keys' one documentation: each field has one, `train.py --help` prints
+    every key with its default and that comment, grouped by the dataclass's `# --- title ---` lines."""
+    from grounding.experiment.config import key_docs
+    docs = key_docs(TrainConfig)
+    assert [key for _, key, _, _ in docs] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert not [key for _, key, _, meaning in docs if len(meaning) < 10], "a config key without a meaning"
+    assert {key: group for group, key, _, _ in docs}["lr"].startswith("prompt tuning")
+    meaning = {key: m for _, key, _, m in docs}    # a continuation line is part of the meaning, RETIRED_KEYS' is not
+    assert meaning["train_window"].endswith("in reverse-process order (grounding/heatmap.py)")
+    assert "mode" not in meaning["eval_swap"]
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())            # argparse's wrapping aside
+    for group, key, default, m in docs:
+        shown = str(default).lower() if isinstance(default, bool) else default if default != "" else '""'
+        assert f"{key}: {shown if not isinstance(default, list) else ''}" in text, key
+        assert " ".join(m.split()) in text, key
+    assert "max_steps: 600 optimiser steps" in text and "views: [PA]" in text and "train_window: [400, 700]" in text
+
+
 def test_layer_indices_are_checked_against_the_model():
     from grounding.experiment.config import check_layers
     n = len(tiny_pipe().unet.cross_attention_layers())

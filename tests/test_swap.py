@@ -88,15 +88,16 @@ def test_box_side():
 
 
 def test_swap_summary_by_hand():
-    rows = [{"category": "A", "true_side": 1.0, "swap_side": 0.0, "miou_drop": 0.2},
-            {"category": "A", "true_side": 1.0, "swap_side": 1.0, "miou_drop": 0.0},
-            {"category": "B", "true_side": 0.0, "swap_side": 0.0, "miou_drop": -0.1}]
+    rows = [{"category": "A", "true_side": 1.0, "swap_side": 0.0, "miou_drop_percent": 20.0},
+            {"category": "A", "true_side": 1.0, "swap_side": 1.0, "miou_drop_percent": 0.0},
+            {"category": "B", "true_side": 0.0, "swap_side": 0.0, "miou_drop_percent": -10.0}]
     s = swap_summary(rows, n_boot=200)
     assert s["A"]["true_side"][0] == 1.0 and s["A"]["swap_side"][0] == 0.5
     assert math.isclose(s["Average"]["true_side"][0], 0.5)             # mean of the class means (1.0 and 0.0)
-    assert math.isclose(s["Average"]["miou_drop"][0], 0.0, abs_tol=1e-12)  # (0.1 + -0.1) / 2
+    assert math.isclose(s["Average"]["miou_drop_percent"][0], 0.0, abs_tol=1e-12)  # (10 + -10) / 2
     md = swap_markdown({"tuned": s})
     assert "side share swapped tuned" in md and "| A | 2 | 1.00" in md and "| Average | 3 |" in md
+    assert "| A | 2 | 1.00 [1.00, 1.00] | 0.50 [0.00, 1.00] | 10.00 [" in md        # percentage points, as kept
 
 
 # ---- one inversion, many variants == one extraction per variant ------------------------------------------------

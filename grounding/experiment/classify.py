@@ -164,8 +164,8 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None, protocol="reference
     default the family's presets with the paper's 100 steps. protocol: the mIoU's metric_protocol
     (grounding/metrics.py), the run's config key.
 
-    Each row: pair_id, label, unit, prompt, score {source: err_normal - err_class}, miou {source: mIoU of the
-    class heatmap, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
+    Each row: pair_id, label, unit, prompt, score {source: err_normal - err_class}, miou_percent {source: mIoU of
+    the class heatmap in percent, positives only}, fallback [sources whose heatmap was constant, scored unweighted]."""
     from grounding.heatmap import HeatmapConfig, extract_heatmaps_shared, prompt_contexts
     from grounding.metrics import miou
     from grounding.data.images import preprocess
@@ -198,8 +198,8 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None, protocol="reference
     latent_hw = z0.shape[-2:]
     rows = []
     for i, c in enumerate(cases):
-        row = dict(pair_id=c["pair_id"], label=c["label"], unit=c["unit"], prompt=c["prompt"], score={}, miou={},
-                   fallback=[])
+        row = dict(pair_id=c["pair_id"], label=c["label"], unit=c["unit"], prompt=c["prompt"], score={},
+                   miou_percent={}, fallback=[])
         for s in ccfg.sources:
             model, kind = SOURCES[s]
             w_n = w_c = None
@@ -212,7 +212,7 @@ def score_batch(pipe, cases, ccfg, prompts=None, hcfgs=None, protocol="reference
                     w_c = None if w_c.sum() <= 0 else w_c
                 if c["label"] == 1:
                     full = to_original(heat[(model, kind)][i], c["image_width"], c["image_height"])
-                    row["miou"][s] = miou(full, c["boxes"], protocol=protocol)
+                    row["miou_percent"][s] = 100 * miou(full, c["boxes"], protocol=protocol)
             row["score"][s] = float(scores(errs["normal"][i], errs[kind][i], w_n, w_c))
         rows.append(row)
     return rows
@@ -233,8 +233,8 @@ def bins_source(source, present):
 
 
 def classification_summary(rows, ccfg):
-    """{source: {...}} with AUROC overall and per mIoU half (95% bootstrap CIs), the halves' mean mIoU, and the
-    one-sided high-minus-low test."""
+    """{source: {...}} with AUROC overall and per mIoU half (95% bootstrap CIs), the halves' mean mIoU (in percent),
+    and the one-sided high-minus-low test."""
     from grounding.auroc import bin_aurocs, bootstrap_auroc, high_minus_low_test, miou_halves
     import numpy as np
 
@@ -252,10 +252,10 @@ def classification_summary(rows, ccfg):
         sp = np.array([r["score"][s] for r in pos])
         sn = np.array([r["score"][s] for r in neg])
         b = bins_source(s, present)
-        if b not in present or any(b not in r["miou"] for r in pos):
+        if b not in present or any(b not in r["miou_percent"] for r in pos):
             out[s] = dict(n_pos=len(sp), n_neg=len(sn), all=bootstrap_auroc(sp, sn, ccfg.n_boot, seed=ccfg.draw_seed))
             continue
-        m = np.array([r["miou"][b] for r in pos])
+        m = np.array([r["miou_percent"][b] for r in pos])
         high = miou_halves(m)
         neg_high = high if paired else None
         lo_neg, hi_neg = (sn[~high], sn[high]) if paired else (sn, sn)
@@ -266,8 +266,8 @@ def classification_summary(rows, ccfg):
         out[s] = dict(n_pos=len(sp), n_neg=len(sn), bins_from=b, all=bootstrap_auroc(sp, sn, ccfg.n_boot, seed=ccfg.draw_seed),
                       low=bootstrap_auroc(sp[~high], lo_neg, ccfg.n_boot, seed=ccfg.draw_seed),
                       high=bootstrap_auroc(sp[high], hi_neg, ccfg.n_boot, seed=ccfg.draw_seed),
-                      miou_low=float(m[~high].mean()), miou_high=float(m[high].mean()),
-                      miou_split=float(m[high].min()), delta=delta, p=p, test=ccfg.test,
+                      miou_percent_low=float(m[~high].mean()), miou_percent_high=float(m[high].mean()),
+                      miou_percent_split=float(m[high].min()), delta=delta, p=p, test=ccfg.test,
                       fallback=sum(s in r["fallback"] for r in rows))
     return out
 
@@ -285,7 +285,8 @@ def summary_markdown(summary, ccfg):
         if "low" not in v:
             lines.append(f"| {name} | {prompt[kind]} | {v['n_pos']}/{v['n_neg']} | - | {f(v['all'])} | - | - | - | - |")
             continue
-        lines.append(f"| {name} | {prompt[kind]} | {v['n_pos']}/{v['n_neg']} | {100 * v['miou_low']:.1f} / "
-                     f"{100 * v['miou_high']:.1f} ({v['bins_from']}) | {f(v['all'])} | {f(v['low'])} | {f(v['high'])} | "
+        halves = f"{v['miou_percent_low']:.1f} / {v['miou_percent_high']:.1f} ({v['bins_from']})"
+        lines.append(f"| {name} | {prompt[kind]} | {v['n_pos']}/{v['n_neg']} | {halves} | {f(v['all'])} | "
+                     f"{f(v['low'])} | {f(v['high'])} | "
                      f"{v['delta']:+.3f} | {v['p']:.3f} |")
     return "\n".join(lines)

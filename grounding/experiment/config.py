@@ -5,9 +5,16 @@ defaults are the documented settings. Unknown keys and values of the wrong type 
 typo never silently falls back to a default. No exec, no registries.
 
 `TrainConfig` (end of the file) is the one documented list of an experiment's settings: train.py reads it,
-evaluate.py, classify.py and scripts/ read the same keys from a tuning run's config.yaml.
+evaluate.py, classify.py and scripts/ read the same keys from a tuning run's config.yaml. Its field comments are the
+keys' only documentation: `key_docs` reads them from this file's source, and `train.py --help` prints them.
 """
+import ast
 import dataclasses
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 
@@ -178,6 +185,68 @@ def check_train_config(cfg):
         raise ValueError(f"config key 'train_window': expected [lo, hi] timesteps with 0 <= lo < hi, got {window!r}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the keys' documentation: the field comments of the dataclass, read from its source
+
+
+def key_docs(cls):
+    """[(group, key, default, meaning)] for every field of a config dataclass, in the class's order.
+
+    The meaning is the comment on the field's line plus the comment-only lines under it that are indented past the
+    field (the continuation lines); the group is the last `# --- title ---` line above the field. So the comments
+    a reader sees in this file are the ones `--help` prints, and no second copy can drift from them.
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip("#").strip())      # line -> (column, text)
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    only = lambda n: lines[n - 1].lstrip().startswith("#")                      # a comment-only line
+    groups = {n: re.match(r"-+\s*(.*?)\s*-+$", text) for n, (_, text) in comments.items() if only(n)}
+    groups = {n: m.group(1) for n, m in groups.items() if m}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    out = []
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) in defaults):
+            continue
+        meaning = [comments[n][1] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        n = node.end_lineno + 1
+        while n in comments and only(n) and n not in groups and comments[n][0] > node.col_offset:
+            meaning.append(comments[n][1])                                      # a continuation line
+            n += 1
+        group = next((groups[k] for k in sorted(groups, reverse=True) if k < node.lineno), "")
+        out.append((group, node.target.id, defaults[node.target.id], " ".join(meaning)))
+    return out
+
+
+def _yaml_value(value):
+    """A default as it is written in a YAML file or a key=value override."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or '""'
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_yaml_value, value)) + "]"
+    return repr(value)
+
+
+def keys_help(cls, width=118):
+    """The --help listing of a config dataclass's keys: per group, `key: default` and its meaning (key_docs)."""
+    lines, group = [], None
+    for g, key, default, meaning in key_docs(cls):
+        if g != group:
+            lines.append(f"{g}:")
+            group = g
+        head = f"  {key}: {_yaml_value(default)}"
+        wrapped = textwrap.wrap(meaning, width - 40) or [""]
+        if len(head) > 37:                       # a long default: the meaning starts on the next line
+            lines.append(head)
+            head = ""
+        lines.append(f"{head:<40s}{wrapped[0]}")
+        lines += [" " * 40 + w for w in wrapped[1:]]
+    return "\n".join(lines)
+
+
 def save_config(cfg, path):
     """Write the resolved config next to a run's outputs."""
     with open(path, "w") as f:
@@ -187,9 +256,9 @@ def save_config(cfg, path):
 @dataclass
 class TrainConfig:
     # --- the run ---------------------------------------------------------------------------------------------------
-    out_dir: str = "runs/tune"               # checkpoints, learned rows, config and logs go here
-    seed: int = 0                            # in [0, 2**32); the paper does not report a seed (single run)
-    device: str = "cpu"                      # "cpu" | "cuda"
+    out_dir: str = "runs/tune"               # the run folder: config, checkpoint, learned rows, tables, report.html
+    seed: int = 0                            # random seed in [0, 2**32); the paper does not report one (single run)
+    device: str = "cpu"                      # torch device: "cpu" | "cuda" (| "cuda:1", "mps")
     autocast: str = "none"                   # "none" | "bf16" | "fp16": text encoder + UNet forwards of the tuning step,
                                              # inversions and heatmaps under torch.autocast; maps and losses stay fp32
     threads: int = 0                         # torch CPU threads (0 = torch's default)
@@ -218,9 +287,9 @@ class TrainConfig:
     # --- prompt tuning (paper defaults, docs/paper.md sections 4-5 and 10) -------------------------------------------
     max_steps: int = 600                     # optimiser steps (paper: epochs not stated; ~3 h on an RTX 3090)
     batch_size: int = 1                      # images per step (paper: 1)
-    lr: float = 1e-4                         # paper: 1e-4
-    optimizer: str = "adamw"                 # paper: not stated. "adamw" | "adam" | "sgd"
-    weight_decay: float = 0.0                # no decay: the rows should stay near real token embeddings
+    lr: float = 1e-4                         # learning rate (paper: 1e-4)
+    optimizer: str = "adamw"                 # "adamw" | "adam" | "sgd" (paper: not stated)
+    weight_decay: float = 0.0                # the optimiser's; 0: the rows should stay near real token embeddings
     layers: list[int] = field(default_factory=list)  # cross-attention layers; [] = the family preset (MONAI: 4,5,6,7 = mid
                                              # + first 3 decoder layers at 16x16; phantom: 2,3,4,5; SD1: 5,7,8,9)
     num_inference_steps: int = 100          # the DDIM schedule the window is taken from
@@ -237,14 +306,14 @@ class TrainConfig:
     shared_tokens: str = "positional"        # sub-tokens shared by location and pathology words ("pleural", "cardiomegaly"):
                                              # "positional" (location occurrences get their own rows) | "frozen" | "trainable"
     n_ctx: int = 0                           # CoOp-style learnable context tokens (0 = off, the paper)
-    max_train_samples: int = 0               # 0 = all curated samples
+    max_train_samples: int = 0               # tune on the first N curated samples (0 = all of them)
     latent_cache_mb: int = 2048              # cache all inverted training latents up front when they fit
-    # --- validation, checkpoints ---------------------------------------------------------------------------------
+    # --- validation, checkpoints, the final evaluation -----------------------------------------------------------
     val_every: int = 200                     # steps between short validations (CNR, mIoU on a few held-out pairs)
     val_pairs: int = 24                      # held-out pairs used by the short validation
     ckpt_every: int = 100                    # steps between atomic checkpoints
     eval_at_end: bool = True                 # frozen-vs-tuned grounding on the held-out split when done
-    eval_pairs: int = 0                      # 0 = the whole held-out split
+    eval_pairs: int = 0                      # score the first N held-out pairs at the end (0 = all of them)
     eval_batch: int = 16                     # images inverted together during evaluation
     eval_untuned: bool = True                # also score the tuned layers with the ORIGINAL embeddings (ablation)
     metric_protocol: str = "reference"       # "reference" (predecessor code) | "per_box" | "union": README "Metric conventions"

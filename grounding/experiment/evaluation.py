@@ -3,11 +3,13 @@
 The paper's protocol (docs/paper.md sections 6-7): the heatmap is extracted in the model frame, mapped back to the
 original image (shortest side, NaN padding), and scored against the expert boxes in ORIGINAL pixels with CNR
 (signed, per box, averaged), mIoU over thresholds 0.1..0.5 against the union of boxes, plus pixel AUC-ROC (exact, and
-the predecessor's 5-threshold binned one) and the pointing game. `protocol` (config key metric_protocol) picks how
+the predecessor's 5-threshold binned one) and the pointing game. mIoU has one unit wherever a row or a table holds
+it: percent, as the paper reports it, under keys that say so (`miou_percent`; the tables' column is "miou"; the
+metric function grounding/metrics.py `miou` returns the fraction). `protocol` (config key metric_protocol) picks how
 several boxes and the NaN band are counted: grounding/metrics.py, README "Metric conventions". Rows are appended to
-a JSONL file as they are computed, so an interrupted run resumes without
-redoing finished pairs (only rows made by the same weights/prompts/settings/code: grounding/experiment/provenance.py); under
-torchrun each rank takes every world_size-th pair and rank 0 gathers.
+a JSONL file as they are computed, so an interrupted run resumes without redoing finished pairs (only rows made by
+the same weights/prompts/settings/code: grounding/experiment/provenance.py); under torchrun each rank takes every
+world_size-th pair and rank 0 gathers.
 """
 import dataclasses
 import hashlib
@@ -26,13 +28,14 @@ from grounding.geometry import to_original
 from grounding.experiment.swap import (prompt_side, swap_caption, swap_markdown, swap_pairs, swap_row, swap_sides,
                                        swap_summary)
 
-ROW_METRICS = ("cnr", "miou", "auc", "auc_binned5", "pointing")
+ROW_METRICS = ("cnr", "miou_percent", "auc", "auc_binned5", "pointing")
+LABELS = {"miou_percent": "miou"}   # the tables' column names (in percent, as the paper's)
 
 
 def score(heatmap, boxes, protocol="reference"):
-    """All metrics of one original-frame heatmap against its boxes."""
+    """All metrics of one original-frame heatmap against its boxes (mIoU in percent)."""
     return {"cnr": cnr(heatmap, boxes, signed=True, protocol=protocol),
-            "miou": miou(heatmap, boxes, protocol=protocol), "auc": auc_roc(heatmap, boxes),
+            "miou_percent": 100 * miou(heatmap, boxes, protocol=protocol), "auc": auc_roc(heatmap, boxes),
             "auc_binned5": auc_binned5(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
 
 
@@ -45,7 +48,8 @@ def pair_digest(pair):
 
 
 def read_rows(path):
-    """Rows already written (resume); a torn last line from an interrupted run is ignored."""
+    """Rows already written (resume); a torn last line from an interrupted run is ignored, and a row written when
+    mIoU was kept as a fraction is read in percent (`percent_row`)."""
     rows = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -54,8 +58,22 @@ def read_rows(path):
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                rows[row["pair_id"]] = row
+                rows[row["pair_id"]] = percent_row(row)
     return rows
+
+
+OLD_FRACTION_KEYS = ("miou", "miou_true", "miou_swap", "miou_drop")   # rows of older versions: mIoU in [0, 1]
+
+
+def percent_row(row):
+    """A row of an older version, whose mIoU keys (`miou`, the swap test's `miou_true` ...; classify.py's `miou`
+    {source: value}) held fractions, with those keys in percent under `<key>_percent`: 100 * the fraction, the very
+    number this version computes, so old rows resume as they are. A current row is returned unchanged."""
+    for key in OLD_FRACTION_KEYS:
+        if key in row and f"{key}_percent" not in row:
+            old = row.pop(key)
+            row[f"{key}_percent"] = {k: 100 * v for k, v in old.items()} if isinstance(old, dict) else 100 * old
+    return row
 
 
 @dataclasses.dataclass
@@ -198,7 +216,7 @@ def _score_pair(pair, heatmap, swapped=None, protocol="reference"):
     if swapped is not None and side is not None:
         swapped = to_original(swapped, pair["image_width"], pair["image_height"])
         row.update(swap_row({**pair, "side": side, "swapped_prompt": swap_sides(pair["prompt"])}, full, swapped,
-                            row["miou"], miou(swapped, pair["boxes"], protocol=protocol)))
+                            row["miou_percent"], 100 * miou(swapped, pair["boxes"], protocol=protocol)))
     return row
 
 
@@ -235,9 +253,9 @@ def save_overlay(pair, heatmap, path):
 def summary_table(rows, n_boot=10000, seed=0):
     """Per-class means with 95% bootstrap CIs and the class average (paper layout; mIoU in %)."""
     summary = summarise(rows, list(ROW_METRICS), n=n_boot, seed=seed)
-    return summary, summary_markdown(summary, list(ROW_METRICS), scale={"miou": 100})
+    return summary, summary_markdown(summary, list(ROW_METRICS), labels=LABELS)
 
 
-def comparison_markdown(summaries, metrics=("cnr", "miou")):
+def comparison_markdown(summaries, metrics=("cnr", "miou_percent")):
     """One table with a column pair per model: {"frozen": summary, "tuned": summary} -> Markdown (mIoU in %)."""
-    return models_markdown(summaries, metrics, scale={"miou": 100})
+    return models_markdown(summaries, metrics, labels=LABELS)

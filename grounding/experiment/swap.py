@@ -7,7 +7,9 @@ prompt and the heatmap of the same prompt with left and right swapped ("left low
   the other side. Computed for the true prompt AND for the swapped prompt, always against the TRUE side. A map that
   follows the words keeps a high share for the true prompt and a low one for the swapped prompt; a map that
   follows the image keeps both high.
-- mIoU drop: mIoU(true prompt) - mIoU(swapped prompt) against the same boxes (large when the words move the map).
+- mIoU drop: mIoU(true prompt) - mIoU(swapped prompt) against the same boxes, in percentage points (mIoU is in
+  percent wherever a row holds it: `miou_true_percent`, `miou_swap_percent`, `miou_drop_percent`); large when the
+  words move the map.
 Not in the paper (nor, as far as we know, in its peers); it reads the same heatmaps as the paper's metrics.
 
 Conventions:
@@ -32,7 +34,7 @@ from grounding.experiment.tables import models_markdown, summarise
 
 SIDE_WORDS = ("left", "right")
 BOTH_SIDES_WORDS = ("bilateral", "bibasilar", "bibasal", "both")
-SWAP_METRICS = ("true_side", "swap_side", "miou_drop")
+SWAP_METRICS = ("true_side", "swap_side", "miou_drop_percent")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,12 +117,13 @@ def box_side(boxes, width, midline=None):
 
 
 def swap_row(pair, true_map, swapped_map, miou_true, miou_swapped):
-    """One pair's swap-test row from its two ORIGINAL-frame heatmaps and their mIoUs."""
+    """One pair's swap-test row from its two ORIGINAL-frame heatmaps and their mIoUs (in percent)."""
     return {"pair_id": pair["pair_id"], "category": pair["category"], "prompt": pair["prompt"],
             "swapped_prompt": pair["swapped_prompt"], "side": pair["side"],
             "box_side": box_side(pair["boxes"], pair["image_width"]),
             "true_side": true_side_hit(true_map, pair["side"]), "swap_side": true_side_hit(swapped_map, pair["side"]),
-            "miou_true": miou_true, "miou_swap": miou_swapped, "miou_drop": miou_true - miou_swapped}
+            "miou_true_percent": miou_true, "miou_swap_percent": miou_swapped,
+            "miou_drop_percent": miou_true - miou_swapped}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ def swap_row(pair, true_map, swapped_map, miou_true, miou_swapped):
 
 
 def swap_summary(rows, n_boot=10000, seed=0):
-    """Per class and class-averaged means with 95% bootstrap CIs of true_side, swap_side and miou_drop, over the
+    """Per class and class-averaged means with 95% bootstrap CIs of true_side, swap_side and miou_drop_percent, over the
     rows that took part in the swap test (those holding its columns)."""
     return summarise([r for r in rows if "true_side" in r], list(SWAP_METRICS), n=n_boot, seed=seed)
 
@@ -144,5 +147,5 @@ def swap_caption(excluded):
 def swap_markdown(summaries):
     """{model: swap_summary} -> one Markdown table: per model, true-side share (true prompt), true-side share
     (swapped prompt), mIoU drop under the swap (percentage points)."""
-    labels = {"true_side": "side share true", "swap_side": "side share swapped", "miou_drop": "mIoU drop"}
-    return models_markdown(summaries, SWAP_METRICS, labels=labels, scale={"miou_drop": 100})
+    labels = {"true_side": "side share true", "swap_side": "side share swapped", "miou_drop_percent": "mIoU drop"}
+    return models_markdown(summaries, SWAP_METRICS, labels=labels)

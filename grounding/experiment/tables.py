@@ -64,13 +64,13 @@ def summarise(rows, metric_names, class_key="category", n=10000, alpha=0.05, see
     return out
 
 
-def summary_markdown(summary, metric_names, scale=None):
+def summary_markdown(summary, metric_names, labels=None, scale=None):
     """Markdown table of `summarise` output: one row per class, "mean [lo, hi]" per metric.
 
-    scale: optional {metric: factor}, e.g. {"miou": 100} to print percentages as the paper does.
+    labels: optional {metric: column label}; scale: optional {metric: factor} (e.g. 100 to print a fraction in %).
     """
-    scale = scale or {}
-    lines = ["| class | n | " + " | ".join(metric_names) + " |",
+    labels, scale = labels or {}, scale or {}
+    lines = ["| class | n | " + " | ".join(labels.get(m, m) for m in metric_names) + " |",
              "|---|---|" + "---|" * len(metric_names)]
     for c, row in summary.items():
         cells = []
@@ -87,7 +87,7 @@ def summary_markdown(summary, metric_names, scale=None):
 def models_markdown(summaries, metric_names, labels=None, scale=None):
     """One Markdown table with a column per (model, metric): {"frozen": summary, "tuned": summary} of `summarise`.
 
-    labels: optional {metric: column label}; scale: optional {metric: factor} (e.g. {"miou": 100}).
+    labels: optional {metric: column label}; scale: optional {metric: factor} (e.g. 100 to print a fraction in %).
     """
     labels, scale = labels or {}, scale or {}
     names = list(summaries)
