@@ -300,19 +300,14 @@ def test_classify_runs_resumes_and_refuses_rows_retrained_in_place(setup):
 
 
 def test_the_readme_figure_never_writes_into_a_training_run_folder(setup):
-    """scripts/figure.py read the config's data and saved the LUT it built into the config's out_dir, a training
-    run's folder (replacing the LUT the run's rows were tuned with): it saves none."""
-    import yaml
-    from grounding.experiment.rows import save_rows
-    from grounding.prompts import LearnablePrompts
-    from ldm.weights.folder import load_pipeline
+    """scripts/figure.py reads a finished run (its config, rows and eval_*.jsonl) and the config's data; it saved the
+    LUT it built into the config's out_dir, the training run's folder (replacing the LUT the rows were tuned with):
+    it saves none."""
     root = setup["root"]
-    pipe = load_pipeline(setup["model"])
-    save_rows(LearnablePrompts(pipe.tokenizer, pipe.text_encoder, shared_tokens="positional"),
-              os.path.join(root, "rows_fig.safetensors"))
-    config = dict(yaml.safe_load(open(setup["config"])), out_dir=os.path.join(root, "run_fig"))
-    with open(os.path.join(root, "fig.yaml"), "w") as f:
-        yaml.safe_dump(config, f)
-    run([os.path.join(REPO, "scripts", "figure.py"), "--config", "fig.yaml", "--prompts", "rows_fig.safetensors",
-         "--out", "fig.png"], cwd=root)
-    assert os.path.exists(os.path.join(root, "fig.png")) and not os.path.exists(os.path.join(root, "run_fig"))
+    run([os.path.join(REPO, "train.py"), "--config", setup["config"], "out_dir=run_fig", "max_steps=1"], cwd=root)
+    lut = os.path.join(root, "run_fig", "lut.json")
+    os.remove(lut)                                                 # a LUT written by figure.py would show up here
+    before = sorted(os.listdir(os.path.join(root, "run_fig")))
+    run([os.path.join(REPO, "scripts", "figure.py"), "--run", "run_fig", "--out", "fig.png"], cwd=root)
+    assert os.path.exists(os.path.join(root, "fig.png"))
+    assert sorted(os.listdir(os.path.join(root, "run_fig"))) == before and not os.path.exists(lut)

@@ -81,7 +81,7 @@ def test_same_numbers_as_evaluate_for_the_same_pairs(setup, tmp_path):
                 row = next(r for r in map(json.loads, f) if r["pair_id"] == p["pair_id"])
             mine = res["maps"][model]["prompt"]["phrase"]
             assert mine["cnr"] == pytest.approx(row["cnr"], abs=1e-4), (model, p["pair_id"])
-            assert mine["miou_percent"] == pytest.approx(100 * row["miou"], abs=1e-2), (model, p["pair_id"])
+            assert mine["miou_percent"] == pytest.approx(row["miou_percent"], abs=1e-2), (model, p["pair_id"])
 
 
 def test_phrase_maps_equal_extract_heatmaps(setup):
