@@ -14,6 +14,8 @@ The plumbing around it lives with the data: the LUT as a file (grounding/data/lu
 pathology (grounding/data/reports.py) and the nearest-Gaussian match that synthesises VinDr-CXR prompts from boxes
 (grounding/data/vindr.py).
 """
+import math
+
 import torch
 
 from grounding.geometry import box_to_model
@@ -138,23 +140,36 @@ def jitter(gaussians, frac=0.05, generator=None, frame=FRAME):
     return out
 
 
-def render_gaussians(gaussians, size, frame=FRAME, merge="max"):
-    """Render Gaussians given in `frame` pixels on a (size, size) grid; each has peak 1.
+def cell_masses(mu, sigma, edges):
+    """The mass of a 1-D Gaussian (mu, sigma) in each cell [edges[k], edges[k+1]): differences of its CDF,
+    Phi((e - mu) / sigma) = erfc(-(e - mu) / (sigma sqrt 2)) / 2. Taken on the tail side of each cell (erfc of a
+    positive argument) in float64, so a cell far from mu keeps its tiny mass instead of 1 - 1 = 0."""
+    a, b = (edges[:-1] - mu) / (sigma * math.sqrt(2)), (edges[1:] - mu) / (sigma * math.sqrt(2))
+    upper = 0.5 * (torch.erfc(a) - torch.erfc(b))        # cells right of mu: a >= 0
+    lower = 0.5 * (torch.erfc(-b) - torch.erfc(-a))      # cells left of (or holding) mu
+    return torch.where(a >= 0, upper, lower)
 
+
+def render_gaussians(gaussians, size, frame=FRAME, merge="max"):
+    """Render Gaussians given in `frame` pixels on a (size, size) grid of cells; each has peak 1.
+
+    A cell holds the Gaussian's MASS over its footprint (frame / size pixels a side), as a 512 x 512 rendering
+    area-resized to the map would (docs/paper.md section 5: G "resized to 16 x 16"), not the value at its centre:
+    a narrow jittered Gaussian (sigma down to 1 px, a 32-px cell at 16 x 16) between two cell centres would otherwise
+    vanish, leaving an all-zero target and a step that teaches nothing.
     merge: the paper does not say how several Gaussians (e.g. "bibasilar") form one target. "max" (default)
     keeps every region at full height; "sum" adds them and rescales the peak to 1.
     """
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) * (frame / size)  # pixel centres in the frame
-    out = torch.zeros(size, size)
+    edges = torch.arange(size + 1, dtype=torch.float64) * (frame / size)     # cell borders in the frame
+    out = torch.zeros(size, size, dtype=torch.float64)
     for mx, my, sx, sy in gaussians:
-        gx = torch.exp(-0.5 * ((coords - mx) / sx) ** 2)
-        gy = torch.exp(-0.5 * ((coords - my) / sy) ** 2)
-        g = gy[:, None] * gx[None, :]  # (size, size), rows = y
-        g = g / g.max().clamp_min(1e-12)  # peak exactly 1 even when mu falls between pixel centres
+        g = cell_masses(my, sy, edges)[:, None] * cell_masses(mx, sx, edges)[None, :]   # (size, size), rows = y
+        g = g / g.max().clamp_min(1e-300)                # peak exactly 1
         if merge == "max":
             out = torch.maximum(out, g)
         elif merge == "sum":
             out = out + g
         else:
             raise ValueError(f"render_gaussians: merge must be 'max' or 'sum', got {merge!r}")
-    return out / out.max().clamp_min(1e-12) if merge == "sum" else out
+    out = out / out.max().clamp_min(1e-300) if merge == "sum" else out
+    return out.float()

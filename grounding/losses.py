@@ -9,8 +9,8 @@ T recorded steps, L recorded layers, B batch, N = h*w pixels of the map, S the p
 grounding/prompts.py `token_positions`). When the prompts of a batch
 have different lengths the store pads S and gives a (B, S) `token_mask` (True = a real token); pass it here.
 G is the anatomy Gaussian target, (B, h, w) at the map's own resolution: prompt tuning renders it there
-(grounding/tuning.py: grounding/anatomy.py `render_gaussians` evaluates each Gaussian at the map's pixel centres,
-peak 1), so nothing is resized here.
+(grounding/tuning.py: grounding/anatomy.py `render_gaussians` puts each Gaussian's mass over a map cell into that
+cell, peak 1), so nothing is resized here.
 """
 import math
 

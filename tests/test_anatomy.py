@@ -97,6 +97,27 @@ def test_render_gaussians_peak_merge_and_frame():
         an.render_gaussians(two, 8, merge="mean")
 
 
+def test_render_gaussians_is_the_area_resize_of_a_full_frame_rendering():
+    """A cell holds the Gaussian's mass over its footprint: the same as rendering finely (8 samples per pixel of the
+    512 frame) and average-pooling to the map, for wide and narrow Gaussians alike. Sampling at cell centres instead
+    lost a jittered sigma of 1-2 px between two centres (an all-zero target: 30 of the quickstart's 400 steps)."""
+    fine = (torch.arange(4096, dtype=torch.float64) + 0.5) / 8                # sample points of the 512 frame
+    for g in [(128.0, 384.0, 40.0, 20.0), (160.0, 170.0, 1.0, 1.5), (300.5, 95.0, 3.0, 60.0), (500.0, 9.0, 2.0, 2.0)]:
+        mx, my, sx, sy = g
+        img = torch.exp(-0.5 * ((fine[:, None] - my) / sy) ** 2) * torch.exp(-0.5 * ((fine[None, :] - mx) / sx) ** 2)
+        pooled = torch.nn.functional.avg_pool2d(img[None, None], 256)[0, 0]   # 4096 / 16: one map cell each
+        ref = (pooled / pooled.max()).float()
+        m = an.render_gaussians([g], 16)
+        assert m.max().item() == pytest.approx(1.0) and torch.allclose(m, ref, atol=2e-3), (g, (m - ref).abs().max())
+    # the narrow one sits on a cell corner (160 = 5 x 32): its four cells share the mass, nothing vanishes
+    narrow = an.render_gaussians([(160.0, 160.0, 1.0, 1.0)], 16)
+    assert narrow.flatten().topk(4).values.tolist() == pytest.approx([1.0] * 4) and narrow.sum() < 4.01
+    # a jittered mu just outside the frame (x 530, y -12; sigma 2 px): its mass inside is ~1e-9 of the whole, kept by
+    # taking the tails on the tail side, so the nearest cell still gets the peak instead of 0 / 0
+    out = an.render_gaussians([(530.0, -12.0, 2.0, 2.0)], 16)
+    assert out[0, 15].item() == 1.0 and torch.isfinite(out).all() and out.sum() < 1.01
+
+
 def test_jitter_bounds_and_determinism():
     g = [(256.0, 256.0, 40.0, 40.0)] * 200
     j1 = an.jitter(g, generator=torch.Generator().manual_seed(1))
