@@ -127,8 +127,8 @@ figure("token_maps", [[x[0, 0].numpy()] + [up(maps[..., s].mean((0, 1))[0]) for 
 #
 # The prompt's locations are looked up in the anatomy LUT (`grounding/anatomy.py:build_lut`: region boxes ->
 # Gaussians, mu = centre, sigma = side / 6, averaged per region; here from 20 phantom images' own anatomy boxes, as
-# Chest ImaGenome's gold boxes give them on real data) and rendered at the map's 16 x 16 with peak 1
-# (`grounding/anatomy.py:render_gaussians`): G. Eq. 3's target keeps the model's own token-average map A_sp where G
+# Chest ImaGenome's gold boxes give them on real data) and rendered at the map's 16 x 16 with peak 1, each cell
+# holding the Gaussian's mass over its 32 x 32-px footprint (`grounding/anatomy.py:render_gaussians`): G. Eq. 3's target keeps the model's own token-average map A_sp where G
 # has support and adds alpha G (`grounding/losses.py:localisation_target`); L_loc (Eq. 4) is 1 - cos(A_sp, target)
 # (`grounding/losses.py:localisation_loss`), L_div (Eq. 2) the mean squared cosine between the token maps
 # (`grounding/losses.py:diversity_loss`). Training moves every mu and sigma by up to +-5% of the image side first
@@ -161,10 +161,9 @@ figure("target", [[x[0, 0].numpy(), up(G[0].flatten()), up(A_sp.mean((0, 1))[0])
 #
 # One step = `grounding/tuning.py:tuning_loss` on one image (noisy latents -> maps -> w_div L_div + w_loc L_loc)
 # and an AdamW step on `anatomy` alone; the UNet, VAE and text encoder never change. These are the quickstart's
-# settings (w_div 0, lr 1e-2, forward noise: README "The quickstart's settings"); configs/paper_phantom.yaml runs the
-# paper's own. A step with L_loc = 1.000 is one whose jittered sigma fell far below one 32-px map cell: G renders as
-# zeros there and the step teaches nothing (the jitter is of the image side, as large as the phantom's smallest
-# sigmas).
+# settings (w_div 0, lr 1e-2, forward noise: docs/results.md "The quickstart's settings"); configs/paper_phantom.yaml
+# runs the paper's own. The jitter (of the image side, as large as the phantom's smallest sigmas) can shrink a sigma
+# far below one 32-px map cell: G still holds that Gaussian's mass in its cell, so no step is left without a target.
 
 # %%
 from grounding.tuning import tuning_loss
