@@ -35,7 +35,7 @@ N_TUNE = 6480               # tuning samples, one pass, batch 1 (max_steps)
 N_MSCXR, N_VINDR = 1043, 443  # Table 1's evaluation pairs
 VAL_EVERY, VAL_PAIRS = 500, 24
 CHUNK = 32                  # train.py's up-front inversion: images per call
-STOP = max(max(LAYER_PRESETS[("monai_cxr", True)]), max(LAYER_PRESETS[("monai_cxr", False)]))  # 7: both presets
+STOP = max(max(LAYER_PRESETS[("monai_cxr", "tuning")]), max(LAYER_PRESETS[("monai_cxr", "baseline")]))  # 7: both presets
 
 
 def schedule_counts():
@@ -78,7 +78,7 @@ def count(fn):
 
 def measure(T):
     """{pass: (FLOPs per image, kernels per call)}, the tuning step's saved bytes {fp32, bf16}, parameter counts."""
-    stores = [AttentionStore(LAYER_PRESETS[("monai_cxr", True)], None, keep_grad=True) for _ in range(2)]
+    stores = [AttentionStore(LAYER_PRESETS[("monai_cxr", "tuning")], None, keep_grad=True) for _ in range(2)]
     with FakeTensorMode(allow_non_fake_inputs=True):   # real modules, fake tensors: nothing is computed
         unet = UNet2DConditionModel(UNetConfig.monai_cxr()).requires_grad_(False)
         text = TextEncoder(TextEncoderConfig.sd21()).requires_grad_(False)

@@ -100,6 +100,13 @@ def test_a_complete_replica_passes_and_says_which_csv_is_read(replica, capsys):
     assert "[4, 5, 6, 7] of 0-10" in out                  # the config's layers against the model's 11
 
 
+def test_layers_left_to_the_family_preset_are_checked_too(replica, capsys):
+    """layers: [] (roentgen.yaml's default) reads the family's tuning preset (the preset keys are "tuning" /
+    "baseline" since HeatmapConfig.preset)."""
+    code, out = _check(train.main, ["--config", "mimic_monai.yaml", "layers=[]"], capsys)
+    assert code == 0 and "[4, 5, 6, 7] of 0-10 (the family preset)" in out, out
+
+
 def test_the_scripts_ask_for_what_they_read(replica, capsys):
     root, _ = replica
     # VinDr not configured: optional for train.py, required by evaluate.py --split vindr

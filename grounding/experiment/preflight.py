@@ -108,7 +108,7 @@ def check_weights(cfg):
                       for name in ("unet", "vae", "text_encoder"))
     out = [Finding("weights", "ok", f"{cfg.weights}: family {pipe.family}, {n} cross-attention layers; "
                    f"parameters {sizes}; tokenizer {_n(len(pipe.tokenizer.encoder))} tokens")]
-    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, True)])
+    layers = list(cfg.layers) or list(LAYER_PRESETS[(pipe.family, "tuning")])
     _, err = _try(check_layers, "layers", layers, n, f"{cfg.weights} (family {pipe.family})")
     out.append(Finding("layers", "MISSING", err, "choose layers in range (README: the family presets)") if err else
                Finding("layers", "ok", f"{layers} of 0-{n - 1}" + ("" if cfg.layers else " (the family preset)")))
