@@ -34,7 +34,7 @@ from grounding.data.images import preprocess  # noqa: E402
 from grounding.experiment import sources  # noqa: E402
 from grounding.experiment.config import TrainConfig, load_config  # noqa: E402
 from grounding.experiment.evaluation import percent_row, score  # noqa: E402
-from grounding.experiment.provenance import folder_digest, prompts_digest  # noqa: E402
+from grounding.experiment.provenance import folder_digest, prompts_digest, read_record  # noqa: E402
 from grounding.experiment.rows import load_rows  # noqa: E402
 from grounding.experiment.swap import side_masses, swap_sides  # noqa: E402
 from grounding.geometry import box_to_model, to_original  # noqa: E402
@@ -64,8 +64,8 @@ def read_run(run):
         sidecar = path + ".provenance.json"
         if not os.path.isfile(sidecar):
             raise FileNotFoundError(f"{sidecar} not found: the heatmap settings of {path} are unknown")
-        with open(sidecar) as f:
-            out[m] = {"rows": {r["pair_id"]: r for r in rows}, "record": json.load(f), "path": path}
+        # read_record: a record written before HeatmapConfig.tuned became `preset` reads as the same settings
+        out[m] = {"rows": {r["pair_id"]: r for r in rows}, "record": read_record(sidecar), "path": path}
     return out
 
 
