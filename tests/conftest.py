@@ -1,4 +1,6 @@
 """Shared test helpers: the nn-zero-to-hero style `cmp` report, seeding, and reference-library skips."""
+import shutil
+
 import pytest
 import torch
 
@@ -40,3 +42,11 @@ def clip_bpe_path():
         pytest.skip("real CLIP BPE file unavailable: set CLIP_BPE_PATH=.../bpe_simple_vocab_16e6.txt.gz "
                     "or allow `pip download open-clip-torch` (see tests/clip_vocab.py)")
     return path
+
+
+def browser():
+    """A headless Chromium / Chrome on PATH (the page tests: report.html, ground.py's viewer.html), or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None

@@ -1,13 +1,14 @@
 """report.html: one self-contained page (inline PNGs, no external resources), with the per-class table, the
 best/worst overlay grid and an optional extra column; checked in a headless browser when one is installed."""
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import browser
 
 from grounding.experiment.tables import summarise
 from grounding.experiment.report import Column, select_pairs, write_report
@@ -58,14 +59,7 @@ def test_report_is_self_contained(tmp_path):
     assert "mIoU %<br>tuned" in page and "mIoU 35.0%" in page and "3500.0" not in page
 
 
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.mark.skipif(_browser() is None, reason="no headless browser installed (e.g. apt-get install chromium)")
+@pytest.mark.skipif(browser() is None, reason="no headless browser installed (e.g. apt-get install chromium)")
 def test_report_opens_in_headless_browser(tmp_path):
     pairs, rows, summaries, columns = _fixture(tmp_path)
     path = tmp_path / "report.html"
@@ -75,7 +69,7 @@ def test_report_opens_in_headless_browser(tmp_path):
     probe.write_text(path.read_text().replace("</body>", "<script>window.onload=function(){var ok=0;"
                      "document.querySelectorAll('img').forEach(function(i){if(i.naturalWidth>0)ok++;});"
                      "document.body.setAttribute('data-decoded', ok);};</script></body>"))
-    out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+    out = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                           "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     dom = out.stdout
     assert "<table" in dom and "Pneumothorax" in dom, out.stderr[-2000:]

@@ -4,7 +4,6 @@ import html
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import browser
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_world import REPO, make_tiny_setup  # noqa: E402
@@ -28,13 +29,6 @@ from grounding.experiment.viewer import ranked_units  # noqa: E402
 from grounding.experiment.words import prompt_words  # noqa: E402
 
 PROMPT = "left lower lung opacity"
-
-
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,7 @@ def test_page_is_self_contained(page):
 def _probe(page, script, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(page["path"].read_text().replace("</body>", f"<script>{script}</script></body>"))
-    out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    out = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
                           probe.as_uri()], capture_output=True, text=True, timeout=180)
@@ -106,7 +100,7 @@ window.addEventListener("load", () => setTimeout(() => {
 """
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless browser installed (e.g. apt-get install chromium)")
+@pytest.mark.skipif(browser() is None, reason="no headless browser installed (e.g. apt-get install chromium)")
 def test_hover_ranks_the_words_as_python_does(page, tmp_path):
     W, H, size = page["W"], page["H"], page["size"]
     # pixels in the left lung, the right lung, near the top, low in the middle, and one in the cropped-away band
