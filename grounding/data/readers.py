@@ -195,6 +195,11 @@ def mimic_report_path(root, subject_id, study_id):
     return os.path.join(root, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}.txt")
 
 
+# The MIMIC-CXR-JPG tables read_mimic reads and the columns it needs (the preflight checks the same ones)
+MIMIC_TABLES = {"mimic-cxr-2.0.0-metadata.csv": ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
+                "mimic-cxr-2.0.0-split.csv": ["dicom_id", "split"]}
+
+
 def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="error"):
     """MIMIC-CXR-JPG images joined with metadata, split and report paths.
 
@@ -205,9 +210,7 @@ def read_mimic(root, reports_root=None, splits=None, views=None, on_missing="err
     report_path), DataReport).
     """
     report = DataReport(f"MIMIC-CXR-JPG {root}")
-    meta = _read_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
-                     ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"])
-    split_rows = _read_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "split"])
+    meta, split_rows = (_read_csv(os.path.join(root, name), columns) for name, columns in MIMIC_TABLES.items())
     split_of = {r["dicom_id"]: r["split"] for r in split_rows}
     reports_root = reports_root or root
     out = []

@@ -32,9 +32,8 @@ from grounding.heatmap import LAYER_PRESETS
 from grounding.phantom.real import world_notice_for
 from grounding.phantom.world import _read_world_json
 
-# The MIMIC-CXR-JPG tables and the columns read_mimic uses (tests/test_preflight.py checks read_mimic needs each)
-MIMIC_CSVS = {"mimic-cxr-2.0.0-metadata.csv": ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
-              "mimic-cxr-2.0.0-split.csv": ["dicom_id", "split"]}
+# The MIMIC-CXR-JPG tables and the columns read_mimic needs (tests/test_preflight.py checks read_mimic needs each)
+MIMIC_CSVS = ds.MIMIC_TABLES
 N_SAMPLE = 5           # MIMIC images and reports opened, spread evenly over the tuning split's rows
 # what the readers count when on_missing: skip lets an image go (on_missing: error stops the run there instead)
 IMAGE_LOSSES = ("missing image file", "unreadable image file (skipped)", "image size differs from the CSV (skipped)")
