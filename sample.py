@@ -21,11 +21,12 @@ import re
 import sys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ldm import load_pipeline
 from ldm.sampling import latent_shape, sample, to_pil
 from ldm.weights.safetensors import read_header
+from grounding.experiment.ground_files import font
 
 
 def main(argv=None):
@@ -137,20 +138,13 @@ def generate(pipe, texts, seeds, learned=None, steps=50, guidance=4.0):
 # the labelled grid
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)     # Pillow >= 10.1 with FreeType
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
 def labelled_grid(groups, texts, seeds, title, gap=4):
     """{group name: [one row of PIL images per text]} -> (picture, {(group, row, col): (x, y) of that tile}).
 
     Layout: the title; per group of columns its name and the seed above each column; each text written left of its
     row. Tiles smaller than 128 px are enlarged (nearest) to 128.
     """
-    f = _font(12)
+    f = font(12)
     w, h = next(iter(groups.values()))[0][0].size
     k = max(1, 128 // max(w, h))
     w, h = w * k, h * k

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ldm import load_pipeline  # noqa: E402
@@ -34,6 +34,7 @@ from grounding.data.images import preprocess  # noqa: E402
 from grounding.experiment import sources  # noqa: E402
 from grounding.experiment.config import TrainConfig, load_config  # noqa: E402
 from grounding.experiment.evaluation import percent_row, score  # noqa: E402
+from grounding.experiment.ground_files import font  # noqa: E402
 from grounding.experiment.provenance import folder_digest, prompts_digest, read_record  # noqa: E402
 from grounding.experiment.rows import load_rows  # noqa: E402
 from grounding.experiment.swap import side_masses, swap_sides  # noqa: E402
@@ -118,13 +119,6 @@ def colormap(h):
     i = np.minimum(x.astype(int), len(_STOPS) - 2)
     f = (x - i)[..., None]
     return _STOPS[i] * (1 - f) + _STOPS[i + 1] * f
-
-
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)     # Pillow >= 10.1 with FreeType
-    except (TypeError, OSError):
-        return ImageFont.load_default()
 
 
 def tile(grey, heat=None, boxes=(), midline=False):

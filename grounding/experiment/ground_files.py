@@ -51,9 +51,10 @@ def overlay(grey, heatmap, alpha=0.5, box=None, scale=1.0):
 
 
 def font(size=13):
+    """PIL's built-in font at `size` (the labels of every picture the project draws: grids, figures, sample sheets)."""
     try:
-        return ImageFont.load_default(size=size)     # Pillow >= 10.1: a scalable font
-    except TypeError:
+        return ImageFont.load_default(size=size)     # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):                     # older Pillow, or no FreeType: the fixed bitmap font
         return ImageFont.load_default()
 
 
